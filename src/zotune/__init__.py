@@ -1,3 +1,32 @@
-"""zotune: memory-efficient zeroth-order (ZO) fine-tuning of language models."""
+"""zotune: memory-efficient zeroth-order (ZO) fine-tuning of language models.
+
+The optimizers follow the ``torch.optim`` contract with a closure that returns the loss::
+
+    import zotune
+    opt = zotune.MeZO(model.parameters(), lr=1e-6, eps=1e-3)
+    loss = opt.step(lambda: model(**batch).loss)
+"""
 
 __version__ = "0.1.0"
+
+from zotune.estimators import make_estimator
+from zotune.fo import FOAdam, FOSGD, HybridOptimizer
+from zotune.presets import (
+    LOZO,
+    PRESETS,
+    ForwardGrad,
+    MeZO,
+    ZOAdam,
+    ZOSGDConservative,
+    ZOSGDMomentum,
+    ZOSGDSign,
+)
+from zotune.rules import make_rule
+from zotune.schedules import lr_multiplier
+from zotune.step import NonFiniteLossError, ZOOptimizer
+
+__all__ = [
+    "FOAdam", "FOSGD", "ForwardGrad", "HybridOptimizer", "LOZO", "MeZO", "NonFiniteLossError",
+    "PRESETS", "ZOAdam", "ZOOptimizer", "ZOSGDConservative", "ZOSGDMomentum", "ZOSGDSign",
+    "lr_multiplier", "make_estimator", "make_rule",
+]

@@ -1,0 +1,66 @@
+"""Estimators: how a random direction is drawn, applied and regenerated from a seed.
+
+Registry names: ``gaussian`` (MeZO), ``rademacher``, ``lowrank`` (LOZO), ``blockwise``
+(ZO-SGD-Block), ``sparse`` (masks around another estimator), ``forward`` (Forward-Grad).
+"""
+
+from __future__ import annotations
+
+from zotune._validate import unknown_choice
+from zotune.estimators.base import (
+    Dense,
+    Direction,
+    Estimator,
+    LowRank,
+    add_direction_,
+    to_dense,
+)
+from zotune.estimators.blockwise import Blockwise, layer_block_key
+from zotune.estimators.forward import ForwardGradient
+from zotune.estimators.gaussian import Gaussian
+from zotune.estimators.lowrank import LowRankEstimator
+from zotune.estimators.sparse import Sparse, layer_keep_ratios
+
+
+def _sparse(sparsity: float = 0.2, inner: str | Estimator = "gaussian", **inner_kwargs) -> Sparse:
+    base = inner if isinstance(inner, Estimator) else make_estimator(inner, **inner_kwargs)
+    return Sparse(base, sparsity=sparsity)
+
+
+ESTIMATORS = {
+    "gaussian": Gaussian,
+    "rademacher": lambda **kw: Gaussian(distribution="rademacher", **kw),
+    "lowrank": LowRankEstimator,
+    "blockwise": Blockwise,
+    "sparse": _sparse,
+    "forward": ForwardGradient,
+}
+
+
+def make_estimator(name: str, **kwargs) -> Estimator:
+    """Build an estimator by registry name, e.g. ``make_estimator("lowrank", rank=4)``."""
+    if name not in ESTIMATORS:
+        raise ValueError(unknown_choice("estimator", name, ESTIMATORS))
+    try:
+        return ESTIMATORS[name](**kwargs)
+    except TypeError as e:
+        raise ValueError(f"estimator '{name}': {e}") from None
+
+
+__all__ = [
+    "Blockwise",
+    "Dense",
+    "Direction",
+    "ESTIMATORS",
+    "Estimator",
+    "ForwardGradient",
+    "Gaussian",
+    "LowRank",
+    "LowRankEstimator",
+    "Sparse",
+    "add_direction_",
+    "layer_block_key",
+    "layer_keep_ratios",
+    "make_estimator",
+    "to_dense",
+]

@@ -1,0 +1,129 @@
+"""The papers' optimizers as named presets of :class:`~zotune.step.ZOOptimizer`.
+
+Every preset documents its update equation and what ``lr`` and ``eps`` scale. Throughout,
+``c = (L(x + eps z) - L(x - eps z)) / (2 eps)`` is the projected gradient (an estimate of the
+directional derivative along ``z``), so ``eps`` only sets where the losses are taken, never the
+step length; ``lr`` multiplies the whole estimate, with no hidden factor.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from zotune.estimators import ForwardGradient, Gaussian, LowRankEstimator
+from zotune.rules import adam, lowrank_momentum, momentum, sgd, sign
+from zotune.step import ZOOptimizer
+
+
+class MeZO(ZOOptimizer):
+    """MeZO (Malladi et al., 2023): ZO-SGD with the two-point Gaussian estimate.
+
+    ``x <- x - lr * (c * z + weight_decay * x)``, ``z ~ N(0, I)`` regenerated from the seed;
+    with ``queries = q > 1``, ``c z`` is averaged over ``q`` directions (ZO-Bench's q-query RGE).
+    ``lr`` scales ``c z`` directly: the expected step is ``lr * grad``. Papers' defaults:
+    ``lr=1e-6`` (OPT; 1e-5 suits SmolLM2-135M), ``eps=1e-3``.
+
+    Example::
+
+        opt = zotune.MeZO(model.parameters(), lr=1e-6, eps=1e-3)
+        for batch in data:
+            loss = opt.step(lambda: model(**batch).loss)
+    """
+
+    def __init__(self, params, lr=1e-6, eps=1e-3, weight_decay=0.0, seed=0, queries=1, **kwargs):
+        super().__init__(params, Gaussian(queries), sgd(), lr, eps, weight_decay, seed, **kwargs)
+
+
+class ZOSGDSign(ZOOptimizer):
+    """ZO-SGD-Sign (ZO-Bench appendix A): ``x <- x - lr * sign(c) * z``.
+
+    Only the sign of the projected gradient is kept, so the step length is ``lr * |z|`` whatever
+    the loss difference; ``lr`` must therefore be much smaller than MeZO's for the same movement.
+    ``mode="elementwise"`` uses ``sign(c z)`` coordinate-wise instead.
+    """
+
+    def __init__(self, params, lr=1e-7, eps=1e-3, weight_decay=0.0, seed=0, mode="scalar", queries=1, **kwargs):
+        super().__init__(params, Gaussian(queries), sign(mode), lr, eps, weight_decay, seed, **kwargs)
+
+
+class ZOSGDMomentum(ZOOptimizer):
+    """ZO-SGD-MMT (ZO-Bench appendix A): ``m <- beta m + c z``; ``x <- x - lr * m``.
+
+    ``lr`` scales the momentum buffer, whose steady-state size is ``1 / (1 - beta)`` times the
+    estimate (10x at ``beta=0.9``): use about a tenth of MeZO's lr. One model-size buffer.
+    """
+
+    def __init__(self, params, lr=1e-7, eps=1e-3, weight_decay=0.0, seed=0, beta=0.9, queries=1, **kwargs):
+        super().__init__(params, Gaussian(queries), momentum(beta), lr, eps, weight_decay, seed, **kwargs)
+
+
+class ZOSGDConservative(ZOOptimizer):
+    """ZO-SGD-Cons (ZO-Bench appendix A): ``x <- argmin over {x, x - lr c z, x + lr c z} of L``.
+
+    Three extra forward passes per step (five in all); ``lr`` and ``eps`` as in MeZO.
+    """
+
+    def __init__(self, params, lr=1e-6, eps=1e-3, weight_decay=0.0, seed=0, queries=1, **kwargs):
+        super().__init__(params, Gaussian(queries), sgd(), lr, eps, weight_decay, seed, conservative=True, **kwargs)
+
+
+class ZOAdam(ZOOptimizer):
+    """ZO-Adam (ZO-AdaMM; ZO-Bench appendix A), fed with the Gaussian estimate ``g = c z``:
+
+    ``m <- b1 m + (1-b1) g``; ``v <- b2 v + (1-b2) g^2``;
+    ``x <- x - lr * m_hat / (sqrt(max(v_hat_t, v_hat_{t-1})) + adam_eps)``.
+    The update is scale-free in ``g``: ``lr`` is close to the per-coordinate step length, so it is
+    far larger than MeZO's (ZO-Bench used about 1e-5 to 1e-4). Two model-size buffers.
+    """
+
+    def __init__(
+        self, params, lr=1e-5, eps=1e-3, weight_decay=0.0, seed=0, betas=(0.9, 0.999), adam_eps=1e-8,
+        queries=1, **kwargs,
+    ):
+        rule = adam(betas[0], betas[1], adam_eps)
+        super().__init__(params, Gaussian(queries), rule, lr, eps, weight_decay, seed, **kwargs)
+
+
+class LOZO(ZOOptimizer):
+    """LOZO (Chen et al., 2024): low-rank ZO-SGD; with ``momentum > 0``, LOZO-M.
+
+    Each matrix ``X`` (m x n) is perturbed by ``eps U V^T`` (``U``: m x r fresh every step,
+    ``V``: n x r resampled every ``interval`` steps) and updated by
+    ``X <- X - lr * c * U V^T / r`` -- the paper's Algorithm 1, with the ``1/r`` kept explicit:
+    ``lr`` scales ``c U V^T / r``, whose expected value is the gradient projected onto the span
+    of ``V``, so lr is comparable to MeZO's (the paper's code and some forks fold ``1/r`` into
+    lr; here it is not). Vectors (biases, norms) use a Gaussian ``z`` as in MeZO.
+
+    LOZO-M (``momentum = beta > 0``): ``N <- beta N + (1 - beta) c U`` per matrix (m x r; projected
+    as ``N <- N V_old^T V_new / n`` when V is resampled) and ``X <- X - lr N V^T / r``.
+    """
+
+    def __init__(
+        self, params, lr=1e-6, eps=1e-3, weight_decay=0.0, seed=0, rank=2, interval=50, momentum=0.0,
+        queries=1, **kwargs,
+    ):
+        rule = lowrank_momentum(momentum) if momentum > 0 else sgd()
+        est = LowRankEstimator(rank=rank, interval=interval, queries=queries)
+        super().__init__(params, est, rule, lr, eps, weight_decay, seed, **kwargs)
+
+
+class ForwardGrad(ZOOptimizer):
+    """Forward-Grad (Baydin et al., 2022; ZO-Bench): ``x <- x - lr * (grad L . z) z``.
+
+    The directional derivative is exact (forward-mode AD), so ``eps`` is unused; ``lr`` as in
+    MeZO. Needs the ``module`` that the closure runs, to swap its weights for dual tensors.
+    """
+
+    def __init__(self, params, module: nn.Module, lr=1e-6, weight_decay=0.0, seed=0, queries=1, **kwargs):
+        super().__init__(params, ForwardGradient(module, queries), sgd(), lr, 1e-3, weight_decay, seed, **kwargs)
+
+
+PRESETS = {
+    "mezo": MeZO,
+    "zo-sgd-sign": ZOSGDSign,
+    "zo-sgd-momentum": ZOSGDMomentum,
+    "zo-sgd-cons": ZOSGDConservative,
+    "zo-adam": ZOAdam,
+    "lozo": LOZO,
+    "forward-grad": ForwardGrad,
+}

@@ -1,0 +1,403 @@
+"""One ZO step composing an estimator and an update rule, behind a ``torch.optim`` facade.
+
+The step (two-point estimators), with ``q`` query directions ``z_1..z_q`` regenerated from
+seeds::
+
+    for j in 1..q:
+        x += eps z_j;       L+ = closure()
+        x -= 2 eps z_j;     L- = closure()
+        x += eps z_j        (restore; for the last query fused into the update pass below)
+        c_j = (L+ - L-) / (2 eps)
+    c = reduce(c)                               # data parallel: all-reduce q scalars
+    for each leaf x_l (one leaf's direction alive at a time):
+        g_l = (1 / q_l) sum_j c_j s_l z_jl      # s_l = 1, or 1/r for LOZO matrices
+        u_l = rule(g_l)
+        x_l <- x_l - lr (u_l + wd x_l)
+
+Per query this makes three passes over the parameters (perturb, perturb, restore+update), and
+plain ZO-SGD keeps no buffer larger than one leaf. A closure that returns a non-finite loss
+leaves the weights as they were: the step is skipped and counted, and after
+``max_nonfinite`` skipped steps in a row :class:`NonFiniteLossError` is raised.
+
+Every step's scalars are kept in :attr:`ZOOptimizer.last_record`; :meth:`ZOOptimizer.replay`
+repeats a step from its record alone, with exactly the same floating-point operations, which
+is how ``zotune replay`` rebuilds tuned weights from the base model and a step log.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+
+from zotune._validate import check_int, check_positive
+from zotune.estimators import Direction, Estimator, LowRank, add_direction_, make_estimator
+from zotune.estimators.base import Dense
+from zotune.rules import DenseGrad, LowRankGrad, Transform, make_rule
+
+Closure = Callable[[], Any]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after ``max_nonfinite`` steps in a row whose loss was NaN or infinite."""
+
+
+def named_param_groups(params) -> tuple[list[dict], list[str]]:
+    """Normalise torch-style ``params`` into groups of plain tensors plus leaf names.
+
+    Accepts an iterable of tensors, of ``(name, tensor)`` pairs, a mapping ``name -> tensor``,
+    or a list of group dicts whose ``"params"`` is any of those (other keys: per-group
+    ``lr``, ``weight_decay``).
+    """
+    if isinstance(params, torch.Tensor):
+        raise ValueError("params must be an iterable of tensors or dicts, got a single Tensor")
+    items = list(params.items()) if isinstance(params, Mapping) else list(params)
+    if not items:
+        raise ValueError("params is empty: the optimizer has nothing to train")
+    raw_groups = items if isinstance(items[0], Mapping) else [{"params": items}]
+    groups, names = [], []
+    for gi, group in enumerate(raw_groups):
+        if not isinstance(group, Mapping) or "params" not in group:
+            raise ValueError(f"param group {gi} must be a dict with a 'params' key, got {group!r}")
+        tensors = []
+        plist = group["params"]
+        entries = list(plist.items()) if isinstance(plist, Mapping) else list(plist)
+        for k, entry in enumerate(entries):
+            if isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[1], torch.Tensor):
+                name, t = entry
+            elif isinstance(entry, torch.Tensor):
+                name, t = f"group{gi}.param{k}", entry
+            else:
+                raise ValueError(f"param group {gi} entry {k} is not a tensor or (name, tensor) pair: {entry!r}")
+            if not t.is_floating_point():
+                raise ValueError(f"parameter {name!r} has dtype {t.dtype}; only floating tensors can be trained")
+            tensors.append(t)
+            names.append(str(name))
+        groups.append({**group, "params": tensors})
+    return groups, names
+
+
+class ZOOptimizer(torch.optim.Optimizer):
+    """Zeroth-order optimizer: an estimator (how directions are drawn) + a rule (how estimates
+    become updates), with the familiar ``step(closure)`` / ``state_dict()`` contract.
+
+    Args:
+        params: tensors, ``(name, tensor)`` pairs, a name->tensor mapping, or group dicts.
+        estimator: an :class:`~zotune.estimators.Estimator` or a registry name
+            (``gaussian``, ``rademacher``, ``lowrank``, ``blockwise``, ``sparse``, ``forward``).
+        rule: a :class:`~zotune.rules.Transform` or a registry name (``sgd``, ``sign``,
+            ``momentum``, ``adam``, ``lowrank_momentum``).
+        lr: learning rate: the update is ``x <- x - lr * (u + weight_decay * x)``.
+        eps: perturbation scale: losses are taken at ``x +- eps * z``.
+        weight_decay: decoupled decay, by default not applied to 1-D tensors (biases, norms).
+        seed: run seed; every direction derives from (seed, step, query, leaf index).
+        conservative: ZO-SGD-Cons: after estimating ``g``, keep the best of ``x``,
+            ``x - lr u`` and ``x + lr u`` by three extra forward passes (stateless rules only).
+        decay_1d: also decay 1-D tensors.
+        max_nonfinite: raise :class:`NonFiniteLossError` after this many skipped steps in a row.
+        reduce: maps the tensor of the step's projected-gradient scalars to their mean over
+            data-parallel workers (default: identity).
+
+    The closure takes no arguments, runs the model and returns the scalar loss; the optimizer
+    calls it under ``torch.no_grad()`` (forward-mode AD for the ``forward`` estimator).
+    """
+
+    def __init__(
+        self,
+        params,
+        estimator: str | Estimator = "gaussian",
+        rule: str | Transform = "sgd",
+        lr: float = 1e-6,
+        eps: float = 1e-3,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+        *,
+        conservative: bool = False,
+        decay_1d: bool = False,
+        max_nonfinite: int = 3,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        lr = check_positive("lr", lr, allow_zero=True)
+        self.eps = check_positive("eps", eps)
+        weight_decay = check_positive("weight_decay", weight_decay, allow_zero=True)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        self.seed = seed
+        self.max_nonfinite = check_int("max_nonfinite", max_nonfinite)
+        self.estimator = make_estimator(estimator) if isinstance(estimator, str) else estimator
+        if not isinstance(self.estimator, Estimator):
+            raise ValueError(f"estimator must be an Estimator or a registry name, got {estimator!r}")
+        self.rule = make_rule(rule) if isinstance(rule, str) else rule
+        if not isinstance(self.rule, Transform):
+            raise ValueError(f"rule must be a zotune.rules.Transform or a registry name, got {rule!r}")
+        if conservative and not self.rule.stateless:
+            raise ValueError(
+                f"conservative=True needs a stateless rule (sgd or sign), got rule '{self.rule.name}': "
+                "trying x - lr u and x + lr u must not advance the rule's state"
+            )
+        if conservative and self.estimator.kind != "two_point":
+            raise ValueError("conservative=True works with two-point estimators only")
+        self.conservative = bool(conservative)
+        self.decay_1d = bool(decay_1d)
+        self.reduce = reduce
+        groups, self.names = named_param_groups(params)
+        super().__init__(groups, {"lr": lr, "weight_decay": weight_decay})
+        for group in self.param_groups:
+            check_positive("lr", group["lr"], allow_zero=True)
+            check_positive("weight_decay", group["weight_decay"], allow_zero=True)
+        self.leaves = [p for group in self.param_groups for p in group["params"]]
+        if len(self.names) != len(self.leaves):
+            raise ValueError("add_param_group is not supported after construction: pass all groups at once")
+        self.estimator.bind(self.names, self.leaves, self.seed)
+        self.steps_taken = 0  # steps attempted (drives the seeds); skipped ones included
+        self.updates = 0  # steps applied (drives bias correction)
+        self.nonfinite_in_row = 0
+        self.skipped_steps = 0
+        self.forward_passes = 0
+        self.last_record: dict | None = None
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def forward_passes_per_step(self) -> int:
+        """Forward passes one step costs (JVP passes count as one)."""
+        q = len(self.estimator.directions(0))
+        per = q if self.estimator.kind == "jvp" else 2 * q
+        return per + (3 if self.conservative else 0)
+
+    def step(self, closure: Closure | None = None) -> torch.Tensor:  # type: ignore[override]
+        """Take one ZO step. Returns the loss (mean of the two-point losses)."""
+        if closure is None or not callable(closure):
+            raise ValueError(
+                "ZO optimizers need a closure: opt.step(lambda: model_loss()) "
+                "-- it is called several times per step"
+            )
+        with torch.no_grad():
+            return self._step(closure, None)
+
+    def replay(self, record: Mapping) -> None:
+        """Repeat a recorded step (``last_record``) without evaluating any loss.
+
+        Starting from the same weights, this reproduces the step bit for bit on the same device.
+        """
+        if int(record["step"]) != self.steps_taken:
+            raise ValueError(f"record is for step {record['step']}, but the optimizer is at step {self.steps_taken}")
+        for group, lr in zip(self.param_groups, record["lrs"]):
+            group["lr"] = lr
+        with torch.no_grad():
+            self._step(None, record)
+
+    # ------------------------------------------------------------------ the step
+    def _loss(self, closure: Closure | None) -> float:
+        self.forward_passes += 1
+        return float(closure())
+
+    def _step(self, closure: Closure | None, record: Mapping | None) -> torch.Tensor:
+        live = record is None
+        est, eps, leaves = self.estimator, self.eps, self.leaves
+        dirs = est.directions(self.steps_taken)
+        fuse = not self.conservative
+        losses: list[float] = []
+        if est.kind == "jvp":
+            coeffs = []
+            for d in dirs:
+                if live:
+                    self.forward_passes += 1
+                    loss, c = est.measure(closure, leaves, d)
+                    losses.append(loss)
+                    coeffs.append(c)
+            fuse = False
+        else:
+            coeffs = []
+            for j, d in enumerate(dirs):
+                est.perturb_(leaves, d, eps)
+                lp = self._loss(closure) if live else 0.0
+                est.perturb_(leaves, d, -2.0 * eps)
+                lm = self._loss(closure) if live else 0.0
+                if j < len(dirs) - 1 or not fuse:
+                    est.perturb_(leaves, d, eps)
+                losses += [lp, lm]
+                coeffs.append((lp - lm) / (2.0 * eps))
+        if live:
+            c = torch.tensor(coeffs, dtype=torch.float64)
+            if self.reduce is not None:
+                c = self.reduce(c)
+            coeffs = [float(x) for x in c]
+        else:
+            coeffs = [float(x) for x in record["coeffs"]]
+        loss = sum(losses) / len(losses) if losses else float("nan")
+        skipped = (not all(math.isfinite(x) for x in coeffs)) if live else bool(record["skipped"])
+        rec = {
+            "step": self.steps_taken,
+            "coeffs": coeffs,
+            "lrs": [g["lr"] for g in self.param_groups],
+            "skipped": skipped,
+            "choice": None,
+            "loss": loss,
+        }
+        self.steps_taken += 1
+        if skipped:
+            if fuse:
+                est.perturb_(leaves, dirs[-1], eps)
+            self.last_record = rec
+            return self._skip(loss) if live else torch.tensor(loss)
+        self.nonfinite_in_row = 0
+        if self.rule.coeff is not None:
+            coeffs = [float(x) for x in self.rule.coeff(torch.tensor(coeffs, dtype=torch.float64))]
+        self.updates += 1
+        if not self.conservative:
+            self._apply(dirs, coeffs, 1.0, eps if fuse else 0.0, decay=True)
+        else:
+            choice, loss = self._conservative(closure, dirs, coeffs, record)
+            rec["choice"] = choice
+            rec["loss"] = loss
+        self.last_record = rec
+        return torch.tensor(loss)
+
+    def _skip(self, loss: float) -> torch.Tensor:
+        self.skipped_steps += 1
+        self.nonfinite_in_row += 1
+        if self.nonfinite_in_row >= self.max_nonfinite:
+            raise NonFiniteLossError(
+                f"the loss was non-finite ({loss}) in {self.nonfinite_in_row} steps in a row "
+                f"(step {self.steps_taken - 1}); the weights were left as before each of them. "
+                "Lower eps or lr, use float32, or raise max_nonfinite."
+            )
+        return torch.tensor(loss)
+
+    def _conservative(self, closure, dirs, coeffs, record) -> tuple[int, float]:
+        """ZO-SGD-Cons: evaluate x, x - lr u, x + lr u and keep the best (ZO-Bench appendix A)."""
+        live = record is None
+        f = [0.0, 0.0, 0.0]
+        if live:
+            f[0] = self._loss(closure)
+        self._apply(dirs, coeffs, 1.0, 0.0, decay=False)
+        if live:
+            f[1] = self._loss(closure)
+        self._apply(dirs, coeffs, -2.0, 0.0, decay=False)
+        if live:
+            f[2] = self._loss(closure)
+        choice = min(range(3), key=lambda k: f[k]) if live else int(record["choice"])
+        if choice == 0:
+            self._apply(dirs, coeffs, 1.0, 0.0, decay=False)
+        elif choice == 1:
+            self._apply(dirs, coeffs, 2.0, 0.0, decay=False)
+        if any(g["weight_decay"] > 0 for g in self.param_groups):
+            self._decay_only()
+        return choice, f[choice]
+
+    def _decays(self, p: torch.Tensor) -> bool:
+        return self.decay_1d or p.dim() > 1
+
+    def _decay_only(self) -> None:
+        for group in self.param_groups:
+            shrink = 1.0 - group["lr"] * group["weight_decay"]
+            for p in group["params"]:
+                if shrink != 1.0 and self._decays(p):
+                    p.mul_(shrink)
+
+    def _apply(self, dirs: list[Direction], coeffs: list[float], lr_mult: float, restore_eps: float, decay: bool):
+        """The update pass: per leaf, build g from the regenerated directions, run the rule,
+        and write ``x <- (1 - lr wd)(x + restore_eps z_last) - lr u`` in as few writes as possible."""
+        est, rule = self.estimator, self.rule
+        last = dirs[-1]
+        i = 0
+        for group in self.param_groups:
+            lr = group["lr"] * lr_mult
+            wd = group["weight_decay"] if decay else 0.0
+            for p in group["params"]:
+                touching = [(j, d) for j, d in enumerate(dirs) if est.touches(d, i)]
+                g, restore = None, None
+                scale = est.grad_scale(i) / max(1, len(touching))
+                for k, (j, d) in enumerate(touching):
+                    ld = est.leaf_direction(d, i, p)
+                    if d is last and restore_eps:
+                        restore = ld
+                    g = _accumulate(g, ld, coeffs[j] * scale, single=len(touching) == 1, est=est, i=i, p=p)
+                shrink = 1.0 - lr * wd if (wd and self._decays(p)) else 1.0
+                if shrink != 1.0:
+                    p.mul_(shrink)
+                if g is not None:
+                    state = self.state[p]
+                    if not state:
+                        state.update(rule.init(p))
+                    u = rule.update(g, state, p, self.updates)
+                    _write(p, u, restore, restore_eps * shrink, lr)
+                i += 1
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd["zo"] = {
+            "seed": self.seed,
+            "eps": self.eps,
+            "estimator": self.estimator.config(),
+            "rule": {"name": self.rule.name, "config": self.rule.config},
+            "conservative": self.conservative,
+            "names": list(self.names),
+            "steps_taken": self.steps_taken,
+            "updates": self.updates,
+            "nonfinite_in_row": self.nonfinite_in_row,
+            "skipped_steps": self.skipped_steps,
+            "forward_passes": self.forward_passes,
+            "estimator_state": self.estimator.state_dict(),
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        zo = state_dict.pop("zo", None)
+        if zo is None:
+            raise ValueError("not a ZOOptimizer state_dict (no 'zo' entry)")
+        mine = self.state_dict()["zo"]
+        for key in ("seed", "estimator", "rule", "conservative", "names"):
+            if zo[key] != mine[key]:
+                raise ValueError(
+                    f"checkpoint does not match this optimizer: {key} was {zo[key]!r}, now {mine[key]!r}"
+                )
+        super().load_state_dict(state_dict)
+        self.eps = zo["eps"]
+        self.steps_taken = zo["steps_taken"]
+        self.updates = zo["updates"]
+        self.nonfinite_in_row = zo["nonfinite_in_row"]
+        self.skipped_steps = zo["skipped_steps"]
+        self.forward_passes = zo["forward_passes"]
+        self.estimator.load_state_dict(zo["estimator_state"])
+
+
+def _accumulate(g, ld, coeff: float, *, single: bool, est: Estimator, i: int, p: torch.Tensor):
+    """Running ``g += coeff * direction``. A lone term is borrowed as is (no copy); with
+    several queries the first term is copied into a buffer that the others are added to."""
+    if isinstance(ld, LowRank):
+        if g is None:
+            v_of = lambda period: est.v(i, period, p)  # noqa: E731
+            a = ld.u if single else ld.u * coeff
+            return LowRankGrad(a, ld.v, coeff if single else 1.0, ld.period, v_of)
+        g.a.add_(ld.u, alpha=coeff)
+        return g
+    if g is None:
+        return DenseGrad(ld.z, coeff) if single else DenseGrad(ld.z * coeff, 1.0)
+    g.t.add_(ld.z, alpha=coeff)
+    return g
+
+
+def _write(p: torch.Tensor, u, restore, restore_alpha: float, lr: float) -> None:
+    """``p += restore_alpha * z_restore - lr * u``, fused into one write where the shapes allow."""
+    if isinstance(u, DenseGrad):
+        if isinstance(restore, Dense) and restore.z is u.t:
+            p.add_(u.t, alpha=restore_alpha - lr * u.scale)
+            return
+        if restore is not None:
+            add_direction_(p, restore, restore_alpha)
+        p.add_(u.t, alpha=-lr * u.scale)
+        return
+    if isinstance(restore, LowRank) and restore.v is u.v:
+        if restore.u is u.a:
+            p.addmm_(u.a, u.v.T, alpha=restore_alpha - lr * u.scale)
+        else:
+            p.addmm_(restore.u * restore_alpha - u.a * (lr * u.scale), u.v.T)
+        return
+    if restore is not None:
+        add_direction_(p, restore, restore_alpha)
+    p.addmm_(u.a, u.v.T, alpha=-lr * u.scale)
