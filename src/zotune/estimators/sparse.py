@@ -72,6 +72,16 @@ class Sparse(Estimator):
     def config(self) -> dict:
         return {"name": self.name, "sparsity": self.sparsity, "inner": self.inner.config()}
 
+    def state_dict(self) -> dict:
+        # the ratios were measured on the weights at the start of training: a resumed run must
+        # keep them, not re-measure them on the partly tuned weights
+        return {"keep": list(self.keep)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["keep"]) != len(self.keep):
+            raise ValueError(f"sparse state has {len(state['keep'])} leaves, the optimizer {len(self.keep)}")
+        self.keep = list(state["keep"])
+
 
 def layer_keep_ratios(params: Sequence[torch.Tensor], sparsity: float, seed: int) -> list[float]:
     """Per-leaf keep probabilities ``1 - s_l`` from a global magnitude threshold.
