@@ -1,0 +1,137 @@
+"""The ``zotune`` command line.
+
+    zotune train RECIPE.yaml [section.field=value ...]   fine-tune, evaluate, checkpoint, resume
+    zotune eval RECIPE.yaml [--checkpoint DIR] [...]     zero-shot (or checkpoint) accuracy
+    zotune replay RUN_DIR [--out FILE]                   rebuild tuned weights from the step log
+    zotune tasks                                         list tasks and their templates
+    zotune validate RECIPE.yaml [...]                    check a config without loading a model
+
+Every error is one line on stderr naming what to fix, with a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
+    """First argument that is not ``a.b=c`` is the recipe; the rest are overrides."""
+    config, overrides = None, []
+    for item in items:
+        if "=" in item:
+            overrides.append(item)
+        elif config is None:
+            config = item
+        else:
+            raise ValueError(f"unexpected argument {item!r}: overrides look like section.field=value")
+    return config, overrides
+
+
+def _config(args):
+    from zotune.config import load_config
+
+    path, overrides = _split_args(args.items)
+    return load_config(path, overrides)
+
+
+def cmd_train(args) -> int:
+    from zotune.train.loop import train
+
+    cfg = _config(args)
+    results = train(cfg)
+    print(json.dumps({k: results.get(k) for k in ("zero_shot", "test", "tested_step", "steps")}, default=str))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from zotune.train.checkpoint import load_checkpoint
+    from zotune.train.evaluate import evaluate
+    from zotune.train.loop import build, check_compatible
+
+    cfg = _config(args)
+    setup = build(cfg)
+    if args.checkpoint:
+        tensors, _, meta = load_checkpoint(args.checkpoint)
+        if meta.get("model_fingerprint") != setup.loaded.fingerprint:
+            check_compatible(meta, cfg, setup, Path(args.checkpoint))
+        with torch.no_grad():
+            for name, p in setup.named.items():
+                if name not in tensors:
+                    raise ValueError(f"checkpoint {args.checkpoint} has no tensor {name!r} (another scheme?)")
+                p.copy_(tensors[name])
+    examples = getattr(setup.data, args.split)
+    metrics = evaluate(setup.model, setup.loaded.tokenizer, examples, setup.data.spec.metric,
+                       batch_size=cfg.train.eval_batch_size, max_length=cfg.task.max_length)
+    print(json.dumps({"task": cfg.task.name, "split": args.split, "model": cfg.model.name,
+                      "checkpoint": args.checkpoint, **metrics}))
+    return 0
+
+
+def cmd_replay(args) -> int:
+    from zotune.train.loop import replay
+
+    print(json.dumps(replay(args.run_dir, args.out)))
+    return 0
+
+
+def cmd_tasks(args) -> int:
+    from zotune.tasks import get_task, list_tasks
+
+    for name in list_tasks():
+        spec = get_task(name)
+        templates = ", ".join(spec.templates)
+        print(f"{name:<12} metric={spec.metric:<9} templates: {templates} (default {spec.default_template})")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    cfg = _config(args)
+    print(f"config OK: method {cfg.optim.method}, task {cfg.task.name}, model {cfg.model.name}, "
+          f"scheme {cfg.trainable.scheme}, {cfg.train.steps} steps -> {cfg.train.output_dir}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zotune", description="Zeroth-order fine-tuning of language models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(name, help_text, fn):
+        sp = sub.add_parser(name, help=help_text)
+        sp.add_argument("items", nargs="*", metavar="RECIPE|section.field=value",
+                        help="a YAML recipe (optional) and overrides such as optim.lr=1e-5")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    with_config("train", "fine-tune a model on a task", cmd_train)
+    ev = with_config("eval", "evaluate a model (zero-shot, or a checkpoint) on a task", cmd_eval)
+    ev.add_argument("--checkpoint", help="a checkpoint folder (e.g. runs/x/ckpt-best)")
+    ev.add_argument("--split", choices=("test", "dev", "train"), default="test")
+    rp = sub.add_parser("replay", help="rebuild a ZO run's weights from its step log and the base model")
+    rp.add_argument("run_dir")
+    rp.add_argument("--out", help="write the rebuilt trainable tensors here (safetensors)")
+    rp.set_defaults(fn=cmd_replay)
+    sub.add_parser("tasks", help="list tasks and templates").set_defaults(fn=cmd_tasks)
+    with_config("validate", "check a config without loading a model", cmd_validate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt:
+        print("zotune: interrupted; the last checkpoint is intact (resume with the same command)", file=sys.stderr)
+        return 130
+    except (ValueError, KeyError, FileNotFoundError, OSError, RuntimeError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"zotune: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,284 @@
+"""Run configuration: typed dataclasses, read from YAML recipes, overridden from the command line,
+and validated as a whole before any heavy work (every problem reported at once).
+
+A recipe is plain YAML with up to five sections matching the dataclasses below::
+
+    model: {name: smollm2-135m, dtype: float32}
+    task: {name: sst2, train: 1000, dev: 500, test: 1000}
+    optim: {method: mezo, lr: 1.0e-5, eps: 1.0e-3}
+    trainable: {scheme: full}
+    train: {steps: 500, batch_size: 16, output_dir: runs/mezo-sst2}
+
+Any field can be overridden as ``section.field=value`` (value parsed as YAML).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from zotune._validate import unknown_choice
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message lists every problem found."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m"  # hub name, local folder, .gguf file, or an offline alias
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (ZO methods can tune half precision: "F16")
+    device: str = "cpu"  # cpu | cuda | cuda:N
+    gguf_file: str | None = None
+
+
+@dataclass
+class TaskConfig:
+    name: str = "sst2"
+    template: str | None = None  # None: the papers' prompt ("task alignment"); "none": no prompt
+    data_root: str | None = None  # folder with the shared data layout (default: $ZOTUNE_DATA or ../shared/data)
+    train_file: str | None = None
+    eval_file: str | None = None  # a labeled validation file: test comes from it
+    train: int = 1000  # MeZO's protocol: 1,000 train / 500 dev / 1,000 test, sampled with split_seed
+    dev: int = 500
+    test: int = 1000
+    split_seed: int = 0
+    max_length: int = 256  # tokens per example (context truncated from the left)
+    hub: bool = False  # load the data set from the Hugging Face hub (needs `datasets` and network)
+
+
+@dataclass
+class OptimConfig:
+    method: str = "mezo"  # see zotune.methods.METHODS
+    lr: float = 1e-6
+    eps: float = 1e-3
+    weight_decay: float = 0.0
+    queries: int = 1
+    seed: int = 0
+    schedule: str = "constant"  # constant | linear | cosine
+    warmup_steps: int = 0
+    rank: int = 2  # LOZO
+    interval: int = 50  # LOZO: V resampled every `interval` steps
+    momentum: float = 0.0  # LOZO-M (> 0), ZO-SGD-MMT beta (used when method is zo-sgd-momentum)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # ZO-Adam / FO-Adam
+    sign_mode: str = "scalar"  # ZO-SGD-Sign
+    distribution: str = "gaussian"  # gaussian | rademacher
+    sparsity: float = 0.0  # > 0: sparse perturbation masks (ZO-Bench Table 8)
+    max_nonfinite: int = 3
+    fo_lr: float | None = None  # hybrid: lr of the FO part (default: lr)
+
+
+@dataclass
+class TrainableConfig:
+    scheme: str = "full"  # full | lora | prefix | prompt
+    lora_r: int = 8
+    lora_alpha: int = 16
+    prefix_tokens: int = 5
+    prompt_tokens: int = 10
+    zo_layers: int | None = None  # hybrid ZO/FO: first k layers by ZO, the rest by FO (FO-SGD)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 16
+    grad_accum: int = 1  # micro-batches per step; each perturbed loss is summed over them
+    eval_every: int = 0  # evaluate on dev every N steps (0: only at the end)
+    eval_batch_size: int = 32
+    save_every: int = 100  # checkpoint every N steps (and at the end)
+    log_every: int = 10
+    output_dir: str = "runs/default"
+    eval_at_start: bool = True  # zero-shot test accuracy before training
+    resume: bool = True  # continue from output_dir's last checkpoint if there is one
+    progress: bool = True
+    tensorboard: bool = True
+    data_seed: int = 0  # order of the training examples
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainable: TrainableConfig = field(default_factory=TrainableConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self, sections=("model", "task", "optim", "trainable")) -> str:
+        """A hash of what determines the trajectory (a resume must match it)."""
+        d = {k: v for k, v in self.to_dict().items() if k in sections}
+        d["train"] = {k: self.train.__dict__[k] for k in ("batch_size", "grad_accum", "data_seed")}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+_SECTION_TYPES = {
+    "model": ModelConfig, "task": TaskConfig, "optim": OptimConfig,
+    "trainable": TrainableConfig, "train": TrainConfig,
+}
+
+
+def _coerce(section: str, key: str, value: Any, current: Any, errors: list[str]) -> Any:
+    """Check a value's type against the field's current (default) value."""
+    if value is None or current is None:
+        return value
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            errors.append(f"{section}.{key}: expected true/false, got {value!r}")
+        return value
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(current, float) and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(current, int) and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, type(current)) or isinstance(value, bool) != isinstance(current, bool):
+        errors.append(f"{section}.{key}: expected {type(current).__name__}, got {value!r}")
+    return value
+
+
+def from_dict(data: dict, errors: list[str] | None = None) -> Config:
+    """Build a Config from nested dicts; unknown sections or keys are errors ('Did you mean')."""
+    own = errors is None
+    errors = [] if own else errors
+    cfg = Config()
+    for section, values in (data or {}).items():
+        if section not in _SECTION_TYPES:
+            errors.append(unknown_choice("config section", section, _SECTION_TYPES))
+            continue
+        if not isinstance(values, dict):
+            errors.append(f"{section}: expected a mapping of fields, got {values!r}")
+            continue
+        target = getattr(cfg, section)
+        names = {f.name for f in dataclasses.fields(target)}
+        for key, value in values.items():
+            if key not in names:
+                errors.append(f"{section}: " + unknown_choice("field", key, names))
+                continue
+            setattr(target, key, _coerce(section, key, value, getattr(target, key), errors))
+    if own and errors:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
+    return cfg
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["optim.lr=1e-5", "train.steps=10"]`` -> nested dict (values parsed as YAML)."""
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"override {item!r} must look like section.field=value (e.g. optim.lr=1e-5)")
+        key, raw = item.split("=", 1)
+        section, name = key.split(".", 1)
+        value = yaml.safe_load(raw) if raw != "" else None
+        if isinstance(value, str) and raw.strip():
+            try:  # YAML reads 1e-5 as a string; numbers are what users mean
+                value = float(raw) if any(c in raw for c in ".eE") else int(raw)
+            except ValueError:
+                pass
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML recipe (optional), apply overrides, and validate the whole config."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: expected a mapping of sections, got {type(data).__name__}")
+    for section, values in parse_overrides(overrides or []).items():
+        data.setdefault(section, {})
+        if not isinstance(data[section], dict):
+            data[section] = {}
+        data[section].update(values)
+    errors: list[str] = []
+    cfg = from_dict(data, errors)
+    errors += validate(cfg)
+    if errors:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
+    return cfg
+
+
+def validate(cfg: Config) -> list[str]:
+    """Every problem with ``cfg`` that can be found without loading a model or data."""
+    from zotune.methods import METHODS
+    from zotune.schedules import SCHEDULES
+
+    errors = []
+    o, t, tr, m, k = cfg.optim, cfg.train, cfg.trainable, cfg.model, cfg.task
+    if o.method not in METHODS:
+        errors.append("optim.method: " + unknown_choice("method", o.method, METHODS))
+    if o.schedule not in SCHEDULES:
+        errors.append("optim.schedule: " + unknown_choice("schedule", o.schedule, SCHEDULES))
+    for name in ("lr", "eps"):
+        v = getattr(o, name)
+        if not isinstance(v, (int, float)) or not v > 0:
+            errors.append(f"optim.{name} must be > 0, got {v!r}")
+    if not isinstance(o.weight_decay, (int, float)) or o.weight_decay < 0:
+        errors.append(f"optim.weight_decay must be >= 0, got {o.weight_decay!r}")
+    if not 0 <= o.sparsity < 1:
+        errors.append(f"optim.sparsity must be in [0, 1), got {o.sparsity!r}")
+    if not 0 <= o.momentum < 1:
+        errors.append(f"optim.momentum must be in [0, 1), got {o.momentum!r}")
+    for section, obj, names in (
+        ("optim", o, ("queries", "rank", "interval", "max_nonfinite")),
+        ("train", t, ("steps", "batch_size", "grad_accum", "eval_batch_size", "save_every", "log_every")),
+        ("task", k, ("max_length",)),
+    ):
+        for name in names:
+            v = getattr(obj, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                errors.append(f"{section}.{name} must be an integer >= 1, got {v!r}")
+    for name in ("train", "dev", "test"):
+        v = getattr(k, name)
+        if not isinstance(v, int) or v < 0:
+            errors.append(f"task.{name} must be an integer >= 0, got {v!r}")
+    if isinstance(t.batch_size, int) and isinstance(t.grad_accum, int) and t.grad_accum > t.batch_size:
+        errors.append(f"train.grad_accum ({t.grad_accum}) cannot exceed train.batch_size ({t.batch_size})")
+    if not isinstance(t.eval_every, int) or t.eval_every < 0:
+        errors.append(f"train.eval_every must be an integer >= 0, got {t.eval_every!r}")
+    if not isinstance(o.warmup_steps, int) or o.warmup_steps < 0:
+        errors.append(f"optim.warmup_steps must be an integer >= 0, got {o.warmup_steps!r}")
+    elif isinstance(t.steps, int) and o.warmup_steps > t.steps:
+        errors.append(f"optim.warmup_steps ({o.warmup_steps}) exceeds train.steps ({t.steps})")
+    schemes = ("full", "lora", "prefix", "prompt")
+    if tr.scheme not in schemes:
+        errors.append("trainable.scheme: " + unknown_choice("scheme", tr.scheme, schemes))
+    if tr.zo_layers is not None:
+        if tr.scheme != "full":
+            errors.append("trainable.zo_layers (hybrid ZO/FO) needs trainable.scheme: full")
+        if o.method in METHODS and METHODS[o.method].family != "zo":
+            errors.append(f"trainable.zo_layers needs a ZO method, got {o.method!r}")
+    dtypes = ("float32", "bfloat16", "float16")
+    if m.dtype not in dtypes:
+        errors.append("model.dtype: " + unknown_choice("dtype", m.dtype, dtypes))
+    elif m.dtype != "float32" and o.method in METHODS and METHODS[o.method].family != "zo":
+        errors.append(f"model.dtype {m.dtype} needs a ZO method: {o.method} uses autograd (train in float32)")
+    if not (m.device == "cpu" or m.device == "auto" or str(m.device).startswith("cuda")):
+        errors.append(f"model.device must be cpu, cuda, cuda:N or auto, got {m.device!r}")
+    from zotune.tasks import get_task
+
+    try:
+        spec = get_task(k.name)
+        if k.template is not None and k.template not in spec.templates:
+            errors.append("task.template: " + unknown_choice(f"template of {spec.name}", k.template, spec.templates))
+    except KeyError as e:
+        errors.append(f"task.name: {e.args[0] if e.args else e}")
+    return errors

@@ -1,0 +1,342 @@
+"""The training recipe: read it top to bottom.
+
+setup (data, model, trainable tensors, optimizer, resume) -> zero-shot test -> loop of steps
+(dev evaluation, best / last checkpoints, step log) -> final test -> ``results.json``.
+
+The batch of step ``t`` is a pure function of (data seed, t), the optimizer's directions of
+(optim seed, t), and the checkpoint holds the trainable tensors and the optimizer state, so a
+run resumed after ``kill -9`` ends with exactly the weights of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from zotune.config import Config
+from zotune.fo import FOSGD, HybridOptimizer
+from zotune.lm import encode_pairs, pair_loss
+from zotune.methods import build_optimizer
+from zotune.schedules import lr_multiplier
+from zotune.step import ZOOptimizer
+from zotune.train.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
+from zotune.train.evaluate import evaluate, headline
+from zotune.train.logger import RunLogger, log, setup_console_logging
+
+LAST, BEST = "ckpt-last", "ckpt-best"
+
+
+@dataclass
+class Setup:
+    """Everything a run builds before its first step."""
+
+    cfg: Config
+    data: object  # zotune.tasks.TaskData
+    loaded: object  # zotune.models.LoadedModel
+    model: torch.nn.Module
+    named: dict
+    optimizer: object
+
+
+# ----------------------------------------------------------------------------- setup
+def load_data(cfg: Config):
+    from zotune.tasks import SplitSpec, load_task
+
+    t = cfg.task
+    split = SplitSpec(train=t.train, dev=t.dev, test=t.test, seed=t.split_seed)
+    return load_task(t.name, data_root=t.data_root, split=split, template=t.template,
+                     train_file=t.train_file, eval_file=t.eval_file, hub=t.hub)
+
+
+def scheme_options(cfg: Config) -> dict:
+    tr = cfg.trainable
+    return {
+        "full": {},
+        "lora": {"r": tr.lora_r, "lora_alpha": tr.lora_alpha},
+        "prefix": {"num_virtual_tokens": tr.prefix_tokens},
+        "prompt": {"num_virtual_tokens": tr.prompt_tokens},
+    }[tr.scheme]
+
+
+def build(cfg: Config, loaded=None, data=None, reduce=None) -> Setup:
+    """Load data first (bad data fails before the slow model load), then model and optimizer."""
+    from zotune.models import load_model
+    from zotune.params import hybrid_split, select_trainable
+
+    data = data if data is not None else load_data(cfg)
+    if loaded is None:
+        m = cfg.model
+        if m.name.startswith("tiny-"):  # random tiny models for tests and smoke runs
+            from zotune.models import tiny_model
+
+            loaded = tiny_model(m.name[len("tiny-"):])
+        else:
+            loaded = load_model(m.name, dtype=m.dtype, device=m.device, gguf_file=m.gguf_file)
+    model, named = select_trainable(loaded.model, cfg.trainable.scheme, **scheme_options(cfg))
+    o = cfg.optim
+    if cfg.trainable.zo_layers is not None:
+        zo_named, fo_named = hybrid_split(model, named, cfg.trainable.zo_layers)
+        zo = build_optimizer(o, zo_named, model, reduce)
+        fo = FOSGD(list(fo_named.values()), lr=o.fo_lr or o.lr)
+        optimizer = HybridOptimizer(zo, fo) if zo_named else fo
+    else:
+        optimizer = build_optimizer(o, named, model, reduce)
+    return Setup(cfg, data, loaded, model, named, optimizer)
+
+
+# ----------------------------------------------------------------------------- data order
+class BatchOrder:
+    """Step ``t``'s examples: positions ``t*B .. t*B+B-1`` of an endless sequence of seeded
+    permutations (one per epoch). Independent of resumes and of the number of workers."""
+
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        if n == 0:
+            raise ValueError("the training split is empty: raise task.train or check the data file")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self._perms: dict[int, list[int]] = {}
+
+    def _perm(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:
+            order = list(range(self.n))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            self._perms = {epoch: order}
+        return self._perms[epoch]
+
+    def indices(self, step: int) -> list[int]:
+        out = []
+        for k in range(step * self.batch_size, (step + 1) * self.batch_size):
+            epoch, pos = divmod(k, self.n)
+            out.append(self._perm(epoch)[pos])
+        return out
+
+
+def make_closure(model, tokenizer, examples, cfg: Config, kind: str, device):
+    """Encode the batch once; the closure returns the mean loss over it, summed over
+    ``grad_accum`` micro-batches (each weighted by its share of the batch)."""
+    pairs = [e.target for e in examples]
+    k = cfg.train.grad_accum
+    size = -(-len(pairs) // k)
+    chunks = [pairs[i:i + size] for i in range(0, len(pairs), size)]
+    batches = [encode_pairs(tokenizer, c, cfg.task.max_length, kind=kind).to(device) for c in chunks]
+    weights = [len(c) / len(pairs) for c in chunks]
+
+    def closure():
+        total = None
+        for b, w in zip(batches, weights):
+            part = pair_loss(model, b) * w
+            total = part if total is None else total + part
+        return total
+
+    return closure
+
+
+# ----------------------------------------------------------------------------- helpers
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _all_groups(optimizer):
+    return optimizer.param_groups
+
+
+def _meta(cfg: Config, setup: Setup, step: int, extra: dict | None = None) -> dict:
+    return {
+        "step": step,
+        "config_fingerprint": cfg.fingerprint(),
+        "model": setup.loaded.name,
+        "model_fingerprint": setup.loaded.fingerprint,
+        "method": cfg.optim.method,
+        "scheme": cfg.trainable.scheme,
+        **(extra or {}),
+    }
+
+
+def check_compatible(meta: dict, cfg: Config, setup: Setup, where: Path) -> None:
+    """Refuse a checkpoint written by another model or another trajectory-defining config."""
+    if meta.get("model_fingerprint") != setup.loaded.fingerprint:
+        raise CheckpointError(
+            f"{where} was written for model {meta.get('model')!r} {meta.get('model_fingerprint')}, "
+            f"not {setup.loaded.name!r} {setup.loaded.fingerprint}; use another train.output_dir "
+            "or train.resume=false (the old checkpoint is left untouched)"
+        )
+    if meta.get("config_fingerprint") != cfg.fingerprint():
+        raise CheckpointError(
+            f"{where} was written with a different config (fingerprint {meta.get('config_fingerprint')} "
+            f"vs {cfg.fingerprint()}: model, task, optim, trainable, batch size or data seed changed); "
+            "use another train.output_dir or train.resume=false (the old checkpoint is left untouched)"
+        )
+
+
+def _evaluate(setup: Setup, examples) -> dict:
+    cfg = setup.cfg
+    return evaluate(setup.model, setup.loaded.tokenizer, examples, setup.data.spec.metric,
+                    batch_size=cfg.train.eval_batch_size, max_length=cfg.task.max_length)
+
+
+# ----------------------------------------------------------------------------- the run
+def train(cfg: Config, *, reduce=None, rank: int = 0, setup: Setup | None = None) -> dict:
+    """Run ``cfg`` to the end (or resume it) and return the results dict."""
+    setup_console_logging()
+    t = cfg.train
+    out = Path(t.output_dir)
+    is_main = rank == 0
+    setup = setup or build(cfg, reduce=reduce)
+    model, opt, tok = setup.model, setup.optimizer, setup.loaded.tokenizer
+    device = next(model.parameters()).device
+    logger = RunLogger(out, tensorboard=t.tensorboard, enabled=is_main)
+    trainable = setup.named
+
+    start, results = 0, {}
+    found = find_checkpoint(out / LAST) if t.resume else None
+    if found is not None:
+        tensors, opt_state, meta = load_checkpoint(found, map_location=device)
+        check_compatible(meta, cfg, setup, found)
+        with torch.no_grad():
+            for name, p in trainable.items():
+                p.copy_(tensors[name])
+        opt.load_state_dict(opt_state)
+        start = int(meta["step"])
+        results = meta.get("results", {})
+        logger.truncate_after(start)
+        log.info("resumed from %s at step %d", found, start)
+    elif is_main:
+        if (out / LAST).exists() or (out / "steps.jsonl").exists():
+            raise CheckpointError(f"{out} already holds a run: pass train.resume=true or use another output_dir")
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(out / "config.json", cfg.to_dict())
+        for f in ("metrics.jsonl", "steps.jsonl"):
+            (out / f).unlink(missing_ok=True)
+
+    sizes = setup.data.sizes
+    log.info("task %s (%s template): %s; method %s, scheme %s, %d trainable tensors (%.1f M values)",
+             cfg.task.name, setup.data.template, sizes, cfg.optim.method, cfg.trainable.scheme,
+             len(trainable), sum(p.numel() for p in trainable.values()) / 1e6)
+
+    if start == 0 and t.eval_at_start and setup.data.test:
+        t0 = time.time()
+        zs = _evaluate(setup, setup.data.test)
+        results["zero_shot"] = zs
+        log.info("zero-shot test: %s (%.0f s)", zs, time.time() - t0)
+        logger.metrics(0, phase="zero-shot", **{f"test/{k}": v for k, v in zs.items()})
+
+    order = BatchOrder(len(setup.data.train), t.batch_size, t.data_seed)
+    base_lrs = [g["lr"] for g in _all_groups(opt)]
+    mult = lr_multiplier(cfg.optim.schedule, t.steps, cfg.optim.warmup_steps)
+    best = results.get("best_dev", {"value": float("-inf"), "step": None})
+    progress = None
+    if is_main and t.progress:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=t.steps, initial=start, desc="train", dynamic_ncols=True)
+    run_t0, step_times = time.time(), []
+    train_examples = setup.data.train
+    for step in range(start, t.steps):
+        m = mult(step)
+        for g, base in zip(_all_groups(opt), base_lrs):
+            g["lr"] = base * m
+        batch = [train_examples[i] for i in order.indices(step)]
+        closure = make_closure(model, tok, batch, cfg, setup.loaded.kind, device)
+        t0 = time.perf_counter()
+        loss = float(opt.step(closure))
+        step_times.append(time.perf_counter() - t0)
+        done = step + 1
+        record = getattr(opt, "last_record", None)
+        if record is not None and isinstance(opt, ZOOptimizer):
+            logger.step_record(record)
+        if done % t.log_every == 0 or done == t.steps:
+            recent = step_times[-t.log_every:]
+            logger.metrics(done, loss=loss, lr=_all_groups(opt)[0]["lr"], step_time=sum(recent) / len(recent),
+                           forward_passes=getattr(opt, "forward_passes", None))
+        if progress is not None:
+            progress.set_postfix(loss=f"{loss:.4f}", fwd=getattr(opt, "forward_passes", "-"),
+                                 s_step=f"{step_times[-1]:.2f}")
+            progress.update(1)
+        if t.eval_every and done % t.eval_every == 0 and setup.data.dev:
+            dev = _evaluate(setup, setup.data.dev)
+            key, value = headline(dev)
+            logger.metrics(done, phase="dev", **{f"dev/{k}": v for k, v in dev.items()})
+            log.info("step %d dev %s", done, dev)
+            if value > best["value"] and is_main:
+                best = {"value": value, "step": done, "metric": key}
+                save_checkpoint(out / BEST, trainable, None, _meta(cfg, setup, done, {"dev": dev}))
+        if is_main and (done % t.save_every == 0 or done == t.steps):
+            results["best_dev"] = best
+            save_checkpoint(out / LAST, trainable, opt.state_dict(), _meta(cfg, setup, done, {"results": results}))
+    if progress is not None:
+        progress.close()
+
+    if best["step"] is not None and best["step"] != t.steps:
+        tensors, _, _ = load_checkpoint(out / BEST, map_location=device)
+        with torch.no_grad():
+            for name, p in trainable.items():
+                p.copy_(tensors[name])
+        log.info("testing the best dev checkpoint (step %d)", best["step"])
+    final = _evaluate(setup, setup.data.test) if setup.data.test else {}
+    results.update({
+        "test": final,
+        "tested_step": best["step"] or t.steps,
+        "best_dev": best,
+        "steps": t.steps,
+        "train_seconds_this_session": round(time.time() - run_t0, 1),
+        "mean_step_seconds": round(sum(step_times) / len(step_times), 4) if step_times else None,
+        "forward_passes": getattr(opt, "forward_passes", None),
+        "sizes": sizes,
+        "task": cfg.task.name,
+        "method": cfg.optim.method,
+        "scheme": cfg.trainable.scheme,
+        "model": setup.loaded.name,
+    })
+    if is_main:
+        _write_json_atomic(out / "results.json", results)
+        logger.metrics(t.steps, phase="test", **{f"test/{k}": v for k, v in final.items()})
+        zs = results.get("zero_shot", {})
+        log.info("test %s (zero-shot %s)", final, zs)
+    logger.close()
+    return results
+
+
+# ----------------------------------------------------------------------------- replay
+def replay(run_dir: str | Path, out_path: str | Path | None = None) -> dict:
+    """Rebuild a ZO run's tuned weights from its base model and ``steps.jsonl`` alone.
+
+    Compares them with the run's last checkpoint when there is one; writes them to ``out_path``
+    (safetensors of the trainable tensors) when given.
+    """
+    from safetensors.torch import save_file
+
+    from zotune.config import from_dict
+
+    setup_console_logging()
+    run = Path(run_dir)
+    if not (run / "config.json").is_file() or not (run / "steps.jsonl").is_file():
+        raise FileNotFoundError(f"{run} is not a zotune run folder (needs config.json and steps.jsonl)")
+    cfg = from_dict(json.loads((run / "config.json").read_text()))
+    setup = build(cfg)
+    opt = setup.optimizer
+    if not isinstance(opt, ZOOptimizer):
+        raise ValueError(f"replay needs a pure ZO run; {cfg.optim.method} with this scheme keeps no step log")
+    records = [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines() if line.strip()]
+    for k, rec in enumerate(records):
+        if rec["step"] != k:
+            raise ValueError(f"{run / 'steps.jsonl'} line {k + 1}: step {rec['step']}, expected {k}")
+        opt.replay(rec)
+    report = {"steps": len(records)}
+    found = find_checkpoint(run / LAST)
+    if found is not None:
+        tensors, _, meta = load_checkpoint(found)
+        if int(meta["step"]) == len(records):
+            diffs = [float((p.detach().cpu() - tensors[n]).abs().max()) for n, p in setup.named.items()]
+            report["max_abs_diff_vs_checkpoint"] = max(diffs) if diffs else 0.0
+            report["bitwise_equal"] = all(torch.equal(p.detach().cpu(), tensors[n]) for n, p in setup.named.items())
+    if out_path is not None:
+        save_file({n: p.detach().contiguous().cpu() for n, p in setup.named.items()}, str(out_path))
+        report["written"] = str(out_path)
+    return report
