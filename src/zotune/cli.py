@@ -23,6 +23,8 @@ def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
     for item in items:
         if "=" in item:
             overrides.append(item)
+        elif not (item.endswith((".yaml", ".yml")) or Path(item).exists()):
+            raise ValueError(f"{item!r} is neither a recipe (.yaml file) nor an override section.field=value")
         elif config is None:
             config = item
         else:

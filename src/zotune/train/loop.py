@@ -73,9 +73,10 @@ def build(cfg: Config, loaded=None, data=None, reduce=None) -> Setup:
     if loaded is None:
         m = cfg.model
         if m.name.startswith("tiny-"):  # random tiny models for tests and smoke runs
-            from zotune.models import tiny_model
+            from zotune.models import resolve_device, resolve_dtype, tiny_model
 
             loaded = tiny_model(m.name[len("tiny-"):])
+            loaded.model.to(device=resolve_device(m.device), dtype=resolve_dtype(m.dtype))
         else:
             loaded = load_model(m.name, dtype=m.dtype, device=m.device, gguf_file=m.gguf_file)
     model, named = select_trainable(loaded.model, cfg.trainable.scheme, **scheme_options(cfg))

@@ -1,0 +1,189 @@
+"""The training recipe on tiny random models: resume after kill -9, replay, schemes, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from zotune.config import load_config
+from zotune.train import checkpoint as ckpt
+from zotune.train.loop import BatchOrder, build, make_closure, replay, train
+
+DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="shared data not found beside the repo")
+
+TINY = [
+    "model.name=tiny-llama", "task.name=sst2", "task.train=48", "task.dev=8", "task.test=16",
+    f"task.data_root={DATA}", "task.max_length=48", "train.batch_size=4", "optim.lr=3e-4",
+    "train.progress=false", "train.tensorboard=false", "train.eval_batch_size=16",
+]
+
+
+def cli(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "zotune.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def weights(run: Path) -> dict:
+    return load_file(str(run / "ckpt-last" / "weights.safetensors"))
+
+
+def test_resume_after_kill_9_equals_an_uninterrupted_run(tmp_path):
+    common = TINY + ["train.steps=40", "train.save_every=3", "train.eval_at_start=false", "task.test=0"]
+    straight = tmp_path / "straight"
+    assert cli("train", *common, f"train.output_dir={straight}").returncode == 0
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "zotune.cli", "train", *common, f"train.output_dir={killed}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    steps = killed / "steps.jsonl"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        if steps.exists() and len(steps.read_text().splitlines()) >= 10:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    done_before = int(json.loads((ckpt.find_checkpoint(killed / "ckpt-last") / "meta.json").read_text())["step"])
+    assert 0 < done_before < 40
+    resumed = cli("train", *common, f"train.output_dir={killed}")
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = weights(straight), weights(killed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the step log was cut back to the checkpoint and continued: replay rebuilds the same weights
+    lines = [json.loads(x) for x in (killed / "steps.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(40))
+    report = replay(killed)
+    assert report == {"steps": 40, "max_abs_diff_vs_checkpoint": 0.0, "bitwise_equal": True}
+
+
+@pytest.mark.parametrize("scheme, extra", [
+    ("lora", []), ("prefix", ["optim.lr=1e-2", "optim.eps=1e-1"]), ("prompt", ["optim.lr=1e-2", "optim.eps=1e-1"]),
+    ("full", ["trainable.zo_layers=1", "optim.fo_lr=1e-2"]),
+])
+def test_each_scheme_trains_and_checkpoints_only_its_tensors(tmp_path, scheme, extra):
+    cfg = load_config(None, TINY + [f"trainable.scheme={scheme}", "train.steps=6", "train.save_every=6",
+                                    f"train.output_dir={tmp_path / 'run'}", "train.eval_at_start=false"] + extra)
+    setup = build(cfg)
+    before = {n: p.detach().clone() for n, p in setup.named.items()}
+    results = train(cfg, setup=setup)
+    assert "accuracy" in results["test"]
+    saved = weights(tmp_path / "run")
+    assert set(saved) == set(setup.named)
+    moved = [n for n, p in setup.named.items() if not torch.equal(p.detach(), before[n])]
+    assert moved, "no trainable tensor changed"
+    if scheme != "full":
+        total = sum(p.numel() for p in setup.model.parameters())
+        assert sum(t.numel() for t in saved.values()) < 0.5 * total
+
+
+def test_grad_accumulation_sums_micro_batch_losses_to_the_full_batch_loss():
+    cfg = load_config(None, TINY + ["train.batch_size=8"])
+    setup = build(cfg)
+    batch = setup.data.train[:8]
+    kind = setup.loaded.kind
+    with torch.no_grad():
+        whole = make_closure(setup.model, setup.loaded.tokenizer, batch, cfg, kind, "cpu")()
+        cfg.train.grad_accum = 4
+        parts = make_closure(setup.model, setup.loaded.tokenizer, batch, cfg, kind, "cpu")()
+    # equal when every continuation has the same number of tokens (one label word here)
+    assert float(parts) == pytest.approx(float(whole), rel=1e-5)
+
+
+def test_batch_order_is_a_pure_function_of_seed_and_step():
+    a, b = BatchOrder(10, 4, seed=3), BatchOrder(10, 4, seed=3)
+    seq = [a.indices(t) for t in range(5)]
+    assert [b.indices(t) for t in reversed(range(5))][::-1] == seq
+    flat = sum(seq, [])
+    assert sorted(flat[:10]) == list(range(10))  # the first epoch covers every example once
+    assert BatchOrder(10, 4, seed=4).indices(0) != seq[0] or BatchOrder(10, 4, seed=4).indices(1) != seq[1]
+    with pytest.raises(ValueError, match="training split is empty"):
+        BatchOrder(0, 4, 0)
+
+
+def test_atomic_save_survives_a_crash_during_the_swap(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt-last"
+    ckpt.save_checkpoint(path, {"w": torch.ones(3)}, {"x": 1}, {"step": 1})
+    real_replace = os.replace
+    calls = {"n": 0}
+
+    def crash_on_second(src, dst):
+        calls["n"] += 1
+        if calls["n"] == 2:  # after moving the old copy aside, before moving the new one in
+            raise OSError("killed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", crash_on_second)
+    with pytest.raises(OSError):
+        ckpt.save_checkpoint(path, {"w": torch.zeros(3)}, {"x": 2}, {"step": 2})
+    monkeypatch.setattr(ckpt.os, "replace", real_replace)
+    tensors, opt, meta = ckpt.load_checkpoint(path)
+    assert meta["step"] == 1 and torch.equal(tensors["w"], torch.ones(3)) and opt == {"x": 1}
+    # the next save cleans up and replaces it
+    ckpt.save_checkpoint(path, {"w": torch.zeros(3)}, None, {"step": 3})
+    assert ckpt.load_checkpoint(path)[2]["step"] == 3
+    assert not (tmp_path / "ckpt-last.prev").exists()
+
+
+def test_a_damaged_checkpoint_is_reported_by_name(tmp_path):
+    path = tmp_path / "ckpt-last"
+    ckpt.save_checkpoint(path, {"w": torch.ones(3)}, None, {"step": 1})
+    (path / "weights.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ckpt.CheckpointError, match="ckpt-last is damaged"):
+        ckpt.load_checkpoint(path)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("task.name=sst3", "Did you mean 'sst2'"),
+    ("optim.method=mezzo", "Did you mean 'mezo'"),
+    ("model.device=cuda", "cuda"),
+    ("task.train_file=/nonexistent/train.tsv", "/nonexistent/train.tsv"),
+    ("task.template=mezzo", "Did you mean 'mezo'"),
+    ("train.batch_size=0", "train.batch_size must be an integer >= 1"),
+    ("optim.lr", "section.field=value"),
+])
+def test_bad_input_exits_non_zero_with_a_specific_message(tmp_path, override, message):
+    if override == "model.device=cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    r = cli("train", *TINY, "train.steps=2", f"train.output_dir={tmp_path / 'run'}", override)
+    assert r.returncode != 0
+    assert message in r.stderr, r.stderr
+    assert r.stderr.startswith("zotune: error:")
+
+
+def test_malformed_data_file_names_file_line_and_field(tmp_path):
+    bad = tmp_path / "train.tsv"
+    bad.write_text("sentence\tlabel\ngood movie\t1\nbad movie\n")
+    r = cli("train", *TINY, "train.steps=2", f"task.train_file={bad}", f"train.output_dir={tmp_path / 'run'}")
+    assert r.returncode != 0
+    assert "train.tsv" in r.stderr and "line 3" in r.stderr, r.stderr
+
+
+def test_resume_with_another_config_is_refused_and_keeps_the_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    common = TINY + ["train.steps=2", "train.eval_at_start=false", f"train.output_dir={run}"]
+    assert cli("train", *common).returncode == 0
+    before = (run / "ckpt-last" / "weights.safetensors").read_bytes()
+    r = cli("train", *common, "optim.lr=1e-2")
+    assert r.returncode != 0 and "different config" in r.stderr
+    r = cli("train", *common, "train.resume=false")
+    assert r.returncode != 0 and "already holds a run" in r.stderr
+    assert (run / "ckpt-last" / "weights.safetensors").read_bytes() == before
+
+
+def test_eval_command_prints_zero_shot_metrics_as_json(tmp_path):
+    r = cli("eval", *TINY)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["task"] == "sst2" and out["n"] == 16 and 0.0 <= out["accuracy"] <= 1.0
