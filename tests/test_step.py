@@ -144,30 +144,45 @@ def test_fast_mezo_matches_the_papers_algorithm_1():
 
 def test_mezo_costs_two_forwards_and_three_parameter_passes_per_query():
     model = TinyMLP()
-    calls = {"forward": 0, "randn": 0}
+    calls = {"forward": 0, "chunks": 0}
     loss = mlp_loss(model)
 
     def counted():
         calls["forward"] += 1
         return loss()
 
-    opt = zotune.MeZO(model.named_parameters(), lr=1e-3, queries=3)
-    real_randn = torch.randn
+    # a chunk size smaller than l1.weight, so that a leaf spans several chunks
+    est = zotune.make_estimator("gaussian", queries=3, chunk_size=32)
+    opt = zotune.ZOOptimizer(model.named_parameters(), est, "sgd", lr=1e-3)
+    real = est.leaf_direction
 
-    def spy(*a, **k):
-        calls["randn"] += 1
-        return real_randn(*a, **k)
+    def spy(*args, **kwargs):
+        calls["chunks"] += 1
+        return real(*args, **kwargs)
 
-    torch.randn = spy
-    try:
-        opt.step(counted)
-    finally:
-        torch.randn = real_randn
-    n_leaves = len(list(model.parameters()))
+    est.leaf_direction = spy
+    opt.step(counted)
+    chunks_per_pass = sum(est.num_chunks(i) for i in range(len(opt.leaves)))
+    assert chunks_per_pass > len(opt.leaves)
     assert calls["forward"] == 6 == opt.forward_passes_per_step
     # per query: perturb, perturb, restore (the last restore fused into the update pass),
     # plus the update pass regenerating each query's direction once
-    assert calls["randn"] == n_leaves * (3 * 3 - 1 + 3)
+    assert calls["chunks"] == chunks_per_pass * (3 * 3 - 1 + 3)
+
+
+def test_directions_do_not_depend_on_how_they_are_consumed():
+    """Chunked regeneration gives the same direction whether drawn whole or chunk by chunk."""
+    est = zotune.make_estimator("gaussian", chunk_size=7)
+    p = torch.zeros(5, 6)
+    est.bind(["w"], [p], 0)
+    d = zotune.estimators.Direction(3, 0)
+    whole = est.full_direction(d, 0, p)
+    params = [p.clone()]
+    est.perturb_(params, d, 1.0)
+    assert torch.equal(params[0], whole)
+    from zotune.estimators.gaussian import draw_leaf
+
+    assert torch.equal(draw_leaf(0, 3, 0, 0, p, chunk_size=7), whole)
 
 
 def test_param_groups_have_their_own_lr_and_weight_decay_skips_vectors_by_default():

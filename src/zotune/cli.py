@@ -5,6 +5,8 @@
     zotune replay RUN_DIR [--out FILE]                   rebuild tuned weights from the step log
     zotune tasks                                         list tasks and their templates
     zotune validate RECIPE.yaml [...]                    check a config without loading a model
+    zotune bench GRID.yaml [--only a,b]                  run a grid of runs, one process each, resumable
+    zotune report RESULTS.jsonl [--out docs/x.md]        markdown tables from grid results
 
 Every error is one line on stderr naming what to fix, with a non-zero exit status.
 """
@@ -98,6 +100,31 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from zotune.bench.grid import load_grid, run_grid
+
+    grid = load_grid(args.grid)
+    only = args.only.split(",") if args.only else None
+    records = run_grid(grid, only=only, timeout=args.timeout)
+    failed = [r["run"] for r in records if r["status"] != "ok"]
+    print(json.dumps({"grid": grid.name, "results": str(grid.results), "ran": len(records), "failed": failed}))
+    return 1 if failed else 0
+
+
+def cmd_report(args) -> int:
+    from zotune.bench.report import report
+
+    text = report(args.results)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(out)
+    print(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zotune", description="Zeroth-order fine-tuning of language models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -119,6 +146,15 @@ def build_parser() -> argparse.ArgumentParser:
     rp.set_defaults(fn=cmd_replay)
     sub.add_parser("tasks", help="list tasks and templates").set_defaults(fn=cmd_tasks)
     with_config("validate", "check a config without loading a model", cmd_validate)
+    bp = sub.add_parser("bench", help="run a grid of training runs (one process each, resumable)")
+    bp.add_argument("grid", help="a grid YAML file")
+    bp.add_argument("--only", help="comma-separated run names")
+    bp.add_argument("--timeout", type=float, help="seconds per run")
+    bp.set_defaults(fn=cmd_bench)
+    rep = sub.add_parser("report", help="markdown tables from a grid's results JSONL")
+    rep.add_argument("results")
+    rep.add_argument("--out", help="also write the markdown here")
+    rep.set_defaults(fn=cmd_report)
     return p
 
 

@@ -12,12 +12,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from zotune.estimators.gaussian import draw
+from zotune.estimators.gaussian import draw_leaf
 
 
 def _perturb(params: Sequence[torch.Tensor], seed: int, step: int, scale: float) -> None:
     for i, p in enumerate(params):
-        z = draw(seed, step, 0, i, p)
+        z = draw_leaf(seed, step, 0, i, p)
         p.data = p.data + scale * z
 
 
@@ -43,7 +43,7 @@ def mezo_step(
     projected_grad = (loss_plus - loss_minus) / (2 * eps)
     _perturb(params, seed, step, eps)
     for i, p in enumerate(params):
-        z = draw(seed, step, 0, i, p)
+        z = draw_leaf(seed, step, 0, i, p)
         decay = weight_decay if p.dim() > 1 else 0.0
         p.data = p.data - lr * (projected_grad * z + decay * p.data)
     return projected_grad

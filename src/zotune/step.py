@@ -34,7 +34,7 @@ import torch
 
 from zotune._validate import check_int, check_positive
 from zotune.estimators import Direction, Estimator, LowRank, add_direction_, make_estimator
-from zotune.estimators.base import Dense
+from zotune.estimators.base import Dense, for_each_chunk
 from zotune.rules import DenseGrad, LowRankGrad, Transform, make_rule
 
 Closure = Callable[[], Any]
@@ -302,29 +302,41 @@ class ZOOptimizer(torch.optim.Optimizer):
         and write ``x <- (1 - lr wd)(x + restore_eps z_last) - lr u`` in as few writes as possible."""
         est, rule = self.estimator, self.rule
         last = dirs[-1]
+        items = []  # (leaf index, leaf, chunk, queries touching it, lr, shrink): independent units
         i = 0
         for group in self.param_groups:
             lr = group["lr"] * lr_mult
             wd = group["weight_decay"] if decay else 0.0
             for p in group["params"]:
                 touching = [(j, d) for j, d in enumerate(dirs) if est.touches(d, i)]
-                g, restore = None, None
-                scale = est.grad_scale(i) / max(1, len(touching))
-                for k, (j, d) in enumerate(touching):
-                    ld = est.leaf_direction(d, i, p)
-                    if d is last and restore_eps:
-                        restore = ld
-                    g = _accumulate(g, ld, coeffs[j] * scale, single=len(touching) == 1, est=est, i=i, p=p)
                 shrink = 1.0 - lr * wd if (wd and self._decays(p)) else 1.0
-                if shrink != 1.0:
-                    p.mul_(shrink)
-                if g is not None:
-                    state = self.state[p]
-                    if not state:
-                        state.update(rule.init(p))
-                    u = rule.update(g, state, p, self.updates)
-                    _write(p, u, restore, restore_eps * shrink, lr)
+                if touching and not self.state[p]:
+                    self.state[p].update(rule.init(p))
+                if touching or shrink != 1.0:
+                    items += [(i, p, k, touching, lr, shrink) for k in range(est.num_chunks(i))]
                 i += 1
+
+        def update_chunk(item) -> None:
+            i, p, k, touching, lr, shrink = item
+            target = est.target(p, i, k)
+            if shrink != 1.0:
+                target.mul_(shrink)
+            if not touching:
+                return
+            scale = est.grad_scale(i) / len(touching)
+            g, restore = None, None
+            for j, d in touching:
+                ld = est.leaf_direction(d, i, p, k, out=est.scratch(target.numel(), p))
+                if d is last and restore_eps:
+                    restore = ld
+                g = _accumulate(g, ld, coeffs[j] * scale, single=len(touching) == 1, est=est, i=i, p=p)
+            state = self.state[p]
+            chunk_state = _state_view(state, p, target)
+            u = rule.update(g, chunk_state, target, self.updates)
+            _merge_state(state, chunk_state, p)
+            _write(target, u, restore, restore_eps * shrink, lr)
+
+        for_each_chunk(update_chunk, items, self.leaves[0].device, est.parallel_chunks)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -380,6 +392,28 @@ def _accumulate(g, ld, coeff: float, *, single: bool, est: Estimator, i: int, p:
         return DenseGrad(ld.z, coeff) if single else DenseGrad(ld.z * coeff, 1.0)
     g.t.add_(ld.z, alpha=coeff)
     return g
+
+
+def _state_view(state: dict, p: torch.Tensor, target: torch.Tensor) -> dict:
+    """The rule state of one chunk: leaf-shaped buffers seen through the chunk's flat view."""
+    if target is p:
+        return dict(state)
+    start = target.storage_offset() - p.storage_offset()
+    view = {}
+    for key, value in state.items():
+        if torch.is_tensor(value) and value.shape == p.shape:
+            view[key] = value.view(-1)[start:start + target.numel()]
+        else:
+            view[key] = value
+    return view
+
+
+def _merge_state(state: dict, chunk_state: dict, p: torch.Tensor) -> None:
+    """Keep what a rule created or replaced (new buffers, counters); views write through."""
+    for key, value in chunk_state.items():
+        current = state.get(key)
+        if current is None or not torch.is_tensor(value) or (torch.is_tensor(current) and current.shape != p.shape):
+            state[key] = value
 
 
 def _write(p: torch.Tensor, u, restore, restore_alpha: float, lr: float) -> None:

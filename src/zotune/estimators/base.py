@@ -5,17 +5,28 @@ and how it is regenerated later. A step asks it for cheap handles (:class:`Direc
 integers), then for each leaf's direction one leaf at a time, so that at most one leaf-sized
 direction is alive at once and no full-model direction is ever stored.
 
-A leaf's direction is either :class:`Dense` (a tensor shaped like the leaf) or :class:`LowRank`
-(factors ``u`` (m x r) and ``v`` (n x r) with ``z = u @ v.T``; the product is never formed when
-the consumer can use ``addmm_``).
+A leaf's direction is either :class:`Dense` or :class:`LowRank` (factors ``u`` (m x r) and
+``v`` (n x r) with ``z = u @ v.T``; the product is never formed when the consumer can use
+``addmm_``). Dense directions are defined chunk by chunk: a leaf is split into flat ranges of
+``chunk_size`` elements, each with its own seed, so even the largest tensor (an embedding
+matrix) never needs a direction of its own size in memory, only one chunk at a time.
 """
 
 from __future__ import annotations
 
+import os
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
 import torch
+
+
+#: Elements per chunk of a dense direction (4 MiB in float32). Part of the direction's definition:
+#: a different chunk size draws different directions (so it is checked on resume).
+DEFAULT_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -28,7 +39,7 @@ class Direction:
 
 
 class Dense(NamedTuple):
-    """A dense leaf direction ``z`` (same shape as the leaf)."""
+    """A dense direction for one chunk of a leaf: ``z`` is flat, as long as the chunk."""
 
     z: torch.Tensor
 
@@ -69,29 +80,63 @@ class Estimator:
 
     kind = "two_point"
     name = "base"
+    #: Draw chunks on parallel CPU threads (worth it when drawing is a single-threaded kernel,
+    #: as Gaussian sampling is; Rademacher signs are cheap multithreaded ops already).
+    parallel_chunks = True
 
-    def __init__(self, queries: int = 1) -> None:
+    def __init__(self, queries: int = 1, chunk_size: int = DEFAULT_CHUNK) -> None:
         from zotune._validate import check_int
 
         self.queries = check_int("queries", queries)
+        self.chunk_size = check_int("chunk_size", chunk_size)
         self.run_seed = 0
         self.names: list[str] = []
         self.shapes: list[torch.Size] = []
+        self.ranges: list[list[tuple[int, int]]] = []
+        self._scratch: dict[tuple, torch.Tensor] = {}
 
     # -- binding -----------------------------------------------------------------------------
     def bind(self, names: Sequence[str], params: Sequence[torch.Tensor], run_seed: int) -> None:
-        """Remember the leaves' names and shapes and the run seed (called by the optimizer)."""
+        """Remember the leaves' names, shapes and chunks and the run seed (called by the optimizer)."""
+        for n, p in zip(names, params):
+            if not p.is_contiguous():
+                raise ValueError(f"parameter {n!r} is not contiguous; ZO updates write it in place by chunks")
         self.names = list(names)
         self.shapes = [p.shape for p in params]
+        self.ranges = [chunk_ranges(p.numel(), self.chunk_size) for p in params]
         self.run_seed = int(run_seed)
+        self._scratch.clear()
+
+    # -- chunks ------------------------------------------------------------------------------
+    def num_chunks(self, i: int) -> int:
+        """How many chunks leaf ``i``'s direction is drawn in."""
+        return len(self.ranges[i])
+
+    def target(self, p: torch.Tensor, i: int, k: int) -> torch.Tensor:
+        """The view of leaf ``p`` that chunk ``k``'s direction applies to (flat)."""
+        a, b = self.ranges[i][k]
+        return p.view(-1)[a:b]
+
+    def scratch(self, n: int, p: torch.Tensor) -> torch.Tensor:
+        """A reusable buffer of ``n`` elements for one chunk's direction (the step's only temp)."""
+        dtype = p.dtype if p.dtype.is_floating_point else torch.float32
+        key = (dtype, p.device)
+        key = key + (threading.get_ident(),)  # one buffer per worker thread
+        buf = self._scratch.get(key)
+        if buf is None or buf.numel() < n:
+            buf = self._scratch[key] = torch.empty(n, dtype=dtype, device=p.device)  # grows to the largest chunk
+        return buf[:n]
 
     # -- directions ----------------------------------------------------------------------------
     def directions(self, step: int) -> list[Direction]:
         """The query handles of ``step`` (``queries`` of them by default)."""
         return [Direction(step, j) for j in range(self.queries)]
 
-    def leaf_direction(self, d: Direction, i: int, p: torch.Tensor) -> LeafDirection | None:
-        """Regenerate leaf ``i``'s direction for handle ``d``; ``None`` if ``d`` leaves it alone."""
+    def leaf_direction(
+        self, d: Direction, i: int, p: torch.Tensor, k: int = 0, out: torch.Tensor | None = None
+    ) -> LeafDirection | None:
+        """Regenerate chunk ``k`` of leaf ``i``'s direction for handle ``d`` (into ``out`` when
+        given, a buffer of the chunk's length); ``None`` if ``d`` leaves the leaf alone."""
         raise NotImplementedError
 
     def touches(self, d: Direction, i: int) -> bool:
@@ -107,19 +152,31 @@ class Estimator:
 
     def perturb_(self, params: Sequence[torch.Tensor], d: Direction, alpha: float) -> int:
         """``x += alpha * z(d)`` leaf by leaf, in place. Returns the number of leaves written."""
-        written = 0
-        for i, p in enumerate(params):
-            if not self.touches(d, i):
-                continue
-            ld = self.leaf_direction(d, i, p)
-            if ld is not None:
-                add_direction_(p, ld, alpha)
-                written += 1
-        return written
+        items = [(i, p, k) for i, p in enumerate(params) if self.touches(d, i) for k in range(self.num_chunks(i))]
+
+        def one(item) -> int:
+            i, p, k = item
+            t = self.target(p, i, k)
+            ld = self.leaf_direction(d, i, p, k, out=self.scratch(t.numel(), p))
+            if ld is None:
+                return 0
+            add_direction_(t, ld, alpha)
+            return 1
+
+        return sum(for_each_chunk(one, items, params[0].device if params else None, self.parallel_chunks))
+
+    def full_direction(self, d: Direction, i: int, p: torch.Tensor) -> torch.Tensor | None:
+        """Leaf ``i``'s whole direction shaped like ``p`` (for tests and Forward-Grad)."""
+        parts = [self.leaf_direction(d, i, p, k) for k in range(self.num_chunks(i))]
+        if parts[0] is None:
+            return None
+        if isinstance(parts[0], LowRank):
+            return to_dense(parts[0])
+        return torch.cat([x.z for x in parts]).view(p.shape)
 
     def config(self) -> dict:
         """Hyperparameters that determine the directions (checked on resume)."""
-        return {"name": self.name, "queries": self.queries}
+        return {"name": self.name, "queries": self.queries, "chunk_size": self.chunk_size}
 
     def state_dict(self) -> dict:
         """Estimator state worth checkpointing (none for stateless ones)."""
@@ -133,7 +190,43 @@ class Estimator:
         return f"{type(self).__name__}({args})"
 
 
-def randn_like_leaf(p: torch.Tensor, g: torch.Generator, shape=None) -> torch.Tensor:
+def randn_like_leaf(p: torch.Tensor, g: torch.Generator, shape=None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Standard normal draws in the leaf's dtype and device (MeZO draws in the weight dtype)."""
+    if out is not None:
+        return out.normal_(generator=g)
     dtype = p.dtype if p.dtype.is_floating_point else torch.float32
     return torch.randn(p.shape if shape is None else shape, generator=g, dtype=dtype, device=p.device)
+
+
+def chunk_ranges(numel: int, chunk_size: int) -> list[tuple[int, int]]:
+    """Flat ``[start, end)`` ranges of at most ``chunk_size`` elements covering ``numel``."""
+    return [(a, min(a + chunk_size, numel)) for a in range(0, numel, chunk_size)] or [(0, 0)]
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def for_each_chunk(fn: Callable, items: Iterable, device: torch.device | None, parallel: bool = True) -> list:
+    """Run ``fn`` over independent chunks, in parallel threads on the CPU.
+
+    Drawing random numbers is single-threaded in PyTorch's CPU kernels, and every chunk has its
+    own generator, so chunks can be drawn side by side: on CPU this halves the cost of
+    regenerating directions on two cores. Each chunk's arithmetic is the same whatever thread
+    runs it, so results are bit-identical to a sequential run. Set ``ZOTUNE_THREADS=1`` to run
+    sequentially. On CUDA the kernels are asynchronous already: chunks run in order.
+    """
+    global _POOL
+    items = list(items)
+    workers = int(os.environ.get("ZOTUNE_THREADS", torch.get_num_threads()))
+    if not parallel or workers <= 1 or len(items) < 2 or (device is not None and device.type != "cpu"):
+        return [fn(x) for x in items]
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers != workers:
+            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="zotune")
+
+    def run(x):
+        with torch.no_grad():  # grad mode is per thread: the workers must not record in-place writes
+            return fn(x)
+
+    return list(_POOL.map(run, items))

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from zotune.estimators.base import Dense, Direction, Estimator
+from zotune.estimators.base import DEFAULT_CHUNK, Dense, Direction, Estimator
 from zotune.estimators.gaussian import draw
 
 _LAYER = re.compile(r"^(.*?\.\d+)\.")
@@ -38,8 +38,8 @@ class Blockwise(Estimator):
 
     name = "blockwise"
 
-    def __init__(self, block_key: Callable[[str], str] | None = None) -> None:
-        super().__init__(1)
+    def __init__(self, block_key: Callable[[str], str] | None = None, chunk_size: int = DEFAULT_CHUNK) -> None:
+        super().__init__(1, chunk_size)
         self.block_key = block_key or layer_block_key
         self.block_of: list[int] = []
         self.block_names: list[str] = []
@@ -60,10 +60,11 @@ class Blockwise(Estimator):
     def touches(self, d: Direction, i: int) -> bool:
         return self.block_of[i] == d.block
 
-    def leaf_direction(self, d: Direction, i: int, p: torch.Tensor):
+    def leaf_direction(self, d: Direction, i: int, p: torch.Tensor, k: int = 0, out=None):
         if not self.touches(d, i):
             return None
-        return Dense(draw(self.run_seed, d.step, d.query, i, p))
+        a, b = self.ranges[i][k]
+        return Dense(draw(self.run_seed, d.step, d.query, i, k, b - a, p, out=out))
 
     def config(self) -> dict:
-        return {"name": self.name, "blocks": len(self.block_names)}
+        return {"name": self.name, "blocks": len(self.block_names), "chunk_size": self.chunk_size}

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from zotune.estimators.base import Dense, Direction, Estimator
+from zotune.estimators.base import DEFAULT_CHUNK, Dense, Direction, Estimator
 from zotune.estimators.gaussian import draw
 
 
@@ -44,10 +44,10 @@ class ForwardGradient(Estimator):
     kind = "jvp"
     name = "forward"
 
-    def __init__(self, module: nn.Module, queries: int = 1) -> None:
+    def __init__(self, module: nn.Module, queries: int = 1, chunk_size: int = DEFAULT_CHUNK) -> None:
         if not isinstance(module, nn.Module):
             raise ValueError(f"module must be the torch.nn.Module being trained, got {type(module).__name__}")
-        super().__init__(queries)
+        super().__init__(queries, chunk_size)
         self.wrapper = _CallClosure(module)
         self.qualnames: list[str] = []
 
@@ -62,13 +62,14 @@ class ForwardGradient(Estimator):
             )
         self.qualnames = [by_id[id(p)] for p in params]
 
-    def leaf_direction(self, d: Direction, i: int, p: torch.Tensor) -> Dense:
-        return Dense(draw(self.run_seed, d.step, d.query, i, p))
+    def leaf_direction(self, d: Direction, i: int, p: torch.Tensor, k: int = 0, out=None) -> Dense:
+        a, b = self.ranges[i][k]
+        return Dense(draw(self.run_seed, d.step, d.query, i, k, b - a, p, out=out))
 
     def measure(self, closure, params: Sequence[torch.Tensor], d: Direction) -> tuple[float, float]:
         """One forward pass in forward-mode AD: returns ``(loss, grad L . z)``."""
         primals = tuple(p.detach() for p in params)
-        tangents = tuple(self.leaf_direction(d, i, p).z for i, p in enumerate(params))
+        tangents = tuple(self.full_direction(d, i, p) for i, p in enumerate(params))
 
         def loss_of(*weights):
             self.wrapper.closure = closure

@@ -16,7 +16,7 @@ import torch
 
 from zotune import rng
 from zotune._validate import check_int
-from zotune.estimators.base import Dense, Direction, Estimator, LowRank, randn_like_leaf
+from zotune.estimators.base import DEFAULT_CHUNK, Dense, Direction, Estimator, LowRank, randn_like_leaf
 from zotune.estimators.gaussian import draw
 
 
@@ -32,8 +32,8 @@ class LowRankEstimator(Estimator):
 
     name = "lowrank"
 
-    def __init__(self, rank: int = 2, interval: int = 50, queries: int = 1) -> None:
-        super().__init__(queries)
+    def __init__(self, rank: int = 2, interval: int = 50, queries: int = 1, chunk_size: int = DEFAULT_CHUNK) -> None:
+        super().__init__(queries, chunk_size)
         self.rank = check_int("rank", rank)
         self.interval = check_int("interval", interval)
         self._v_cache: dict[int, tuple[int, torch.Tensor]] = {}
@@ -44,6 +44,13 @@ class LowRankEstimator(Estimator):
 
     def is_matrix(self, i: int) -> bool:
         return len(self.shapes[i]) == 2
+
+    def num_chunks(self, i: int) -> int:
+        # a matrix's U V^T is applied whole with addmm_ (no temp): no need to chunk it
+        return 1 if self.is_matrix(i) else super().num_chunks(i)
+
+    def target(self, p: torch.Tensor, i: int, k: int) -> torch.Tensor:
+        return p if self.is_matrix(i) else super().target(p, i, k)
 
     def leaf_rank(self, i: int) -> int:
         m, n = self.shapes[i]
@@ -69,9 +76,10 @@ class LowRankEstimator(Estimator):
         g = rng.leaf_generator(self.run_seed, d.step, d.query, i, rng.STREAM_LOWRANK_U, p.device)
         return randn_like_leaf(p, g, (self.shapes[i][0], self.leaf_rank(i)))
 
-    def leaf_direction(self, d: Direction, i: int, p: torch.Tensor):
+    def leaf_direction(self, d: Direction, i: int, p: torch.Tensor, k: int = 0, out=None):
         if not self.is_matrix(i):
-            return Dense(draw(self.run_seed, d.step, d.query, i, p))
+            a, b = self.ranges[i][k]
+            return Dense(draw(self.run_seed, d.step, d.query, i, k, b - a, p, out=out))
         k = self.period(d.step)
         return LowRank(self.u(d, i, p), self.v(i, k, p), k)
 

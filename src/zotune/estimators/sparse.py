@@ -34,8 +34,9 @@ class Sparse(Estimator):
     def __init__(self, inner: Estimator, sparsity: float = 0.2) -> None:
         if not isinstance(inner, Estimator) or inner.kind != "two_point":
             raise ValueError(f"inner must be a two-point Estimator, got {inner!r}")
-        super().__init__(inner.queries)
+        super().__init__(inner.queries, inner.chunk_size)
         self.inner = inner
+        self.parallel_chunks = inner.parallel_chunks
         self.sparsity = check_range("sparsity", sparsity, 0.0, 1.0)
         self.keep: list[float] = []
 
@@ -48,26 +49,32 @@ class Sparse(Estimator):
     def directions(self, step: int) -> list[Direction]:
         return self.inner.directions(step)
 
+    def num_chunks(self, i: int) -> int:
+        return self.inner.num_chunks(i)
+
+    def target(self, p: torch.Tensor, i: int, k: int) -> torch.Tensor:
+        return self.inner.target(p, i, k)
+
     def touches(self, d: Direction, i: int) -> bool:
         return self.inner.touches(d, i)
 
     def grad_scale(self, i: int) -> float:
         return self.inner.grad_scale(i)
 
-    def mask(self, step: int, i: int, p: torch.Tensor) -> torch.Tensor:
-        """Leaf ``i``'s keep-mask at ``step`` (shared by the step's queries), in ``p``'s dtype."""
-        g = rng.leaf_generator(self.run_seed, step, 0, i, rng.STREAM_MASK, p.device)
+    def mask(self, step: int, i: int, k: int, shape, p: torch.Tensor) -> torch.Tensor:
+        """Chunk ``k`` of leaf ``i``'s keep-mask at ``step`` (shared by the step's queries)."""
+        g = rng.generator(rng.derive_seed(self.run_seed, rng.STREAM_MASK, step, i, k), p.device)
         dtype = p.dtype if p.dtype.is_floating_point else torch.float32
-        return torch.empty(p.shape, dtype=dtype, device=p.device).bernoulli_(self.keep[i], generator=g)
+        return torch.empty(shape, dtype=dtype, device=p.device).bernoulli_(self.keep[i], generator=g)
 
-    def leaf_direction(self, d: Direction, i: int, p: torch.Tensor):
-        inner = self.inner.leaf_direction(d, i, p)
-        if inner is None:
-            return None
-        if self.keep[i] >= 1.0:
+    def leaf_direction(self, d: Direction, i: int, p: torch.Tensor, k: int = 0, out=None):
+        inner = self.inner.leaf_direction(d, i, p, k, out=out)
+        if inner is None or self.keep[i] >= 1.0:
             return inner
-        z = to_dense(inner)
-        return Dense(z.mul_(self.mask(d.step, i, p)) if isinstance(inner, Dense) else z * self.mask(d.step, i, p))
+        if isinstance(inner, Dense):
+            return Dense(inner.z.mul_(self.mask(d.step, i, k, inner.z.shape, p)))
+        z = to_dense(inner)  # a masked low-rank direction is no longer low rank
+        return Dense(z.mul_(self.mask(d.step, i, k, z.shape, p)).view(-1))
 
     def config(self) -> dict:
         return {"name": self.name, "sparsity": self.sparsity, "inner": self.inner.config()}

@@ -50,7 +50,9 @@ def lowrank_momentum(beta: float = 0.9) -> Transform:
     beta = check_range("beta", beta, 0.0, 1.0)
 
     def init(p):
-        return {}  # allocated on first use: its shape (m x r or dense) depends on the estimate
+        # matrices get N (m x r) on first use; other leaves, which the low-rank estimator
+        # perturbs densely, an ordinary momentum buffer
+        return {} if p.dim() == 2 else {"momentum": torch.zeros_like(p)}
 
     def update(g, state, p, step):
         if isinstance(g, LowRankGrad):
@@ -67,7 +69,7 @@ def lowrank_momentum(beta: float = 0.9) -> Transform:
             return LowRankGrad(n_buf, g.v, 1.0, g.period, g.v_of)
         m = state.get("momentum")
         if m is None:
-            m = state["momentum"] = torch.zeros_like(p)
+            raise ValueError("lowrank_momentum got a dense estimate for a matrix: use it with the lowrank estimator")
         m.mul_(beta)
         _accumulate_(m, g, 1.0 - beta)
         return DenseGrad(m, 1.0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,6 +139,15 @@ def make_closure(model, tokenizer, examples, cfg: Config, kind: str, device):
 
 
 # ----------------------------------------------------------------------------- helpers
+def _rss_bytes() -> int | None:
+    """Current resident set size (Linux), None elsewhere."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return None
+
+
 def _write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str))
@@ -190,6 +200,7 @@ def train(cfg: Config, *, reduce=None, rank: int = 0, setup: Setup | None = None
     out = Path(t.output_dir)
     is_main = rank == 0
     setup = setup or build(cfg, reduce=reduce)
+    rss_after_load = _rss_bytes()
     model, opt, tok = setup.model, setup.optimizer, setup.loaded.tokenizer
     device = next(model.parameters()).device
     logger = RunLogger(out, tensorboard=t.tensorboard, enabled=is_main)
@@ -290,6 +301,11 @@ def train(cfg: Config, *, reduce=None, rank: int = 0, setup: Setup | None = None
         "mean_step_seconds": round(sum(step_times) / len(step_times), 4) if step_times else None,
         "forward_passes": getattr(opt, "forward_passes", None),
         "sizes": sizes,
+        # CPU memory: the process's peak resident set, and that peak minus what it held once
+        # the model was loaded (the cost of training itself); CUDA: the allocator's peak
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "rss_after_load_bytes": rss_after_load,
+        "cuda_peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         "task": cfg.task.name,
         "method": cfg.optim.method,
         "scheme": cfg.trainable.scheme,
