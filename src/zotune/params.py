@@ -1,0 +1,148 @@
+"""Which tensors train: all of them, or peft adapters (LoRA, prefix, prompt), and the ZO/FO split.
+
+The optimizers work on an ordered mapping ``name -> Parameter``; this module builds it.
+
+Example::
+
+    model, params = select_trainable(model, "lora", r=16)      # only the LoRA tensors
+    zo, fo = hybrid_split(model, params, zo_layers=4)          # ZO-Bench Table 7 hybrid
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+
+import torch
+
+from zotune._validate import unknown_choice
+from zotune.models import infer_kind
+
+SCHEMES = ("full", "lora", "prefix", "prompt")
+
+# peft defaults for each scheme; any peft config field can be overridden through **options.
+# LoRA's target modules come from peft's own per-architecture table (attention q and v
+# projections: q_proj/v_proj for LLaMA and OPT, c_attn for GPT-2, query/value for RoBERTa).
+# Dropout is 0 because a ZO step compares two forward passes that must differ only by the
+# perturbation.
+SCHEME_DEFAULTS: dict[str, dict] = {
+    "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
+    "prefix": {"num_virtual_tokens": 5},
+    "prompt": {"num_virtual_tokens": 10},
+}
+
+_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
+# Parameters outside the numbered layers that sit on the input side of the network.
+_INPUT_SIDE = re.compile(r"embed|(?:^|\.)(?:wte|wpe|project_in|prompt_encoder)(?:\.|$)")
+
+
+def layer_of(name: str) -> int | None:
+    """The transformer layer index in a parameter name, or None outside the layers.
+
+    Matches ``model.layers.3.``, ``model.decoder.layers.3.``, ``transformer.h.3.``,
+    ``roberta.encoder.layer.3.`` and the same names under peft's ``base_model.model.`` prefix.
+    """
+    match = _LAYER.search(name)
+    return int(match.group(1)) if match else None
+
+
+def unique_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Every parameter once, in registration order: a tied tensor (LM head = embeddings) appears
+    under its first name only, so a ZO step perturbs it once rather than twice."""
+    seen: set[tuple] = set()
+    named = {}
+    for name, p in model.named_parameters():  # already skips repeats of one Parameter object
+        key = (p.untyped_storage().data_ptr(), p.storage_offset(), tuple(p.shape), p.stride())
+        if p.numel() > 0 and key in seen:
+            continue  # a distinct Parameter viewing the same memory
+        seen.add(key)
+        named[name] = p
+    return named
+
+
+def select_trainable(
+    model: torch.nn.Module, scheme: str = "full", **options
+) -> tuple[torch.nn.Module, dict[str, torch.nn.Parameter]]:
+    """Choose what trains; returns (model to use from now on, ordered name -> trainable Parameter).
+
+    ``full``: every parameter, tied weights once. ``lora`` / ``prefix`` / ``prompt``: wraps the
+    model with peft (modifying it in place; use the returned wrapper) and returns only the adapter
+    tensors. ``options`` override ``SCHEME_DEFAULTS`` with any field of the peft config class
+    (``r``, ``lora_alpha``, ``target_modules``, ``num_virtual_tokens``, ...). Parameters outside
+    the mapping get ``requires_grad=False``.
+    """
+    if scheme not in SCHEMES:
+        raise ValueError(unknown_choice("scheme", str(scheme), SCHEMES))
+    if hasattr(model, "peft_config"):
+        raise ValueError("the model already has peft adapters; call select_trainable on the plain model")
+    if scheme == "full":
+        if options:
+            raise ValueError(f"scheme 'full' takes no options, got {sorted(options)}")
+        named = unique_parameters(model)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in named.values():
+            p.requires_grad_(True)
+        return model, named
+
+    from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
+
+    config_cls = {"lora": LoraConfig, "prefix": PrefixTuningConfig, "prompt": PromptTuningConfig}[scheme]
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    for key in options:
+        if key not in fields:
+            raise ValueError(unknown_choice(f"option for scheme '{scheme}'", key, fields))
+    kwargs = {**SCHEME_DEFAULTS[scheme], **options}
+    if "task_type" not in kwargs:
+        if infer_kind(model) == "causal":
+            kwargs["task_type"] = TaskType.CAUSAL_LM
+        elif scheme != "lora":
+            # peft has no masked-LM task; its feature-extraction wrapper prepends the virtual
+            # tokens and returns the base model's (MLM) outputs unchanged.
+            kwargs["task_type"] = TaskType.FEATURE_EXTRACTION
+    config = config_cls(**kwargs)
+    try:
+        wrapped = get_peft_model(model, config)
+    except ValueError as err:
+        raise ValueError(
+            f"peft could not apply scheme '{scheme}' to {type(model).__name__}: {err} "
+            "(for lora, pass target_modules=[...] naming the attention projections)"
+        ) from err
+    named = {n: p for n, p in wrapped.named_parameters() if p.requires_grad}
+    if not named:
+        raise ValueError(f"scheme '{scheme}' left no trainable tensors in {type(model).__name__}")
+    return wrapped, named
+
+
+def num_layers(model: torch.nn.Module) -> int:
+    """Number of transformer layers, from the layer indices in the parameter names."""
+    found = [layer_of(n) for n, _ in model.named_parameters()]
+    found = [i for i in found if i is not None]
+    return max(found) + 1 if found else 0
+
+
+def hybrid_split(
+    model: torch.nn.Module, named_params: Mapping[str, torch.nn.Parameter], zo_layers: int
+) -> tuple[dict[str, torch.nn.Parameter], dict[str, torch.nn.Parameter]]:
+    """Split trainable tensors into (ZO, FO) mappings: ZO-Bench's hybrid of Table 7.
+
+    The first ``zo_layers`` transformer layers and everything on the input side (embeddings,
+    peft's virtual-token encoder) are tuned by ZO; deeper layers, final norm and head by first
+    order, so backpropagation only runs through the top of the network. A head tied to the
+    embeddings is one tensor, named (and split) as the embeddings.
+    """
+    total = num_layers(model)
+    if isinstance(zo_layers, bool) or not isinstance(zo_layers, int):
+        raise ValueError(f"zo_layers must be an integer in [0, {total}], got {zo_layers!r}")
+    if not 0 <= zo_layers <= total:
+        raise ValueError(f"zo_layers={zo_layers} is outside [0, {total}]: the model has {total} transformer layers")
+    zo, fo = {}, {}
+    for name, p in named_params.items():
+        layer = layer_of(name)
+        if layer is None:
+            side = zo if _INPUT_SIDE.search(name) else fo
+        else:
+            side = zo if layer < zo_layers else fo
+        side[name] = p
+    return zo, fo

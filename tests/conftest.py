@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny random models (no downloads), and the ZOTUNE_SLOW switch for slow tests.
+
+The tiny_* fixtures are shared by every test of a module: do not change their weights or wrap
+them with adapters (``select_trainable`` modifies a model in place); build a fresh
+``zotune.models.tiny_model(arch)`` for that, it takes milliseconds.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from zotune.models import tiny_model
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("ZOTUNE_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow test: set ZOTUNE_SLOW=1 to run it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def tiny_opt():
+    return tiny_model("opt")
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2():
+    return tiny_model("gpt2")
+
+
+@pytest.fixture(scope="module")
+def tiny_roberta():
+    return tiny_model("roberta")

@@ -1,0 +1,172 @@
+import pytest
+import torch
+
+from zotune.lm import _newline_ids, encode_pairs, generate, pair_loss, score_choices, sum_logprobs
+from zotune.models import tiny_model
+
+PAIRS = [
+    ("The capital of France is", " Paris is great"),
+    ("It was ", "good"),  # trailing space moves onto the continuation
+    ("a b c d e f g h i j k l m n o p", " yes"),
+]
+
+
+def _expected_logprobs(model, ids: list[int], n_cont: int) -> torch.Tensor:
+    """log p of the last n_cont tokens of one unpadded row, read off the model's full logits."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0]
+    logp = torch.log_softmax(logits.float(), -1)
+    return torch.stack([logp[t - 1, ids[t]] for t in range(len(ids) - n_cont, len(ids))])
+
+
+def test_pair_loss_is_the_nll_of_the_continuation(tiny_llama):
+    tok, model = tiny_llama.tokenizer, tiny_llama.model
+    ctx, cont = PAIRS[0]
+    ids = tok(ctx)["input_ids"] + tok(cont, add_special_tokens=False)["input_ids"]
+    batch = encode_pairs(tok, [(ctx, cont)], max_length=64)
+    assert batch.input_ids[0].tolist() == ids
+    assert batch.cont_mask[0].sum() == 3 and batch.cont_mask[0, -3:].all()
+    expected = _expected_logprobs(model, ids, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(pair_loss(model, batch), -expected.mean())
+        ll = sum_logprobs(model, batch)
+    torch.testing.assert_close(ll.sum, expected.sum().reshape(1))
+    torch.testing.assert_close(ll.mean, expected.mean().reshape(1))
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_opt", "tiny_gpt2"])
+def test_padding_does_not_change_scores(fixture, request):
+    lm = request.getfixturevalue(fixture)
+    with torch.no_grad():
+        together = sum_logprobs(lm.model, encode_pairs(lm.tokenizer, PAIRS, 64))
+        alone = [sum_logprobs(lm.model, encode_pairs(lm.tokenizer, [p], 64)).sum for p in PAIRS]
+        loss = pair_loss(lm.model, encode_pairs(lm.tokenizer, PAIRS, 64))
+    torch.testing.assert_close(together.sum, torch.cat(alone))
+    n_tokens = (together.sum / together.mean).sum()
+    torch.testing.assert_close(loss, -together.sum.sum() / n_tokens)  # token-weighted mean
+
+
+def test_loss_has_gradients_only_when_the_caller_wants(tiny_gpt2):
+    batch = encode_pairs(tiny_gpt2.tokenizer, PAIRS, 64)
+    assert pair_loss(tiny_gpt2.model, batch).requires_grad
+    with torch.no_grad():
+        assert not pair_loss(tiny_gpt2.model, batch).requires_grad
+
+
+def test_long_context_is_cut_from_the_left(tiny_llama):
+    tok = tiny_llama.tokenizer
+    ctx, cont = "one two three four five six seven eight nine ten the end", " Paris is great"
+    batch = encode_pairs(tok, [(ctx, cont), ("short", " yes")], max_length=12)
+    row = batch.input_ids[0].tolist()
+    cont_ids = tok(cont, add_special_tokens=False)["input_ids"]
+    ctx_ids = tok(ctx, add_special_tokens=False)["input_ids"]
+    assert len(row) == 12 and row[0] == tok.bos_token_id  # BOS kept
+    assert row[-len(cont_ids) :] == cont_ids  # the continuation whole
+    assert row[1 : -len(cont_ids)] == ctx_ids[-(12 - 1 - len(cont_ids)) :]  # the context's tail
+    assert batch.lengths.tolist() == [12, int(batch.attention_mask[1].sum())]
+    assert encode_pairs(tok, [(ctx, cont)], max_length=4).input_ids[0].tolist() == [tok.bos_token_id, *cont_ids]
+    with pytest.raises(ValueError, match="max_length=3"):
+        encode_pairs(tok, [(ctx, cont)], max_length=3)
+
+
+def test_empty_context_without_bos_still_scores_the_first_token(tiny_gpt2):
+    batch = encode_pairs(tiny_gpt2.tokenizer, [("", " yes"), ("It", " was")], 16)
+    with torch.no_grad():
+        assert torch.isfinite(sum_logprobs(tiny_gpt2.model, batch).sum).all()
+
+
+def test_bad_pairs_are_named():
+    tok = tiny_model("llama").tokenizer
+    with pytest.raises(ValueError, match=r"pairs\[1\]"):
+        encode_pairs(tok, [("a", " b"), ("a", "")], 16)
+    with pytest.raises(ValueError, match=r"pairs\[0\] must be"):
+        encode_pairs(tok, ["just a string"], 16)
+    with pytest.raises(ValueError, match="Did you mean 'masked'"):
+        encode_pairs(tok, [("a", " b")], 16, kind="mask")
+
+
+def test_masked_lm_scores_the_label_word_at_the_mask(tiny_roberta):
+    tok, model = tiny_roberta.tokenizer, tiny_roberta.model
+    pairs = [("It was", " great"), ("The movie was a film that", " good")]
+    batch = encode_pairs(tok, pairs, 32, kind="masked")
+    ctx_ids = tok("It was", add_special_tokens=False)["input_ids"]
+    n = len(ctx_ids) + 3
+    assert batch.input_ids[0, :n].tolist() == [tok.bos_token_id, *ctx_ids, tok.mask_token_id, tok.eos_token_id]
+    great = tok.convert_tokens_to_ids("Ġgreat")
+    with torch.no_grad():
+        logits = model(batch.input_ids[:1, :n]).logits[0]
+        ll = sum_logprobs(model, batch)
+        expected = torch.log_softmax(logits[n - 2], -1)[great]
+        torch.testing.assert_close(ll.sum[0], expected)
+        torch.testing.assert_close(pair_loss(model, batch), -ll.sum.mean())
+    with pytest.raises(ValueError, match="single-token"):
+        encode_pairs(tok, [("It was", " wonderful")], 32, kind="masked")
+    with pytest.raises(ValueError, match="kind='masked'"):
+        pair_loss(tiny_model("llama").model, batch)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_roberta"])
+@pytest.mark.parametrize("normalize", ["sum", "mean"])
+def test_score_choices_picks_the_most_likely_choice(fixture, normalize, request):
+    lm = request.getfixturevalue(fixture)
+    if lm.kind == "causal":
+        words = [" great", " terrible movie", " good", " bad film and", " the"]
+    else:
+        words = [" great", " terrible", " good", " bad", " the"]
+    contexts = ["It was", "The film is", "I think that the movie was", "so"]
+    examples = [[(c, w) for w in words[i % 2 : i % 2 + 3]] for i, c in enumerate(contexts)]
+    preds = score_choices(lm.model, lm.tokenizer, examples, batch_size=2, max_length=32, normalize=normalize)
+    expected = []
+    with torch.no_grad():
+        for choices in examples:
+            ll = sum_logprobs(lm.model, encode_pairs(lm.tokenizer, choices, 32, kind=lm.kind))
+            expected.append(int(getattr(ll, normalize).argmax()))
+    assert preds == expected
+    with pytest.raises(ValueError, match="Did you mean 'mean'"):
+        score_choices(lm.model, lm.tokenizer, examples, normalize="meen")
+    with pytest.raises(ValueError, match=r"examples_choices\[1\]"):
+        score_choices(lm.model, lm.tokenizer, [examples[0], []])
+
+
+def test_generate_is_greedy_deterministic_and_batch_independent(tiny_opt):
+    tok, model = tiny_opt.tokenizer, tiny_opt.model
+    prompts = ["The capital of France is", "Hello", "a b c d e f"]
+    out = generate(model, tok, prompts, max_new_tokens=6, batch_size=2)
+    assert out == generate(model, tok, prompts, max_new_tokens=6, batch_size=3)
+    assert out == [generate(model, tok, [p], max_new_tokens=6)[0] for p in prompts]
+    # greedy: one new token is the argmax of the next-token distribution
+    ids = tok(prompts[0])["input_ids"]
+    with torch.no_grad():
+        best = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+    [first] = generate(model, tok, [prompts[0]], max_new_tokens=1)
+    assert first == tok.decode([best], skip_special_tokens=True).split("\n")[0].strip()
+    assert all("\n" not in text for text in out)
+
+
+def test_generate_stops_at_newline_and_runs_max_new_tokens():
+    lm = tiny_model("llama")
+    tok = lm.tokenizer
+    head = torch.nn.Linear(64, len(tok), bias=True)
+    torch.nn.init.zeros_(head.weight)
+    lm.model.lm_head = head  # a head that always says the same token
+    with torch.no_grad():
+        head.bias.zero_()[tok.convert_tokens_to_ids("Ġgreat")] = 1.0
+        assert generate(lm.model, tok, ["It was", "x"], max_new_tokens=3) == ["great great great"] * 2
+        newline = tok("\n", add_special_tokens=False)["input_ids"][0]
+        assert newline in _newline_ids(tok)
+        head.bias.zero_()[newline] = 1.0
+        assert generate(lm.model, tok, ["It was"], max_new_tokens=3) == [""]
+    with pytest.raises(ValueError, match="masked LM"):
+        generate(tiny_model("roberta").model, tok, ["x"])
+    with pytest.raises(ValueError, match="max_length=3"):
+        generate(lm.model, tok, ["x"], max_new_tokens=3, max_length=3)
+
+
+def test_generate_truncates_long_prompts_from_the_left(tiny_llama):
+    tok, model = tiny_llama.tokenizer, tiny_llama.model
+    long = "one two three four five six seven eight nine ten " * 3 + "The capital of France is"
+    kept = tok(long)["input_ids"]
+    tail = tok.decode(kept[len(kept) - 9 :], skip_special_tokens=True)  # 10 - BOS
+    assert generate(model, tok, [long], max_new_tokens=4, max_length=14) == generate(
+        model, tok, [tail], max_new_tokens=4
+    )

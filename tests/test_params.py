@@ -1,0 +1,137 @@
+import pytest
+import torch
+
+from zotune.lm import encode_pairs, pair_loss, sum_logprobs
+from zotune.models import tiny_model
+from zotune.params import hybrid_split, layer_of, num_layers, select_trainable, unique_parameters
+
+PAIRS = [("The capital of France is", " Paris is great"), ("It was", " good"), ("a b c d e f g h", " yes")]
+MASKED_PAIRS = [("The capital of France is a", " city"), ("It was", " good")]
+
+
+def test_full_counts_a_tied_head_once():
+    lm = tiny_model("llama")
+    model, named = select_trainable(lm.model, "full")
+    assert model is lm.model
+    assert "model.embed_tokens.weight" in named and "lm_head.weight" not in named
+    assert sum(p.numel() for p in named.values()) == lm.fingerprint["num_params"]
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_unique_parameters_catches_parameters_sharing_memory():
+    module = torch.nn.Module()
+    module.a = torch.nn.Parameter(torch.zeros(3, 4))
+    module.b = torch.nn.Parameter(module.a.data)  # another Parameter object, same storage
+    module.c = torch.nn.Parameter(module.a.data[1:])  # an overlapping view is a different tensor
+    assert list(unique_parameters(module)) == ["a", "c"]
+
+
+ADAPTER_CASES = [(a, s) for a in ("llama", "opt") for s in ("lora", "prefix", "prompt")]
+ADAPTER_CASES += [("gpt2", "lora"), ("roberta", "lora"), ("roberta", "prompt")]
+
+
+@pytest.mark.parametrize("arch, scheme", ADAPTER_CASES)
+def test_adapters_train_a_small_set_that_moves_the_loss(arch, scheme):
+    lm = tiny_model(arch)
+    total = lm.fingerprint["num_params"]
+    model, named = select_trainable(lm.model, scheme)
+    marker = "lora_" if scheme == "lora" else "prompt_encoder"
+    assert named and all(marker in name for name in named)
+    if scheme == "lora":  # peft's default targets: the attention query and value projections
+        assert all(any(t in n for t in ("q_proj", "v_proj", "c_attn", "query", "value")) for n in named)
+    assert sum(p.numel() for p in named.values()) < 0.05 * total
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(named)
+
+    pairs = PAIRS if lm.kind == "causal" else MASKED_PAIRS
+    batch = encode_pairs(lm.tokenizer, pairs, 48, kind=lm.kind)
+    with torch.no_grad():
+        before = pair_loss(model, batch)
+        # a padded batch scores each row as it scores alone (prefix and prompt change positions)
+        together = sum_logprobs(model, batch).sum
+        alone = torch.cat([sum_logprobs(model, encode_pairs(lm.tokenizer, [p], 48, kind=lm.kind)).sum for p in pairs])
+        torch.testing.assert_close(together, alone)
+        gen = torch.Generator().manual_seed(0)
+        name = list(named)[-1]
+        named[name].add_(torch.randn(named[name].shape, generator=gen))
+        after = pair_loss(model, batch)
+    assert torch.isfinite(before) and abs(float(after - before)) > 1e-4
+
+    loss = pair_loss(model, batch)  # first-order: gradients reach the adapters only
+    loss.backward()
+    assert all(p.grad is not None for p in named.values())
+    assert all(p.grad is None for n, p in model.named_parameters() if n not in named)
+
+
+def test_options_override_the_peft_defaults():
+    model, named = select_trainable(tiny_model("opt").model, "lora", r=4, target_modules=["k_proj"])
+    shapes = {n: tuple(p.shape) for n, p in named.items()}
+    assert all("k_proj" in n for n in named)
+    assert shapes["base_model.model.model.decoder.layers.0.self_attn.k_proj.lora_A.default.weight"] == (4, 64)
+    _, named = select_trainable(tiny_model("llama").model, "prompt", num_virtual_tokens=3)
+    assert [tuple(p.shape) for p in named.values()] == [(3, 64)]
+
+
+def test_scheme_and_option_errors():
+    model = tiny_model("llama").model
+    with pytest.raises(ValueError, match="Did you mean 'lora'"):
+        select_trainable(model, "lroa")
+    with pytest.raises(ValueError, match="Did you mean 'lora_alpha'"):
+        select_trainable(model, "lora", lora_alpah=32)
+    with pytest.raises(ValueError, match="takes no options"):
+        select_trainable(model, "full", r=8)
+    wrapped, _ = select_trainable(model, "lora")
+    with pytest.raises(ValueError, match="already has peft adapters"):
+        select_trainable(wrapped, "prompt")
+
+
+@pytest.mark.parametrize(
+    "name, layer",
+    [
+        ("model.layers.3.self_attn.q_proj.weight", 3),
+        ("model.decoder.layers.11.fc1.bias", 11),
+        ("transformer.h.0.attn.c_attn.weight", 0),
+        ("roberta.encoder.layer.7.output.dense.weight", 7),
+        ("base_model.model.model.layers.2.mlp.up_proj.lora_A.default.weight", 2),
+        ("model.embed_tokens.weight", None),
+        ("transformer.ln_f.weight", None),
+        ("prompt_encoder.default.embedding.weight", None),
+    ],
+)
+def test_layer_of(name, layer):
+    assert layer_of(name) == layer
+
+
+@pytest.mark.parametrize(
+    "arch, zo_only, fo_only",
+    [
+        ("llama", ["model.embed_tokens.weight"], ["model.norm.weight"]),
+        ("opt", ["model.decoder.embed_tokens.weight", "model.decoder.embed_positions.weight"],
+         ["model.decoder.final_layer_norm.weight"]),
+        ("gpt2", ["transformer.wte.weight", "transformer.wpe.weight"], ["transformer.ln_f.bias"]),
+        ("roberta", ["roberta.embeddings.word_embeddings.weight"], ["lm_head.dense.weight"]),
+    ],
+)  # fmt: skip
+def test_hybrid_split_partitions_by_depth(arch, zo_only, fo_only, request):
+    lm = request.getfixturevalue(f"tiny_{arch}")
+    named = unique_parameters(lm.model)  # the "full" set, without changing the shared fixture
+    assert num_layers(lm.model) == 2
+    for k in range(3):
+        zo, fo = hybrid_split(lm.model, named, k)
+        assert set(zo).isdisjoint(fo) and list(named) == [n for n in named if n in zo or n in fo]
+        assert all(name in zo for name in zo_only) and all(name in fo for name in fo_only)
+        assert {layer_of(n) for n in zo} - {None} == set(range(k))
+        assert {layer_of(n) for n in fo} - {None} == set(range(k, 2))
+    with pytest.raises(ValueError, match=r"zo_layers=3 is outside \[0, 2\].*2 transformer layers"):
+        hybrid_split(lm.model, named, 3)
+    with pytest.raises(ValueError, match="zo_layers=-1"):
+        hybrid_split(lm.model, named, -1)
+
+
+def test_hybrid_split_of_adapters():
+    model, named = select_trainable(tiny_model("llama").model, "prefix")
+    zo, fo = hybrid_split(model, named, 0)
+    assert list(zo) == ["prompt_encoder.default.embedding.weight"] and fo == {}
+    model, named = select_trainable(tiny_model("llama").model, "lora")
+    zo, fo = hybrid_split(model, named, 1)
+    assert len(zo) == len(fo) == 4
