@@ -72,6 +72,7 @@ class OptimConfig:
     sparsity: float = 0.0  # > 0: sparse perturbation masks (ZO-Bench Table 8)
     max_nonfinite: int = 3
     fo_lr: float | None = None  # hybrid: lr of the FO part (default: lr)
+    perturbation: str = "auto"  # inplace | swap | auto (swap for float16/bfloat16 weights)
 
 
 @dataclass
@@ -258,6 +259,8 @@ def validate(cfg: Config) -> list[str]:
         errors.append(f"optim.warmup_steps must be an integer >= 0, got {o.warmup_steps!r}")
     elif isinstance(t.steps, int) and o.warmup_steps > t.steps:
         errors.append(f"optim.warmup_steps ({o.warmup_steps}) exceeds train.steps ({t.steps})")
+    if o.perturbation not in ("auto", "inplace", "swap"):
+        errors.append("optim.perturbation: " + unknown_choice("perturbation", o.perturbation, ("auto", "inplace", "swap")))
     schemes = ("full", "lora", "prefix", "prompt")
     if tr.scheme not in schemes:
         errors.append("trainable.scheme: " + unknown_choice("scheme", tr.scheme, schemes))

@@ -39,9 +39,15 @@ def _estimator(o, default="gaussian", module=None):
 
 def _zo(estimator: str, rule: Callable, conservative=False):
     def build(o, named, module=None, reduce=None):
+        est = _estimator(o, estimator, module)
+        mode = o.perturbation
+        if mode == "auto":  # half-precision weights must not be written by the perturbation
+            half = any(p.dtype in (torch.float16, torch.bfloat16) for p in named.values())
+            mode = "swap" if half and module is not None and est.kind == "two_point" else "inplace"
         return ZOOptimizer(
-            list(named.items()), _estimator(o, estimator, module), rule(o), o.lr, o.eps, o.weight_decay, o.seed,
+            list(named.items()), est, rule(o), o.lr, o.eps, o.weight_decay, o.seed,
             conservative=conservative, max_nonfinite=o.max_nonfinite, reduce=reduce,
+            module=module, perturbation=mode,
         )
     return build
 

@@ -32,8 +32,10 @@ from typing import Any
 
 import torch
 
-from zotune._validate import check_int, check_positive
-from zotune.estimators import Direction, Estimator, LowRank, add_direction_, make_estimator
+from zotune._validate import check_int, check_positive, unknown_choice
+from zotune.perturb import HALF, MODES, SwapPerturbation, stochastic_round_
+from zotune.rng import STREAM_ROUNDING, derive_seed, generator
+from zotune.estimators import Direction, Estimator, LowRank, add_direction_, make_estimator, to_dense
 from zotune.estimators.base import Dense, for_each_chunk
 from zotune.rules import DenseGrad, LowRankGrad, Transform, make_rule
 
@@ -99,6 +101,13 @@ class ZOOptimizer(torch.optim.Optimizer):
         max_nonfinite: raise :class:`NonFiniteLossError` after this many skipped steps in a row.
         reduce: maps the tensor of the step's projected-gradient scalars to their mean over
             data-parallel workers (default: identity).
+        module: the ``nn.Module`` that owns the tensors (needed by ``perturbation="swap"``).
+        perturbation: ``"inplace"`` writes ``x +- eps z`` into the weights (MeZO); ``"swap"``
+            leaves them untouched and hands each module its perturbed weights only while it
+            runs (exact in half precision; see :mod:`zotune.perturb`).
+        stochastic_rounding: round updates to float16 / bfloat16 weights stochastically
+            (default: on for half-precision tensors), so updates below their resolution are
+            kept in expectation instead of being rounded away.
 
     The closure takes no arguments, runs the model and returns the scalar loss; the optimizer
     calls it under ``torch.no_grad()`` (forward-mode AD for the ``forward`` estimator).
@@ -118,6 +127,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         decay_1d: bool = False,
         max_nonfinite: int = 3,
         reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        module: torch.nn.Module | None = None,
+        perturbation: str = "inplace",
+        stochastic_rounding: bool | None = None,
     ) -> None:
         lr = check_positive("lr", lr, allow_zero=True)
         self.eps = check_positive("eps", eps)
@@ -151,6 +163,13 @@ class ZOOptimizer(torch.optim.Optimizer):
         if len(self.names) != len(self.leaves):
             raise ValueError("add_param_group is not supported after construction: pass all groups at once")
         self.estimator.bind(self.names, self.leaves, self.seed)
+        if perturbation not in MODES:
+            raise ValueError(unknown_choice("perturbation", perturbation, MODES))
+        if perturbation == "swap" and self.estimator.kind != "two_point":
+            raise ValueError("perturbation='swap' applies to two-point estimators only")
+        self.perturbation = perturbation
+        self.swap = SwapPerturbation(module, self.leaves, self.names) if perturbation == "swap" else None
+        self.stochastic_rounding = stochastic_rounding
         self.steps_taken = 0  # steps attempted (drives the seeds); skipped ones included
         self.updates = 0  # steps applied (drives bias correction)
         self.nonfinite_in_row = 0
@@ -208,6 +227,16 @@ class ZOOptimizer(torch.optim.Optimizer):
                     losses.append(loss)
                     coeffs.append(c)
             fuse = False
+        elif self.swap is not None:
+            coeffs = []
+            for d in dirs:
+                with self.swap.active(est, d, eps):
+                    lp = self._loss(closure) if live else 0.0
+                with self.swap.active(est, d, -eps):
+                    lm = self._loss(closure) if live else 0.0
+                losses += [lp, lm]
+                coeffs.append((lp - lm) / (2.0 * eps))
+            fuse = False
         else:
             coeffs = []
             for j, d in enumerate(dirs):
@@ -238,7 +267,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         }
         self.steps_taken += 1
         if skipped:
-            if fuse:
+            if fuse and est.kind == "two_point":
                 est.perturb_(leaves, dirs[-1], eps)
             self.last_record = rec
             return self._skip(loss) if live else torch.tensor(loss)
@@ -287,6 +316,11 @@ class ZOOptimizer(torch.optim.Optimizer):
             self._decay_only()
         return choice, f[choice]
 
+    def _round_stochastically(self, p: torch.Tensor) -> bool:
+        if self.stochastic_rounding is None:
+            return p.dtype in HALF
+        return self.stochastic_rounding and p.dtype in HALF
+
     def _decays(self, p: torch.Tensor) -> bool:
         return self.decay_1d or p.dim() > 1
 
@@ -319,22 +353,27 @@ class ZOOptimizer(torch.optim.Optimizer):
         def update_chunk(item) -> None:
             i, p, k, touching, lr, shrink = item
             target = est.target(p, i, k)
+            # half precision: compute in float32, then round stochastically (seeded, so exact on resume)
+            rounding = self._round_stochastically(p)
+            work = target.float() if rounding else target
             if shrink != 1.0:
-                target.mul_(shrink)
-            if not touching:
-                return
-            scale = est.grad_scale(i) / len(touching)
-            g, restore = None, None
-            for j, d in touching:
-                ld = est.leaf_direction(d, i, p, k, out=est.scratch(target.numel(), p))
-                if d is last and restore_eps:
-                    restore = ld
-                g = _accumulate(g, ld, coeffs[j] * scale, single=len(touching) == 1, est=est, i=i, p=p)
-            state = self.state[p]
-            chunk_state = _state_view(state, p, target)
-            u = rule.update(g, chunk_state, target, self.updates)
-            _merge_state(state, chunk_state, p)
-            _write(target, u, restore, restore_eps * shrink, lr)
+                work.mul_(shrink)
+            if touching:
+                scale = est.grad_scale(i) / len(touching)
+                g, restore = None, None
+                for j, d in touching:
+                    ld = est.leaf_direction(d, i, p, k, out=est.scratch(target.numel(), p))
+                    if d is last and restore_eps:
+                        restore = ld
+                    g = _accumulate(g, ld, coeffs[j] * scale, single=len(touching) == 1, est=est, i=i, p=p)
+                state = self.state[p]
+                chunk_state = _state_view(state, p, target)
+                u = rule.update(g, chunk_state, target, self.updates)
+                _merge_state(state, chunk_state, p)
+                _write(work, u, restore, restore_eps * shrink, lr)
+            if rounding:
+                seed = derive_seed(self.seed, STREAM_ROUNDING, self.steps_taken, i, k)
+                stochastic_round_(target, work, generator(seed, p.device))
 
         for_each_chunk(update_chunk, items, self.leaves[0].device, est.parallel_chunks)
 
@@ -423,8 +462,16 @@ def _write(p: torch.Tensor, u, restore, restore_alpha: float, lr: float) -> None
             p.add_(u.t, alpha=restore_alpha - lr * u.scale)
             return
         if restore is not None:
-            add_direction_(p, restore, restore_alpha)
+            if isinstance(restore, LowRank) and restore.u.dtype != p.dtype:
+                p.add_(to_dense(restore).to(p.dtype), alpha=restore_alpha)
+            else:
+                add_direction_(p, restore, restore_alpha)
         p.add_(u.t, alpha=-lr * u.scale)
+        return
+    if u.a.dtype != p.dtype:  # a float32 work copy of a half-precision matrix
+        if restore is not None:
+            p.add_(to_dense(restore).to(p.dtype), alpha=restore_alpha)
+        p.add_((u.a @ u.v.T).to(p.dtype), alpha=-lr * u.scale)
         return
     if isinstance(restore, LowRank) and restore.v is u.v:
         if restore.u is u.a:

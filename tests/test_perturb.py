@@ -1,0 +1,102 @@
+"""Just-in-time ("swap") perturbation and stochastic rounding for half-precision weights."""
+
+import pytest
+import torch
+
+import zotune
+from zotune.perturb import stochastic_round_
+
+
+def mlp(dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 1)).to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model
+
+
+X = torch.randn(32, 6, generator=torch.Generator().manual_seed(1))
+Y = torch.randn(32, 1, generator=torch.Generator().manual_seed(2))
+
+
+def loss_of(model):
+    return lambda: ((model(X.to(model[0].weight.dtype)).float() - Y) ** 2).mean()
+
+
+def test_swap_evaluates_the_same_losses_without_writing_the_weights():
+    a, b = mlp(torch.float64), mlp(torch.float64)  # float64: only rounding order differs
+    inplace = zotune.MeZO(a.named_parameters(), lr=1e-2, eps=1e-3)
+    swap = zotune.MeZO(b.named_parameters(), lr=1e-2, eps=1e-3, module=b, perturbation="swap")
+    seen = []
+    # a forward hook registered first runs before zotune's: it sees the weights the layer used
+    b[0].register_forward_hook(lambda m, args, out: seen.append(m.weight.detach().clone()))
+    before = b[0].weight.detach().clone()
+    swap.step(loss_of(b))
+    inplace.step(loss_of(a))
+    # inside the closure the module saw x + eps z and x - eps z; the Parameter itself was restored
+    z = swap.estimator.full_direction(zotune.estimators.Direction(0, 0), 0, b[0].weight)
+    assert torch.allclose(seen[0], before + 1e-3 * z, atol=1e-12)
+    assert torch.allclose(seen[1], before - 1e-3 * z, atol=1e-12)
+    c = swap.last_record["coeffs"][0]
+    assert torch.allclose(b[0].weight, before - 1e-2 * c * z, atol=1e-12)  # only the update
+    for _ in range(9):
+        swap.step(loss_of(b))
+        inplace.step(loss_of(a))
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p, q, rtol=0, atol=1e-10)
+
+
+def test_swap_keeps_bfloat16_weights_exact_where_inplace_drifts():
+    drift = {}
+    for mode in ("inplace", "swap"):
+        model = mlp(torch.bfloat16)
+        before = [p.detach().clone() for p in model.parameters()]
+        opt = zotune.MeZO(model.named_parameters(), lr=0.0, eps=1e-2, module=model, perturbation=mode)
+        for _ in range(20):
+            opt.step(loss_of(model))
+        drift[mode] = max((p.float() - q.float()).abs().max().item() for p, q in zip(model.parameters(), before))
+    assert drift["swap"] == 0.0
+    assert drift["inplace"] > 0.0  # +eps, -2eps, +eps does not come back in bfloat16
+
+
+def test_stochastic_rounding_keeps_updates_below_the_resolution_in_expectation():
+    w = torch.ones(4096, dtype=torch.bfloat16)
+    value = torch.full((4096,), 1.0 - 1e-3)  # bfloat16 spacing below 1.0 is 2**-8 ~ 3.9e-3
+    assert torch.equal(value.to(torch.bfloat16), w)  # round to nearest loses the update
+    stochastic_round_(w, value, torch.Generator().manual_seed(0))
+    assert set(w.float().unique().tolist()) == {1.0, 1.0 - 2**-8}
+    assert w.float().mean().item() == pytest.approx(1.0 - 1e-3, abs=2e-4)
+    exact = torch.tensor([0.5, -2.0, 0.0])
+    out = torch.empty(3, dtype=torch.float16)
+    assert torch.equal(stochastic_round_(out, exact, torch.Generator()), exact.half())
+
+
+def test_bfloat16_mezo_with_swap_and_stochastic_rounding_trains():
+    model = mlp(torch.bfloat16)
+    opt = zotune.MeZO(model.named_parameters(), lr=2e-3, eps=1e-2, module=model, perturbation="swap")
+    loss = loss_of(model)
+    start = float(loss())
+    for _ in range(150):
+        opt.step(loss)
+    assert float(loss()) < 0.8 * start
+
+
+def test_swap_replay_is_exact_and_errors_are_clear():
+    trained, rebuilt = mlp(), mlp()
+    opt = zotune.LOZO(trained.named_parameters(), lr=1e-2, module=trained, perturbation="swap", rank=2)
+    records = []
+    for _ in range(5):
+        opt.step(loss_of(trained))
+        records.append(opt.last_record)
+    opt2 = zotune.LOZO(rebuilt.named_parameters(), lr=1e-2, module=rebuilt, perturbation="swap", rank=2)
+    for r in records:
+        opt2.replay(r)
+    for p, q in zip(trained.parameters(), rebuilt.parameters()):
+        assert torch.equal(p, q)
+    with pytest.raises(ValueError, match="needs the nn.Module"):
+        zotune.MeZO(mlp().named_parameters(), perturbation="swap")
+    with pytest.raises(ValueError, match="not parameters of the module"):
+        zotune.MeZO(mlp().named_parameters(), perturbation="swap", module=mlp())
+    with pytest.raises(ValueError, match="Did you mean 'swap'"):
+        zotune.MeZO(mlp().named_parameters(), perturbation="swp")
