@@ -193,15 +193,26 @@ def _evaluate(setup: Setup, examples) -> dict:
 
 
 # ----------------------------------------------------------------------------- the run
-def train(cfg: Config, *, reduce=None, rank: int = 0, setup: Setup | None = None) -> dict:
-    """Run ``cfg`` to the end (or resume it) and return the results dict."""
+def train(cfg: Config, *, reduce=None, rank: int = 0, world_size: int = 1, setup: Setup | None = None,
+          train_model=None) -> dict:
+    """Run ``cfg`` to the end (or resume it) and return the results dict.
+
+    Data parallel (see :mod:`zotune.distributed`): every rank builds the same model and
+    optimizer, takes its slice ``indices[rank::world_size]`` of each global batch, and ``reduce``
+    averages the projected-gradient scalars, so all ranks apply the same update; rank 0 alone
+    evaluates, logs and saves. ``train_model`` is the module the closure runs (a DDP wrapper
+    for first-order methods); by default the model itself.
+    """
     setup_console_logging()
     t = cfg.train
     out = Path(t.output_dir)
     is_main = rank == 0
+    if t.batch_size % world_size:
+        raise ValueError(f"train.batch_size ({t.batch_size}) must be divisible by the number of ranks ({world_size})")
     setup = setup or build(cfg, reduce=reduce)
     rss_after_load = _rss_bytes()
     model, opt, tok = setup.model, setup.optimizer, setup.loaded.tokenizer
+    forward_model = train_model if train_model is not None else model
     device = next(model.parameters()).device
     logger = RunLogger(out, tensorboard=t.tensorboard, enabled=is_main)
     trainable = setup.named
@@ -232,7 +243,7 @@ def train(cfg: Config, *, reduce=None, rank: int = 0, setup: Setup | None = None
              cfg.task.name, setup.data.template, sizes, cfg.optim.method, cfg.trainable.scheme,
              len(trainable), sum(p.numel() for p in trainable.values()) / 1e6)
 
-    if start == 0 and t.eval_at_start and setup.data.test:
+    if start == 0 and t.eval_at_start and setup.data.test and is_main:
         t0 = time.time()
         zs = _evaluate(setup, setup.data.test)
         results["zero_shot"] = zs
@@ -254,8 +265,8 @@ def train(cfg: Config, *, reduce=None, rank: int = 0, setup: Setup | None = None
         m = mult(step)
         for g, base in zip(_all_groups(opt), base_lrs):
             g["lr"] = base * m
-        batch = [train_examples[i] for i in order.indices(step)]
-        closure = make_closure(model, tok, batch, cfg, setup.loaded.kind, device)
+        batch = [train_examples[i] for i in order.indices(step)[rank::world_size]]
+        closure = make_closure(forward_model, tok, batch, cfg, setup.loaded.kind, device)
         t0 = time.perf_counter()
         loss = float(opt.step(closure))
         step_times.append(time.perf_counter() - t0)
@@ -271,7 +282,7 @@ def train(cfg: Config, *, reduce=None, rank: int = 0, setup: Setup | None = None
             progress.set_postfix(loss=f"{loss:.4f}", fwd=getattr(opt, "forward_passes", "-"),
                                  s_step=f"{step_times[-1]:.2f}")
             progress.update(1)
-        if t.eval_every and done % t.eval_every == 0 and setup.data.dev:
+        if t.eval_every and done % t.eval_every == 0 and setup.data.dev and is_main:
             dev = _evaluate(setup, setup.data.dev)
             key, value = headline(dev)
             logger.metrics(done, phase="dev", **{f"dev/{k}": v for k, v in dev.items()})
@@ -291,7 +302,7 @@ def train(cfg: Config, *, reduce=None, rank: int = 0, setup: Setup | None = None
             for name, p in trainable.items():
                 p.copy_(tensors[name])
         log.info("testing the best dev checkpoint (step %d)", best["step"])
-    final = _evaluate(setup, setup.data.test) if setup.data.test else {}
+    final = _evaluate(setup, setup.data.test) if setup.data.test and is_main else {}
     results.update({
         "test": final,
         "tested_step": best["step"] or t.steps,
