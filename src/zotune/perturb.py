@@ -65,7 +65,7 @@ class SwapPerturbation:
                 perturbed = p.detach().clone()
                 for k in range(est.num_chunks(i)):
                     t = est.target(perturbed, i, k)
-                    ld = est.leaf_direction(d, i, p, k, out=est.scratch(t.numel(), p))
+                    ld = est.leaf_direction(d, i, p, k, out=est.out_buffer(t, i, p))
                     if ld is not None:
                         add_direction_(t, ld, alpha)
                 swapped.append((p, p.data))

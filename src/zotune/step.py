@@ -9,13 +9,15 @@ seeds::
         x += eps z_j        (restore; for the last query fused into the update pass below)
         c_j = (L+ - L-) / (2 eps)
     c = reduce(c)                               # data parallel: all-reduce q scalars
-    for each leaf x_l (one leaf's direction alive at a time):
+    for each leaf x_l, chunk by chunk (one chunk's direction alive at a time):
         g_l = (1 / q_l) sum_j c_j s_l z_jl      # s_l = 1, or 1/r for LOZO matrices
         u_l = rule(g_l)
         x_l <- x_l - lr (u_l + wd x_l)
 
-Per query this makes three passes over the parameters (perturb, perturb, restore+update), and
-plain ZO-SGD keeps no buffer larger than one leaf. A closure that returns a non-finite loss
+Passes over the parameters: per query, perturb, perturb and restore, the last restore fused
+into the update pass, which regenerates every query's direction: ``4q - 1`` passes, 3 for MeZO's
+``q = 1``. Directions are drawn in chunks (4 MiB by default), so plain ZO-SGD keeps no buffer
+larger than one chunk per thread, whatever the size of the largest tensor. A closure that returns a non-finite loss
 leaves the weights as they were: the step is skipped and counted, and after
 ``max_nonfinite`` skipped steps in a row :class:`NonFiniteLossError` is raised.
 
@@ -362,7 +364,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                 scale = est.grad_scale(i) / len(touching)
                 g, restore = None, None
                 for j, d in touching:
-                    ld = est.leaf_direction(d, i, p, k, out=est.scratch(target.numel(), p))
+                    ld = est.leaf_direction(d, i, p, k, out=est.out_buffer(target, i, p))
                     if d is last and restore_eps:
                         restore = ld
                     g = _accumulate(g, ld, coeffs[j] * scale, single=len(touching) == 1, est=est, i=i, p=p)

@@ -112,6 +112,14 @@ class Estimator:
         """How many chunks leaf ``i``'s direction is drawn in."""
         return len(self.ranges[i])
 
+    def factored(self, i: int) -> bool:
+        """Whether leaf ``i``'s direction comes as low-rank factors (no dense buffer needed)."""
+        return False
+
+    def out_buffer(self, t: torch.Tensor, i: int, p: torch.Tensor) -> torch.Tensor | None:
+        """The scratch buffer chunk ``t`` of leaf ``i`` is drawn into (None for factored leaves)."""
+        return None if self.factored(i) else self.scratch(t.numel(), p)
+
     def target(self, p: torch.Tensor, i: int, k: int) -> torch.Tensor:
         """The view of leaf ``p`` that chunk ``k``'s direction applies to (flat)."""
         a, b = self.ranges[i][k]
@@ -157,7 +165,7 @@ class Estimator:
         def one(item) -> int:
             i, p, k = item
             t = self.target(p, i, k)
-            ld = self.leaf_direction(d, i, p, k, out=self.scratch(t.numel(), p))
+            ld = self.leaf_direction(d, i, p, k, out=self.out_buffer(t, i, p))
             if ld is None:
                 return 0
             add_direction_(t, ld, alpha)

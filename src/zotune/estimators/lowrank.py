@@ -45,6 +45,9 @@ class LowRankEstimator(Estimator):
     def is_matrix(self, i: int) -> bool:
         return len(self.shapes[i]) == 2
 
+    def factored(self, i: int) -> bool:
+        return self.is_matrix(i)
+
     def num_chunks(self, i: int) -> int:
         # a matrix's U V^T is applied whole with addmm_ (no temp): no need to chunk it
         return 1 if self.is_matrix(i) else super().num_chunks(i)

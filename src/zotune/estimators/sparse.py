@@ -55,6 +55,9 @@ class Sparse(Estimator):
     def target(self, p: torch.Tensor, i: int, k: int) -> torch.Tensor:
         return self.inner.target(p, i, k)
 
+    def factored(self, i: int) -> bool:
+        return self.inner.factored(i)
+
     def touches(self, d: Direction, i: int) -> bool:
         return self.inner.touches(d, i)
 

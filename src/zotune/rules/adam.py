@@ -25,18 +25,18 @@ def adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, bias_correction:
 
     def update(g, state, p, step):
         m, v = state["exp_avg"], state["exp_avg_sq"]
-        gd = g.dense()                                   # temp 1: g
-        m.mul_(b1).add_(gd, alpha=1.0 - b1)
-        v_new = gd.mul_(gd).mul_(1.0 - b2).add_(v, alpha=b2)   # temp 1 now holds v_t
         bc1 = 1.0 - b1**step if bias_correction else 1.0
         bc2_t = 1.0 - b2**step if bias_correction else 1.0
         bc2_prev = 1.0 - b2 ** (step - 1) if bias_correction and step > 1 else 1.0
-        if step > 1:
-            denom = torch.maximum(v_new / bc2_t, v / bc2_prev)  # temp 2
-        else:
-            denom = v_new / bc2_t
-        v.copy_(v_new)
-        del v_new, gd
+        gd = g.dense()  # temp 1: g
+        m.mul_(b1).add_(gd, alpha=1.0 - b1)
+        gd.mul_(gd).mul_(1.0 - b2).add_(v, alpha=b2)  # temp 1 now holds v_t
+        v_prev_hat = v.mul(1.0 / bc2_prev) if step > 1 else None  # temp 2: v_{t-1} bias-corrected
+        v.copy_(gd)
+        denom = gd.mul_(1.0 / bc2_t)
+        if v_prev_hat is not None:
+            torch.maximum(denom, v_prev_hat, out=denom)
+            del v_prev_hat
         denom.sqrt_().add_(eps)
         return DenseGrad(torch.div(m, denom, out=denom), 1.0 / bc1)
 

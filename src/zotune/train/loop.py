@@ -80,6 +80,9 @@ def build(cfg: Config, loaded=None, data=None, reduce=None) -> Setup:
             loaded.model.to(device=resolve_device(m.device), dtype=resolve_dtype(m.dtype))
         else:
             loaded = load_model(m.name, dtype=m.dtype, device=m.device, gguf_file=m.gguf_file)
+    if cfg.optim.method == "forward-grad" and hasattr(loaded.model, "set_attn_implementation"):
+        # torch's fused CPU attention kernels have no forward-mode AD rule
+        loaded.model.set_attn_implementation("eager")
     model, named = select_trainable(loaded.model, cfg.trainable.scheme, **scheme_options(cfg))
     o = cfg.optim
     if cfg.trainable.zo_layers is not None:
