@@ -170,3 +170,27 @@ def test_generate_truncates_long_prompts_from_the_left(tiny_llama):
     assert generate(model, tok, [long], max_new_tokens=4, max_length=14) == generate(
         model, tok, [tail], max_new_tokens=4
     )
+
+
+def test_choice_batches_score_like_separate_pairs_and_train_as_classification(tiny_llama):
+    import torch.nn.functional as F
+
+    from zotune.lm import choice_loss, choice_scores, encode_choices, encode_pairs, sum_logprobs
+
+    model, tok = tiny_llama.model, tiny_llama.tokenizer
+    shared = [[("the movie was", " great"), ("the movie was", " terrible")],
+              [("a bad film it was", " great"), ("a bad film it was", " terrible")]]
+    differing = [[("the cause was", " rain"), ("the effect was", " sun")],
+                 [("it was", " good and great"), ("it was", " bad")]]
+    for examples, expect_shared in ((shared, True), (differing, False)):
+        cb = encode_choices(tok, examples, [0, 1], 32)
+        assert cb.shared is expect_shared
+        with torch.no_grad():
+            scores = choice_scores(model, cb)
+            flat = encode_pairs(tok, [p for e in examples for p in e], 32)
+            separate = sum_logprobs(model, flat).sum.view(2, 2)
+            assert torch.allclose(scores, separate, atol=1e-5)
+            expected = F.cross_entropy(separate, torch.tensor([0, 1]))
+            assert float(choice_loss(model, cb)) == pytest.approx(float(expected), rel=1e-5)
+    with pytest.raises(ValueError, match="same number of choices"):
+        encode_choices(tok, [shared[0], shared[0][:1]], None, 32)

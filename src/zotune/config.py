@@ -100,6 +100,9 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = True
     data_seed: int = 0  # order of the training examples
+    objective: str = "auto"  # classification (cross-entropy among the candidates, MeZO's loss for
+    #   classification / multiple choice) | nll (log-likelihood of the gold continuation) | auto:
+    #   classification when every example has the same number (> 1) of candidates, else nll
 
 
 @dataclass
@@ -116,7 +119,7 @@ class Config:
     def fingerprint(self, sections=("model", "task", "optim", "trainable")) -> str:
         """A hash of what determines the trajectory (a resume must match it)."""
         d = {k: v for k, v in self.to_dict().items() if k in sections}
-        d["train"] = {k: self.train.__dict__[k] for k in ("batch_size", "grad_accum", "data_seed")}
+        d["train"] = {k: self.train.__dict__[k] for k in ("batch_size", "grad_accum", "data_seed", "objective")}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -259,6 +262,8 @@ def validate(cfg: Config) -> list[str]:
         errors.append(f"optim.warmup_steps must be an integer >= 0, got {o.warmup_steps!r}")
     elif isinstance(t.steps, int) and o.warmup_steps > t.steps:
         errors.append(f"optim.warmup_steps ({o.warmup_steps}) exceeds train.steps ({t.steps})")
+    if t.objective not in ("auto", "nll", "classification"):
+        errors.append("train.objective: " + unknown_choice("objective", t.objective, ("auto", "nll", "classification")))
     if o.perturbation not in ("auto", "inplace", "swap"):
         errors.append("optim.perturbation: " + unknown_choice("perturbation", o.perturbation, ("auto", "inplace", "swap")))
     schemes = ("full", "lora", "prefix", "prompt")

@@ -195,8 +195,8 @@ def _right_align(batch: Batch) -> Batch:
     return dataclasses.replace(batch, **{n: getattr(batch, n).gather(1, index) for n in names})
 
 
-def _target_logprobs(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p of each continuation token, flat (n_tokens,)), and the row of each token."""
+def _continuation_logits(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits predicting each continuation token (n_tokens, vocab), its target ids, its row."""
     kind = infer_kind(model)
     if batch.kind != kind:
         raise ValueError(f"batch was encoded with kind={batch.kind!r} but the model is a {kind} LM")
@@ -226,9 +226,13 @@ def _target_logprobs(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         logits = out.logits[:, -width:]  # prompt tuning prepends virtual positions
         mask, targets = batch.cont_mask, batch.labels
     selected = logits[mask].float()  # (n_tokens, vocab): log_softmax only where it is needed
-    logp = -F.cross_entropy(selected, targets[mask], reduction="none")
-    rows = mask.nonzero()[:, 0]
-    return logp, rows
+    return selected, targets[mask], mask.nonzero()[:, 0]
+
+
+def _target_logprobs(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p of each continuation token, flat (n_tokens,)), and the row of each token."""
+    selected, targets, rows = _continuation_logits(model, batch)
+    return -F.cross_entropy(selected, targets, reduction="none"), rows
 
 
 def pair_loss(model, batch: Batch) -> torch.Tensor:
@@ -276,6 +280,24 @@ def choice_logprobs(
     kind = infer_kind(model)
     device = next(model.parameters()).device
     scores = [[0.0] * len(choices) for choices in examples_choices]
+    sizes = {len(c) for c in examples_choices}
+    if normalize == "sum" and len(sizes) == 1:
+        # equal numbers of choices: score whole examples; when the candidates are single tokens
+        # after a shared context, one forward row per example scores all of them
+        n_choices = sizes.pop()
+        by_length = sorted(range(len(examples_choices)), key=lambda e: -len(examples_choices[e][0][0]))
+        start = 0
+        with torch.no_grad():
+            while start < len(by_length):
+                idx = by_length[start : start + batch_size]
+                cb = encode_choices(tokenizer, [examples_choices[e] for e in idx], None, max_length, kind=kind)
+                if not cb.shared and len(idx) * n_choices > batch_size:
+                    idx = idx[: max(1, batch_size // n_choices)]
+                    cb = encode_choices(tokenizer, [examples_choices[e] for e in idx], None, max_length, kind=kind)
+                for e, row in zip(idx, choice_scores(model, cb.to(device)).tolist()):
+                    scores[e] = row
+                start += len(idx)
+        return scores
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
             chunk = [flat[i] for i in order[start : start + batch_size]]
@@ -387,3 +409,73 @@ def generate(
             for i, text in zip(chunk, texts):
                 outputs[i] = text.split("\n", 1)[0].strip()
     return outputs
+
+
+# ----------------------------------------------------------------------------- choices as one batch
+
+
+@dataclasses.dataclass
+class ChoiceBatch:
+    """Every candidate of every example, ready to be scored together.
+
+    ``shared`` (the common case: SST-2, RTE, BoolQ, ... whose candidates are one label word after
+    a shared context): ``batch`` holds one row per example and ``candidates`` the (n, C) label
+    token ids, so one forward scores all C candidates. Otherwise ``batch`` holds every
+    (context, continuation) pair, n * C rows in example order.
+    """
+
+    batch: Batch
+    n_choices: int
+    candidates: torch.Tensor | None  # (n, C) token ids when shared
+    labels: torch.Tensor | None  # (n,) gold index
+
+    @property
+    def shared(self) -> bool:
+        return self.candidates is not None
+
+    def to(self, device) -> "ChoiceBatch":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return ChoiceBatch(self.batch.to(device), self.n_choices, move(self.candidates), move(self.labels))
+
+
+def encode_choices(tokenizer, examples_choices: Sequence[Sequence[Pair]], labels: Sequence[int] | None,
+                   max_length: int, *, kind: str = "causal") -> ChoiceBatch:
+    """Encode the candidates of ``examples_choices`` (each example the same number of them)."""
+    sizes = {len(c) for c in examples_choices}
+    if len(sizes) != 1:
+        raise ValueError(f"every example needs the same number of choices to be scored as a batch, got {sorted(sizes)}")
+    n_choices = sizes.pop()
+    flat = [tuple(pair) for choices in examples_choices for pair in choices]
+    enc = encode_pairs(tokenizer, flat, max_length, kind=kind)
+    gold = None if labels is None else torch.tensor(list(labels), dtype=torch.long)
+    n = len(examples_choices)
+    if bool((enc.cont_mask.sum(1) == 1).all()):
+        ids = enc.input_ids.view(n, n_choices, -1)
+        where = enc.cont_mask.view(n, n_choices, -1)
+        same_slot = bool((where == where[:, :1]).all())
+        context = ids.masked_fill(where, -1)
+        if same_slot and bool((context == context[:, :1]).all()):
+            cand = enc.labels[enc.cont_mask].view(n, n_choices)
+            rows = torch.arange(0, n * n_choices, n_choices)
+            first = Batch(*(getattr(enc, f.name)[rows] for f in dataclasses.fields(Batch) if f.name != "kind"), kind=enc.kind)
+            return ChoiceBatch(first, n_choices, cand, gold)
+    return ChoiceBatch(enc, n_choices, None, gold)
+
+
+def choice_scores(model, cb: ChoiceBatch) -> torch.Tensor:
+    """(n, C) summed log-likelihood of each candidate (one forward when candidates share a context)."""
+    if cb.shared:
+        selected, _, _ = _continuation_logits(model, cb.batch)
+        return torch.log_softmax(selected, dim=-1).gather(1, cb.candidates)
+    logp, rows = _target_logprobs(model, cb.batch)
+    total = torch.zeros(len(cb.batch), dtype=logp.dtype, device=logp.device).index_add(0, rows, logp)
+    return total.view(-1, cb.n_choices)
+
+
+def choice_loss(model, cb: ChoiceBatch) -> torch.Tensor:
+    """Cross-entropy of the gold candidate among the candidates (MeZO's classification loss for
+    classification and multiple-choice tasks: it trains the model to tell the candidates apart,
+    not to make the label words likelier in general)."""
+    if cb.labels is None:
+        raise ValueError("choice_loss needs labels")
+    return F.cross_entropy(choice_scores(model, cb), cb.labels)

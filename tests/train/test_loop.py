@@ -88,17 +88,30 @@ def test_each_scheme_trains_and_checkpoints_only_its_tensors(tmp_path, scheme, e
         assert sum(t.numel() for t in saved.values()) < 0.5 * total
 
 
-def test_grad_accumulation_sums_micro_batch_losses_to_the_full_batch_loss():
+@pytest.mark.parametrize("objective", ["nll", "classification"])
+def test_grad_accumulation_sums_micro_batch_losses_to_the_full_batch_loss(objective):
     cfg = load_config(None, TINY + ["train.batch_size=8"])
     setup = build(cfg)
     batch = setup.data.train[:8]
     kind = setup.loaded.kind
     with torch.no_grad():
-        whole = make_closure(setup.model, setup.loaded.tokenizer, batch, cfg, kind, "cpu")()
+        whole = make_closure(setup.model, setup.loaded.tokenizer, batch, cfg, kind, "cpu", objective)()
         cfg.train.grad_accum = 4
-        parts = make_closure(setup.model, setup.loaded.tokenizer, batch, cfg, kind, "cpu")()
+        parts = make_closure(setup.model, setup.loaded.tokenizer, batch, cfg, kind, "cpu", objective)()
     # equal when every continuation has the same number of tokens (one label word here)
     assert float(parts) == pytest.approx(float(whole), rel=1e-5)
+
+
+def test_objective_auto_is_classification_for_choice_tasks_and_nll_for_generation():
+    from zotune.train.loop import resolve_objective
+
+    cfg = load_config(None, TINY)
+    setup = build(cfg)
+    assert resolve_objective(cfg, setup.data.train) == "classification"
+    squad = load_config(None, TINY + ["task.name=squad"])
+    assert resolve_objective(squad, build(squad).data.train) == "nll"
+    cfg.train.objective = "nll"
+    assert resolve_objective(cfg, setup.data.train) == "nll"
 
 
 def test_batch_order_is_a_pure_function_of_seed_and_step():

@@ -22,7 +22,7 @@ import torch
 
 from zotune.config import Config
 from zotune.fo import FOSGD, HybridOptimizer
-from zotune.lm import encode_pairs, pair_loss
+from zotune.lm import choice_loss, encode_choices, encode_pairs, pair_loss
 from zotune.methods import build_optimizer
 from zotune.schedules import lr_multiplier
 from zotune.step import ZOOptimizer
@@ -121,20 +121,35 @@ class BatchOrder:
         return out
 
 
-def make_closure(model, tokenizer, examples, cfg: Config, kind: str, device):
+def resolve_objective(cfg: Config, examples) -> str:
+    """``classification`` when every example has the same number (> 1) of labeled candidates."""
+    if cfg.train.objective != "auto":
+        return cfg.train.objective
+    counts = {len(e.choices) for e in examples}
+    labeled = all(e.label is not None and not e.is_generation for e in examples)
+    return "classification" if labeled and len(counts) == 1 and counts.pop() > 1 else "nll"
+
+
+def make_closure(model, tokenizer, examples, cfg: Config, kind: str, device, objective: str = "nll"):
     """Encode the batch once; the closure returns the mean loss over it, summed over
     ``grad_accum`` micro-batches (each weighted by its share of the batch)."""
-    pairs = [e.target for e in examples]
     k = cfg.train.grad_accum
-    size = -(-len(pairs) // k)
-    chunks = [pairs[i:i + size] for i in range(0, len(pairs), size)]
-    batches = [encode_pairs(tokenizer, c, cfg.task.max_length, kind=kind).to(device) for c in chunks]
-    weights = [len(c) / len(pairs) for c in chunks]
+    size = -(-len(examples) // k)
+    chunks = [examples[i:i + size] for i in range(0, len(examples), size)]
+    weights = [len(c) / len(examples) for c in chunks]
+    if objective == "classification":
+        batches = [encode_choices(tokenizer, [e.choices for e in c], [e.label for e in c], cfg.task.max_length,
+                                  kind=kind).to(device) for c in chunks]
+        loss_fn = choice_loss
+    else:
+        batches = [encode_pairs(tokenizer, [e.target for e in c], cfg.task.max_length, kind=kind).to(device)
+                   for c in chunks]
+        loss_fn = pair_loss
 
     def closure():
         total = None
         for b, w in zip(batches, weights):
-            part = pair_loss(model, b) * w
+            part = loss_fn(model, b) * w
             total = part if total is None else total + part
         return total
 
@@ -254,6 +269,8 @@ def train(cfg: Config, *, reduce=None, rank: int = 0, world_size: int = 1, setup
         logger.metrics(0, phase="zero-shot", **{f"test/{k}": v for k, v in zs.items()})
 
     order = BatchOrder(len(setup.data.train), t.batch_size, t.data_seed)
+    objective = resolve_objective(cfg, setup.data.train)
+    log.info("training objective: %s", objective)
     base_lrs = [g["lr"] for g in _all_groups(opt)]
     mult = lr_multiplier(cfg.optim.schedule, t.steps, cfg.optim.warmup_steps)
     best = results.get("best_dev", {"value": float("-inf"), "step": None})
@@ -269,7 +286,7 @@ def train(cfg: Config, *, reduce=None, rank: int = 0, world_size: int = 1, setup
         for g, base in zip(_all_groups(opt), base_lrs):
             g["lr"] = base * m
         batch = [train_examples[i] for i in order.indices(step)[rank::world_size]]
-        closure = make_closure(forward_model, tok, batch, cfg, setup.loaded.kind, device)
+        closure = make_closure(forward_model, tok, batch, cfg, setup.loaded.kind, device, objective)
         t0 = time.perf_counter()
         loss = float(opt.step(closure))
         step_times.append(time.perf_counter() - t0)
