@@ -1,6 +1,7 @@
 """The ``zotune`` command line.
 
     zotune train RECIPE.yaml [section.field=value ...]   fine-tune, evaluate, checkpoint, resume
+    torchrun --nproc_per_node 2 -m zotune.cli train RECIPE.yaml   the same, data parallel
     zotune eval RECIPE.yaml [--checkpoint DIR] [...]     zero-shot (or checkpoint) accuracy
     zotune replay RUN_DIR [--out FILE]                   rebuild tuned weights from the step log
     zotune tasks                                         list tasks and their templates
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -42,11 +44,12 @@ def _config(args):
 
 
 def cmd_train(args) -> int:
-    from zotune.train.loop import train
+    from zotune.distributed import run_training  # plain single-process training without torchrun
 
     cfg = _config(args)
-    results = train(cfg)
-    print(json.dumps({k: results.get(k) for k in ("zero_shot", "test", "tested_step", "steps")}, default=str))
+    results = run_training(cfg)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps({k: results.get(k) for k in ("zero_shot", "test", "tested_step", "steps")}, default=str))
     return 0
 
 
