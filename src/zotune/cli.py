@@ -8,6 +8,7 @@
     zotune validate RECIPE.yaml [...]                    check a config without loading a model
     zotune bench GRID.yaml [--only a,b]                  run a grid of runs, one process each, resumable
     zotune report RESULTS.jsonl [--out docs/x.md]        markdown tables from grid results
+    zotune memory --model M --method X [--seq-len N ...] predicted peak memory (ZO-Bench Table 5)
 
 Every error is one line on stderr naming what to fix, with a non-zero exit status.
 """
@@ -128,6 +129,12 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_memory(args) -> int:
+    from zotune.bench.memory_model import main as memory_main
+
+    return memory_main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zotune", description="Zeroth-order fine-tuning of language models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -158,11 +165,19 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("results")
     rep.add_argument("--out", help="also write the markdown here")
     rep.set_defaults(fn=cmd_report)
+    mem = sub.add_parser("memory", add_help=False,
+                         help="predict peak memory without loading weights (ZO-Bench Table 5); --help for options")
+    mem.add_argument("rest", nargs=argparse.REMAINDER)
+    mem.set_defaults(fn=cmd_memory)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["memory"]:  # its own option parser (zotune.bench.memory_model.main)
+        args = argparse.Namespace(fn=cmd_memory, rest=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
     except KeyboardInterrupt:

@@ -1,0 +1,967 @@
+"""Predict the peak memory of a fine-tuning step from a model's config, without loading weights.
+
+The terms follow ZO-Bench (Zhang et al., 2024, "Revisiting Zeroth-Order Optimization for
+Memory-Efficient LLM Fine-Tuning: A Benchmark"), Table 5 and Appendix C.1:
+``peak = weight memory |x| + optimizer state + dynamic memory (gradients and optimizer
+temporaries)``, where ``|x|`` is the bytes of the parameters, ``|x_l|`` those of layer ``l`` and
+``|a_l|`` the activations layer ``l`` keeps for the backward pass. Two variants:
+
+* ``variant="paper"``: Table 5 (full tuning), Table A2 (LoRA: ``eps`` for the adapter) and the
+  FP16 / F16 rows, exactly as printed, with ``|a_l|`` from :func:`activation_bytes_per_layer`.
+* ``variant="zotune"`` (default): what zotune's own implementation allocates. ZO directions are
+  drawn in chunks of ``chunk_size`` elements (``zotune.estimators.base.DEFAULT_CHUNK``), so
+  ZO-SGD's dynamic memory is one chunk, not ``max_l |x_l|``; a ZO step keeps no activations
+  between layers, so its peak is ``|x| + state + max(forward working set, dynamic)``; an FO
+  step's activations and gradients are followed through the backward pass layer by layer.
+
+Example::
+
+    from zotune.bench.memory_model import predict, predict_table, format_table
+    p = predict("smollm2-135m", "mezo", seq_len=64, batch=16)
+    print(p.peak_bytes / 2**20, p.formula)
+    print(format_table(predict_table("smollm2-135m", "all", dtype="bfloat16")))
+
+    python -m zotune.bench.memory_model --model smollm2-135m --method all --seq-len 64 --batch 16
+
+What the accounting assumes (estimates, not guarantees):
+
+* tensor bytes only (what ``torch.cuda.max_memory_allocated`` or
+  :class:`zotune.bench.profile.AllocationTracker` count): no allocator slack, CUDA context,
+  kernel workspaces or Python process;
+* transformers 5 models in eval mode (no dropout) with SDPA attention on padded batches (k/v
+  repeated for grouped-query attention; no ``seq x seq`` probabilities kept), the loss of
+  ``zotune.lm`` (logits only at the scored positions); activations as read off the tensors
+  autograd saves (:func:`activation_bytes_per_layer`) and a no-grad forward's working set
+  (:func:`forward_working_set`), both checked against AllocationTracker on tiny models;
+* OPT is pre-LayerNorm (every size except opt-350m); LoRA adapts the attention query and
+  value (zotune.params defaults); prefix tuning's longer keys are ignored, prompt tuning's
+  virtual tokens lengthen the sequence;
+* zotune variant: one chunk buffer per worker thread, half-precision ZO steps perturb "just in
+  time" (a perturbed copy of the module that runs) and round updates stochastically in float32
+  per chunk (LOZO updates a half-precision matrix whole).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from zotune._validate import check_int, check_range, unknown_choice
+from zotune.estimators.base import DEFAULT_CHUNK  # elements per chunk of a dense ZO direction
+
+__all__ = [
+    "Activations",
+    "DTYPES",
+    "METHODS",
+    "ModelShape",
+    "ParamTensor",
+    "Prediction",
+    "SCHEMES",
+    "VARIANTS",
+    "activation_bytes_per_layer",
+    "adapter_tensors",
+    "build_parser",
+    "forward_working_set",
+    "format_table",
+    "load_config",
+    "main",
+    "model_shape",
+    "predict",
+    "predict_table",
+]
+
+MiB = 2**20
+
+
+# method -> (family, description). "zo": forward passes only; "fo": backpropagation.
+METHODS: dict[str, tuple[str, str]] = {
+    "inference": ("none", "one forward pass without gradients (the floor every method pays)"),
+    "mezo": ("zo", "MeZO / ZO-SGD"),
+    "zo-sgd-sign": ("zo", "ZO-SGD-Sign"),
+    "zo-sgd-cons": ("zo", "ZO-SGD-Cons"),
+    "zo-sgd-momentum": ("zo", "ZO-SGD-MMT"),
+    "zo-adam": ("zo", "ZO-Adam"),
+    "zo-sgd-block": ("zo", "ZO-SGD-Block"),
+    "lozo": ("zo", "LOZO (LOZO-M with momentum > 0)"),
+    "forward-grad": ("zo", "Forward-Grad (forward-mode JVP)"),
+    "fo-sgd": ("fo", "FO-SGD (backprop)"),
+    "fo-adam": ("fo", "FO-Adam (backprop)"),
+}
+SCHEMES = ("full", "lora", "prefix", "prompt")
+VARIANTS = ("zotune", "paper")
+# dtype -> (bytes of weights, gradients and optimizer state; bytes of activations)
+DTYPES: dict[str, tuple[int, int]] = {
+    "float32": (4, 4),
+    "bfloat16": (2, 2),  # F16 in the paper: half-precision weights
+    "float16": (2, 2),
+    "fp16-mixed": (4, 2),  # FP16 in the paper: float32 weights, 16-bit autocast (FO methods)
+    "bf16-mixed": (4, 2),
+}
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+_MIXED = ("fp16-mixed", "bf16-mixed")
+
+# LoRA's default targets (peft's per-architecture table), as in zotune.params.
+_LORA_TARGETS = {"llama": ("q_proj", "v_proj"), "opt": ("q_proj", "v_proj"), "gpt2": ("c_attn",),
+                 "bert": ("query", "value")}
+_FAMILIES = {"llama": "llama", "opt": "opt", "gpt2": "gpt2", "bert": "bert", "roberta": "bert"}
+
+# Activations of a non-gated MLP (in units of tokens x intermediate), per activation function:
+# SAVED: what autograd keeps, as (for the input's gradient, for fc2's weight gradient only: the
+# activation's output); relu saves its output, which fc2 shares; gelu_new is written in Python
+# in transformers (0.5 x (1 + tanh(...))) and keeps four intermediates.
+# WORK: the most that is alive at once in a no-grad forward (input, output, temporaries).
+_ACT_SAVED = {"relu": (1, 0), "gelu": (1, 1), "gelu_pytorch_tanh": (1, 1), "silu": (1, 1),
+              "swish": (1, 1), "quick_gelu": (2, 1), "gelu_new": (4, 1), "gelu_fast": (4, 1)}
+_ACT_WORK = {"relu": 2, "gelu": 2, "gelu_pytorch_tanh": 2, "silu": 2, "swish": 2, "quick_gelu": 3,
+             "gelu_new": 4, "gelu_fast": 4}
+_F32 = 4  # norm statistics, softmax log-sum-exp and log-probabilities are float32
+
+
+# ----------------------------------------------------------------------------------- shapes
+class ParamTensor(NamedTuple):
+    """One parameter tensor: its name (as transformers names it), shape, and block: ``"embed"``
+    (input side), a layer index, or ``"head"`` (final norm and LM head)."""
+
+    name: str
+    shape: tuple[int, ...]
+    block: str | int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+    """The sizes a memory prediction needs, read from a transformers config (see :func:`model_shape`).
+
+    ``tensors`` lists every parameter once (a tied LM head is the embedding matrix, listed once),
+    with the names and shapes transformers gives them; the counts below are derived from it.
+    """
+
+    name: str
+    model_type: str
+    family: str  # llama | opt | gpt2 | bert
+    kind: str  # causal | masked
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    tied: bool
+    activation: str
+    params_per_layer: int
+    total_params: int
+    tensors: tuple[ParamTensor, ...] = dataclasses.field(repr=False)
+
+    @property
+    def embedding_params(self) -> int:
+        return sum(t.numel for t in self.tensors if t.block == "embed")
+
+    @property
+    def head_params(self) -> int:
+        """Final norm, masked-LM transform and an untied LM head (a tied one is in the embedding)."""
+        return sum(t.numel for t in self.tensors if t.block == "head")
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+
+def load_config(model: Any):
+    """A transformers ``PretrainedConfig`` for ``model``: a config object (returned as is), an
+    offline alias, a local folder, a ``.gguf`` file or a hub name. Reads no weights.
+
+    Aliases: the converted checkpoint folder ``zotune.models.cache_root() / alias`` when it
+    exists (what ``load_model`` writes on first use); otherwise the config is read from the
+    installed package: the GGUF header (metadata only, no tensors), or its ``config.json``.
+    """
+    from transformers import AutoConfig, PretrainedConfig
+
+    from zotune.models import ALIASES, ModelLoadError, alias_folder, cache_root
+
+    if isinstance(model, PretrainedConfig):
+        return model
+    if not isinstance(model, (str, os.PathLike)):
+        raise ValueError(f"model must be a name, a path or a transformers config, got {type(model).__name__}")
+    name = str(model)
+    try:
+        if name.lower() in ALIASES:
+            alias = name.lower()
+            cached = cache_root() / alias
+            if (cached / "config.json").is_file():
+                return AutoConfig.from_pretrained(str(cached))
+            spec = ALIASES[alias]
+            return AutoConfig.from_pretrained(str(alias_folder(alias)), gguf_file=spec.gguf_file)
+        path = Path(name).expanduser()
+        if path.is_file() and path.suffix == ".gguf":
+            return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        return AutoConfig.from_pretrained(name if not path.exists() else str(path))
+    except ModelLoadError:
+        raise
+    except OSError as err:
+        raise ModelLoadError(
+            f"could not read a config for {name!r}: pass a local folder with config.json, a .gguf file, "
+            f"a transformers config, or an offline alias ({', '.join(sorted(ALIASES))}). ({err})"
+        ) from err
+
+
+def model_shape(model: Any, *, kind: str | None = None) -> ModelShape:
+    """The :class:`ModelShape` of ``model`` (anything :func:`load_config` takes, or a ModelShape).
+
+    Parameter shapes are computed for LLaMA-style (q, k, v, o; gate/up/down MLP; RMSNorms),
+    OPT and GPT-2 (biases, LayerNorms, fc1/fc2, learned positions) and BERT/RoBERTa (masked-LM
+    head) configs; other model types raise ``ValueError``.
+    """
+    if isinstance(model, ModelShape):
+        return model
+    config = load_config(model)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in _FAMILIES:
+        raise ValueError(unknown_choice("model_type (memory model)", str(model_type), _FAMILIES))
+    family = _FAMILIES[model_type]
+    if kind is None:
+        from zotune.models import detect_kind
+
+        kind = detect_kind(config)
+    name = model if isinstance(model, (str, os.PathLike)) else getattr(config, "name_or_path", "") or model_type
+    c = config
+    tied = bool(getattr(c, "tie_word_embeddings", True))
+    if family == "llama":
+        h, layers, heads = c.hidden_size, c.num_hidden_layers, c.num_attention_heads
+        kv = getattr(c, "num_key_value_heads", None) or heads
+        hd = getattr(c, "head_dim", None) or h // heads
+        dims = dict(vocab=c.vocab_size, hidden=h, intermediate=c.intermediate_size, layers=layers,
+                    heads=heads, kv_heads=kv, head_dim=hd, activation=str(c.hidden_act))
+        tensors = _llama_tensors(c, h, layers, heads * hd, kv * hd, tied)
+    elif family == "opt":
+        h, heads = c.hidden_size, c.num_attention_heads
+        dims = dict(vocab=c.vocab_size, hidden=h, intermediate=c.ffn_dim, layers=c.num_hidden_layers,
+                    heads=heads, kv_heads=heads, head_dim=h // heads, activation=str(c.activation_function))
+        tensors = _opt_tensors(c, tied)
+    elif family == "gpt2":
+        h, heads = c.n_embd, c.n_head
+        inner = c.n_inner or 4 * h
+        dims = dict(vocab=c.vocab_size, hidden=h, intermediate=inner, layers=c.n_layer, heads=heads,
+                    kv_heads=heads, head_dim=h // heads, activation=str(c.activation_function))
+        tensors = _gpt2_tensors(c, inner, tied)
+    else:
+        h, heads = c.hidden_size, c.num_attention_heads
+        dims = dict(vocab=c.vocab_size, hidden=h, intermediate=c.intermediate_size,
+                    layers=c.num_hidden_layers, heads=heads, kv_heads=heads, head_dim=h // heads,
+                    activation=str(c.hidden_act))
+        tensors = _bert_tensors(c, model_type, tied)
+    per_layer = sum(t.numel for t in tensors if t.block == 0)
+    return ModelShape(
+        name=str(name), model_type=model_type, family=family, kind=kind, tied=tied,
+        params_per_layer=per_layer, total_params=sum(t.numel for t in tensors), tensors=tuple(tensors),
+        **dims,
+    )  # fmt: skip
+
+
+def _linear(prefix: str, out: int, inp: int, block, bias: bool) -> list[ParamTensor]:
+    ts = [ParamTensor(f"{prefix}.weight", (out, inp), block)]
+    return ts + [ParamTensor(f"{prefix}.bias", (out,), block)] if bias else ts
+
+
+def _norm(prefix: str, h: int, block, bias: bool = True) -> list[ParamTensor]:
+    ts = [ParamTensor(f"{prefix}.weight", (h,), block)]
+    return ts + [ParamTensor(f"{prefix}.bias", (h,), block)] if bias else ts
+
+
+def _llama_tensors(c, h: int, layers: int, hq: int, hkv: int, tied: bool) -> list[ParamTensor]:
+    ab, mb = bool(getattr(c, "attention_bias", False)), bool(getattr(c, "mlp_bias", False))
+    i = c.intermediate_size
+    ts = [ParamTensor("model.embed_tokens.weight", (c.vocab_size, h), "embed")]
+    for l in range(layers):
+        p = f"model.layers.{l}"
+        ts += _linear(f"{p}.self_attn.q_proj", hq, h, l, ab) + _linear(f"{p}.self_attn.k_proj", hkv, h, l, ab)
+        ts += _linear(f"{p}.self_attn.v_proj", hkv, h, l, ab) + _linear(f"{p}.self_attn.o_proj", h, hq, l, ab)
+        ts += _linear(f"{p}.mlp.gate_proj", i, h, l, mb) + _linear(f"{p}.mlp.up_proj", i, h, l, mb)
+        ts += _linear(f"{p}.mlp.down_proj", h, i, l, mb)
+        ts += _norm(f"{p}.input_layernorm", h, l, False) + _norm(f"{p}.post_attention_layernorm", h, l, False)
+    ts += _norm("model.norm", h, "head", False)
+    if not tied:
+        ts.append(ParamTensor("lm_head.weight", (c.vocab_size, h), "head"))
+    return ts
+
+
+def _opt_tensors(c, tied: bool) -> list[ParamTensor]:
+    h, f, wep = c.hidden_size, c.ffn_dim, c.word_embed_proj_dim
+    bias, affine = bool(getattr(c, "enable_bias", True)), bool(getattr(c, "layer_norm_elementwise_affine", True))
+    d = "model.decoder"
+    ts = [ParamTensor(f"{d}.embed_tokens.weight", (c.vocab_size, wep), "embed"),
+          ParamTensor(f"{d}.embed_positions.weight", (c.max_position_embeddings + 2, h), "embed")]  # OPT offset 2
+    if wep != h:
+        ts += [ParamTensor(f"{d}.project_out.weight", (wep, h), "head"),
+               ParamTensor(f"{d}.project_in.weight", (h, wep), "embed")]
+    if c.do_layer_norm_before and not getattr(c, "_remove_final_layer_norm", False) and affine:
+        ts += _norm(f"{d}.final_layer_norm", h, "head")
+    for l in range(c.num_hidden_layers):
+        p = f"{d}.layers.{l}"
+        for proj in ("k_proj", "v_proj", "q_proj", "out_proj"):
+            ts += _linear(f"{p}.self_attn.{proj}", h, h, l, bias)
+        if affine:
+            ts += _norm(f"{p}.self_attn_layer_norm", h, l)
+        ts += _linear(f"{p}.fc1", f, h, l, bias) + _linear(f"{p}.fc2", h, f, l, bias)
+        if affine:
+            ts += _norm(f"{p}.final_layer_norm", h, l)
+    if not tied:
+        ts.append(ParamTensor("lm_head.weight", (c.vocab_size, wep), "head"))
+    return ts
+
+
+def _gpt2_tensors(c, inner: int, tied: bool) -> list[ParamTensor]:
+    h = c.n_embd
+    if getattr(c, "add_cross_attention", False):
+        raise ValueError("GPT-2 configs with cross-attention are not modelled")
+    ts = [ParamTensor("transformer.wte.weight", (c.vocab_size, h), "embed"),
+          ParamTensor("transformer.wpe.weight", (c.n_positions, h), "embed")]
+    for l in range(c.n_layer):
+        p = f"transformer.h.{l}"
+        # Conv1D stores its weight as (in, out)
+        ts += _norm(f"{p}.ln_1", h, l)
+        ts += [ParamTensor(f"{p}.attn.c_attn.weight", (h, 3 * h), l), ParamTensor(f"{p}.attn.c_attn.bias", (3 * h,), l)]
+        ts += [ParamTensor(f"{p}.attn.c_proj.weight", (h, h), l), ParamTensor(f"{p}.attn.c_proj.bias", (h,), l)]
+        ts += _norm(f"{p}.ln_2", h, l)
+        ts += [ParamTensor(f"{p}.mlp.c_fc.weight", (h, inner), l), ParamTensor(f"{p}.mlp.c_fc.bias", (inner,), l)]
+        ts += [ParamTensor(f"{p}.mlp.c_proj.weight", (inner, h), l), ParamTensor(f"{p}.mlp.c_proj.bias", (h,), l)]
+    ts += _norm("transformer.ln_f", h, "head")
+    if not tied:
+        ts.append(ParamTensor("lm_head.weight", (c.vocab_size, h), "head"))
+    return ts
+
+
+def _bert_tensors(c, model_type: str, tied: bool) -> list[ParamTensor]:
+    h, i, v = c.hidden_size, c.intermediate_size, c.vocab_size
+    e = f"{model_type}.embeddings"
+    ts = [ParamTensor(f"{e}.word_embeddings.weight", (v, h), "embed"),
+          ParamTensor(f"{e}.position_embeddings.weight", (c.max_position_embeddings, h), "embed"),
+          ParamTensor(f"{e}.token_type_embeddings.weight", (c.type_vocab_size, h), "embed")]
+    ts += _norm(f"{e}.LayerNorm", h, "embed")
+    for l in range(c.num_hidden_layers):
+        p = f"{model_type}.encoder.layer.{l}"
+        for proj in ("query", "key", "value"):
+            ts += _linear(f"{p}.attention.self.{proj}", h, h, l, True)
+        ts += _linear(f"{p}.attention.output.dense", h, h, l, True) + _norm(f"{p}.attention.output.LayerNorm", h, l)
+        ts += _linear(f"{p}.intermediate.dense", i, h, l, True)
+        ts += _linear(f"{p}.output.dense", h, i, l, True) + _norm(f"{p}.output.LayerNorm", h, l)
+    # masked-LM head: dense + LayerNorm + decoder (tied to the embeddings) with a bias of its own
+    head = "lm_head" if model_type == "roberta" else "cls.predictions"
+    transform = "lm_head" if model_type == "roberta" else "cls.predictions.transform"
+    ts += _linear(f"{transform}.dense", h, h, "head", True)
+    ts += _norm(f"{transform}.layer_norm" if model_type == "roberta" else f"{transform}.LayerNorm", h, "head")
+    ts.append(ParamTensor(f"{head}.bias", (v,), "head"))
+    if not tied:  # untied, the decoder has its own weight and bias
+        ts += _linear(f"{head}.decoder", v, h, "head", True)
+    return ts
+
+
+def adapter_tensors(shape: ModelShape, scheme: str, *, lora_r: int = 8, prefix_tokens: int = 5,
+                    prompt_tokens: int = 10) -> list[ParamTensor]:
+    """The tensors a peft scheme trains (zotune.params defaults): LoRA ``A`` (r x in) and ``B``
+    (out x r) on the attention query and value projections; prefix tuning's
+    (tokens, layers * 2 * kv_dim) table; prompt tuning's (tokens, hidden) table."""
+    if scheme == "lora":
+        targets = _LORA_TARGETS[shape.family]
+        out = []
+        for t in shape.tensors:
+            parts = t.name.split(".")
+            if len(t.shape) == 2 and parts[-1] == "weight" and parts[-2] in targets:
+                # Linear weights are (out, in); GPT-2's Conv1D weights are (in, out)
+                o, i = (t.shape[1], t.shape[0]) if shape.family == "gpt2" else t.shape
+                stem = t.name[: -len(".weight")]
+                out += [ParamTensor(f"{stem}.lora_A.default.weight", (lora_r, i), t.block),
+                        ParamTensor(f"{stem}.lora_B.default.weight", (o, lora_r), t.block)]
+        return out
+    if scheme == "prefix":
+        return [ParamTensor("prompt_encoder.default.embedding.weight",
+                       (prefix_tokens, shape.layers * 2 * shape.kv_dim), "embed")]
+    if scheme == "prompt":
+        return [ParamTensor("prompt_encoder.default.embedding.weight", (prompt_tokens, shape.hidden), "embed")]
+    return []
+
+
+# ------------------------------------------------------------------------------ activations
+class Activations(NamedTuple):
+    """Bytes of activations that autograd keeps for the backward pass (see
+    :func:`activation_bytes_per_layer`)."""
+
+    per_layer: int  # one transformer layer (all layers are alike)
+    embedding: int  # the input side (BERT's embedding LayerNorm input)
+    head: int  # final norm, LM head input, log-probabilities of the scored positions
+    shared: int  # saved once and used by every layer: the attention mask
+
+    def total(self, layers: int) -> int:
+        return self.embedding + layers * self.per_layer + self.head + self.shared
+
+
+def _tokens(batch: int, seq_len: int, logits_positions: int | None) -> tuple[int, int]:
+    t = batch * seq_len
+    n = batch if logits_positions is None else check_int("logits_positions", logits_positions)
+    return t, n
+
+
+def activation_bytes_per_layer(shape: ModelShape, batch: int, seq_len: int, dtype_bytes: int, *,
+                               logits_positions: int | None = None, scheme: str = "full",
+                               lora_r: int = 8) -> Activations:
+    """Activations a backward pass keeps, per transformer layer and for the head (an estimate).
+
+    With ``T = batch * seq_len`` tokens, hidden ``h``, attention width ``hq = heads * head_dim``,
+    MLP width ``i`` and ``b = dtype_bytes``, a layer keeps (read off autograd's saved tensors of
+    the transformers 5 models in eval mode with SDPA attention; no dropout):
+
+    * what the gradient of the layer's *input* needs: the norms' inputs and float32 statistics;
+      q, k, v as passed to SDPA (k and v repeated to all heads for grouped-query attention:
+      zotune's batches are padded, so transformers repeats k/v rather than use SDPA's GQA mode),
+      its output and float32 log-sum-exp (``batch x heads x seq``; the flash / memory-efficient
+      kernels keep no ``seq x seq`` probabilities; the math fallback would, and is not modelled);
+      the activation function's inputs (LLaMA: gate, silu(gate) and up, ``3 T i``);
+    * what only the *weights'* gradients need: the inputs of the linear layers (the norm
+      outputs, the MLP product or activation output) and RMSNorm's normalised input.
+
+    With ``scheme="full"`` that is, per layer: LLaMA ``2 T h (4 + 2b) + 4 T hq b + 4 T i b``
+    (RMSNorm saves its input upcast to float32); OPT ``4 T h b + 4 T hq b + T i b`` (relu keeps
+    only its output); GPT-2 ``9 T h b + 5 T i b`` (fused qkv, a q copy, gelu_new's Python
+    intermediates); BERT/RoBERTa ``4 T h b + 4 T hq b + 2 T i b``. With a frozen base
+    (``lora``, ``prefix``, ``prompt``) the second group is not kept, except the input of the
+    LoRA-adapted projections and LoRA's ``T x r`` hidden activations.
+
+    The head keeps the final norm's input, the LM-head input rows and the float32
+    log-probabilities of the scored positions. zotune computes logits only at the continuation
+    positions (``logits_to_keep``): ``logits_positions`` scored tokens (default ``batch``, one
+    per row) plus one extra column per row; masked LMs run their LM head on all ``T`` positions.
+    The attention mask (``batch x seq x seq``) is counted once, in ``shared``.
+    """
+    batch = check_int("batch", batch)
+    seq_len = check_int("seq_len", seq_len)
+    b = check_int("dtype_bytes", dtype_bytes)
+    if scheme not in SCHEMES:
+        raise ValueError(unknown_choice("scheme", str(scheme), SCHEMES))
+    T, n = _tokens(batch, seq_len, logits_positions)
+    h, hq, i, V = shape.hidden, shape.q_dim, shape.intermediate, shape.vocab
+    lse = batch * shape.heads * seq_len * _F32
+    stats = 2 * T * _F32  # LayerNorm mean and rstd
+    rows = n + batch  # LM-head rows of a causal LM
+    logp = n * V * _F32
+    act_needed, act_weight = _ACT_SAVED.get(shape.activation, (1, 1))
+    embedding = 0
+    # needed: for the input's gradient; weight: for the weights' gradients only
+    if shape.family == "llama":
+        needed = 2 * (T * h * _F32 + T * _F32) + 4 * T * hq * b + lse + 3 * T * i * b
+        weight = 2 * 2 * T * h * b + T * i * b
+        head_needed, head_weight = T * h * _F32 + T * _F32 + logp, T * h * b + rows * h * b
+    elif shape.family in ("opt", "gpt2"):
+        attn = 4 * T * hq * b if shape.family == "opt" else (3 * T * h + 2 * T * hq) * b
+        needed = 2 * (T * h * b + stats) + attn + lse + act_needed * T * i * b
+        weight = 2 * T * h * b + act_weight * T * i * b
+        head_needed, head_weight = T * h * b + stats + logp, rows * h * b
+    else:  # bert / roberta: post-norm; the layer input is saved by q, k, v
+        needed = 2 * (T * h * b + stats) + 4 * T * hq * b + lse + act_needed * T * i * b
+        weight = 2 * T * h * b + act_weight * T * i * b
+        embedding = T * h * b + stats
+        head_needed, head_weight = 2 * T * h * b + stats + logp, 2 * T * h * b
+    if scheme == "full":
+        layer, head = needed + weight, head_needed + head_weight
+    else:
+        layer, head = needed, head_needed
+        if scheme == "lora":  # lora_A keeps its input (the targets' input) and lora_B lora_A's output
+            layer += T * h * b + len(_LORA_TARGETS[shape.family]) * T * lora_r * b
+    shared = batch * seq_len * seq_len * b
+    return Activations(int(layer), int(embedding), int(head), int(shared))
+
+
+def forward_working_set(shape: ModelShape, batch: int, seq_len: int, dtype_bytes: int, *,
+                        logits_positions: int | None = None) -> dict[str, int]:
+    """Largest tensors alive at once in a forward pass without gradients (an estimate), by part.
+
+    Returns bytes for ``held`` (embedding outputs the model's forward keeps in local variables
+    until it returns: LLaMA 1, OPT and GPT-2 2 (tokens and positions), BERT none, times
+    ``T h``), ``layer`` (the larger of a layer's attention and MLP phases), ``head`` and
+    ``shared`` (the attention mask). The transient peak of a forward is
+    ``shared + held + max(layer, head)``.
+
+    A layer's phase counts what its ``forward`` still references: the layer input (kept by the
+    model's loop), the residual, the norm output, then attention's q, k, v (and k, v repeated
+    for grouped-query attention while SDPA runs), its output and the output projection; or the
+    MLP's intermediates (LLaMA: silu(gate), up and their product, 3 T i; relu / gelu: 2 T i;
+    gelu_new 4 T i). The head's is the larger of the LM-head call (norm input and output, the
+    kept rows, logits rows x vocab) and the scoring (selected logits and their float32
+    log-softmax); a masked LM's logits cover all ``T`` positions. Checked against
+    :class:`zotune.bench.profile.AllocationTracker` on the tiny models of ``zotune.models``.
+    """
+    batch = check_int("batch", batch)
+    seq_len = check_int("seq_len", seq_len)
+    b = check_int("dtype_bytes", dtype_bytes)
+    T, n = _tokens(batch, seq_len, logits_positions)
+    h, hq, hkv, i, V = shape.hidden, shape.q_dim, shape.kv_dim, shape.intermediate, shape.vocab
+    work = _ACT_WORK.get(shape.activation, 2)
+    if shape.family == "llama":
+        held = T * h
+        repeat = 2 * T * hq if hkv < hq else 0
+        attn = 2 * T * h + T * (hq + 2 * hkv) + T * hq + max(repeat, T * h)
+        mlp = 3 * T * h + 3 * T * i
+    elif shape.family == "opt":
+        held = 2 * T * h
+        attn = 3 * T * h + 4 * T * hq
+        mlp = 3 * T * h + work * T * i
+    elif shape.family == "gpt2":
+        held = 2 * T * h
+        attn = 3 * T * h + 3 * T * h + 2 * T * hq
+        mlp = 4 * T * h + work * T * i
+    else:
+        held = 0
+        attn = 2 * T * h + 4 * T * hq
+        mlp = 2 * T * h + work * T * i
+    scored = n * V * (b + (_F32 if b != _F32 else 0) + _F32)  # selected (+ float copy) + log-softmax
+    if shape.kind == "masked":
+        head = max(2 * T * h * b + T * V * b, T * V * b + scored)
+    else:
+        rows = n + batch
+        head = max(2 * T * h * b + rows * (h + V) * b, rows * V * b + n * V * b, scored)
+    return {"held": int(held * b), "layer": int(max(attn, mlp) * b), "head": int(head),
+            "shared": batch * seq_len * seq_len * b}
+
+
+# ------------------------------------------------------------------------------ prediction
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    """Predicted memory of one training step (bytes).
+
+    ``peak_bytes`` is not always the sum of the parts: in the zotune variant a ZO step's forward
+    working set and its update temporaries are alive at different times (``max``), as are an FO
+    step's activations and its optimizer temporaries. ``formula`` says how they combine.
+    """
+
+    model: str
+    method: str
+    scheme: str
+    dtype: str
+    variant: str
+    seq_len: int
+    batch: int
+    trainable_params: int
+    weights_bytes: int  # |x|: every parameter (adapters included)
+    state_bytes: int  # optimizer state kept between steps (momentum, Adam moments, LOZO's V, N)
+    dynamic_bytes: int  # gradients and optimizer temporaries (Table 5's "Dynamic Mem")
+    activation_bytes: int  # FO: kept for backward; ZO / inference: forward working set
+    peak_bytes: int
+    formula: str
+
+    @property
+    def peak_mib(self) -> float:
+        return self.peak_bytes / MiB
+
+
+def _resolve_dtype(dtype: str) -> str:
+    name = _DTYPE_ALIASES.get(str(dtype).lower(), str(dtype).lower())
+    if name not in DTYPES:
+        raise ValueError(unknown_choice("dtype", str(dtype), DTYPES))
+    return name
+
+
+def _blocks(shape: ModelShape) -> list[str | int]:
+    return ["embed", *range(shape.layers), "head"]
+
+
+def predict(
+    model: Any,
+    method: str,
+    scheme: str = "full",
+    seq_len: int = 64,
+    batch: int = 16,
+    dtype: str = "float32",
+    lora_r: int = 8,
+    prefix_tokens: int = 5,
+    *,
+    prompt_tokens: int = 10,
+    logits_positions: int | None = None,
+    variant: str = "zotune",
+    chunk_size: int = DEFAULT_CHUNK,
+    workers: int = 1,
+    queries: int = 1,
+    lozo_rank: int = 2,
+    momentum: float = 0.0,
+    foreach: bool = True,
+) -> Prediction:
+    """Predict the peak memory of one step of ``method`` on ``model`` (no weights are loaded).
+
+    Args:
+        model: a config source for :func:`load_config`, a ``PretrainedConfig`` or a :class:`ModelShape`.
+        method: one of :data:`METHODS` (zotune's method names, plus ``"inference"``).
+        scheme: ``full`` | ``lora`` | ``prefix`` | ``prompt`` (what trains; zotune.params defaults).
+        seq_len, batch: tokens per example (prompt tuning adds ``prompt_tokens``) and examples per step.
+        dtype: ``float32``; ``bfloat16`` / ``float16`` (F16: half-precision weights, activations,
+            gradients and state); ``fp16-mixed`` / ``bf16-mixed`` (FP16: float32 weights with
+            16-bit autocast; first-order methods only, as in the paper).
+        logits_positions: scored positions per batch (default ``batch``: one per example).
+        variant: ``"zotune"`` (what zotune allocates) or ``"paper"`` (Table 5 / A2 as printed).
+        chunk_size: elements per chunk of a ZO direction (zotune variant).
+        workers: threads drawing chunks at once, each with its own buffers (zotune on CPU uses
+            ``ZOTUNE_THREADS``, default all cores; on CUDA chunks run in order: 1).
+        queries: directions per step (q-RGE); more than one needs a gradient buffer per chunk.
+        lozo_rank: LOZO's rank ``r``. momentum: ``> 0`` makes ``lozo`` LOZO-M and gives ``fo-sgd``
+            a momentum buffer (``zo-sgd-momentum`` always has one).
+        foreach: FO-Adam's multi-tensor update, which needs one extra model-size temporary
+            (the paper's "FO-Adam" vs "FO-Adam w/o fast foreach").
+    """
+    if method not in METHODS:
+        raise ValueError(unknown_choice("method", str(method), METHODS))
+    if scheme not in SCHEMES:
+        raise ValueError(unknown_choice("scheme", str(scheme), SCHEMES))
+    if variant not in VARIANTS:
+        raise ValueError(unknown_choice("variant", str(variant), VARIANTS))
+    dtype = _resolve_dtype(dtype)
+    seq_len = check_int("seq_len", seq_len)
+    batch = check_int("batch", batch)
+    for arg, value in (("lora_r", lora_r), ("prefix_tokens", prefix_tokens), ("prompt_tokens", prompt_tokens),
+                       ("chunk_size", chunk_size), ("workers", workers), ("queries", queries),
+                       ("lozo_rank", lozo_rank)):
+        check_int(arg, value)
+    if logits_positions is not None:
+        check_int("logits_positions", logits_positions)
+    momentum = check_range("momentum", momentum, 0.0, 1.0)
+    family = METHODS[method][0]
+    if dtype in _MIXED and family != "fo":
+        raise ValueError(
+            f"dtype {dtype!r} (autocast mixed precision) applies to first-order methods (fo-sgd, fo-adam); "
+            f"for {method!r} use 'bfloat16' or 'float16' weights (the paper's F16) or 'float32'"
+        )
+    shape = model_shape(model)
+    wb, ab = DTYPES[dtype]
+    seq = seq_len + (prompt_tokens if scheme == "prompt" else 0)
+    adapters = adapter_tensors(shape, scheme, lora_r=lora_r, prefix_tokens=prefix_tokens, prompt_tokens=prompt_tokens)
+    trainable = list(shape.tensors) if scheme == "full" else adapters
+    n_params = shape.total_params + sum(t.numel for t in adapters)
+    ctx = _Context(
+        shape=shape, method=method, scheme=scheme, dtype=dtype, variant=variant, wb=wb, ab=ab,
+        batch=batch, seq=seq, logits_positions=logits_positions, trainable=trainable,
+        weights=n_params * wb, chunk=chunk_size, workers=workers, queries=queries, rank=lozo_rank,
+        momentum=float(momentum), foreach=bool(foreach), lora_r=lora_r,
+    )  # fmt: skip
+    if family == "none":
+        parts = _inference(ctx)
+    elif family == "fo":
+        parts = _first_order(ctx)
+    elif method == "forward-grad":
+        parts = _forward_grad(ctx)
+    else:
+        parts = _zeroth_order(ctx)
+    state, dynamic, act, peak, formula = parts
+    return Prediction(
+        model=shape.name, method=method, scheme=scheme, dtype=dtype, variant=variant, seq_len=seq_len,
+        batch=batch, trainable_params=sum(t.numel for t in trainable), weights_bytes=int(ctx.weights),
+        state_bytes=int(state), dynamic_bytes=int(dynamic), activation_bytes=int(act), peak_bytes=int(peak),
+        formula=formula,
+    )  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class _Context:
+    shape: ModelShape
+    method: str
+    scheme: str
+    dtype: str
+    variant: str
+    wb: int  # bytes per weight / gradient / state element
+    ab: int  # bytes per activation element
+    batch: int
+    seq: int
+    logits_positions: int | None
+    trainable: list[ParamTensor]
+    weights: int
+    chunk: int
+    workers: int
+    queries: int
+    rank: int
+    momentum: float
+    foreach: bool
+    lora_r: int
+
+    @property
+    def eps(self) -> int:
+        """Bytes of the trainable tensors (|x| for full tuning, the adapter's for peft schemes)."""
+        return sum(t.numel for t in self.trainable) * self.wb
+
+    def per_block(self) -> dict[str | int, int]:
+        """Trainable bytes per block (|x_l|)."""
+        out = {k: 0 for k in _blocks(self.shape)}
+        for t in self.trainable:
+            out[t.block] += t.numel * self.wb
+        return out
+
+    def largest(self) -> int:
+        """Elements of the largest trainable tensor."""
+        return max((t.numel for t in self.trainable), default=0)
+
+    def activations(self, dtype_bytes: int | None = None) -> Activations:
+        return activation_bytes_per_layer(self.shape, self.batch, self.seq, dtype_bytes or self.ab,
+                                          logits_positions=self.logits_positions, scheme=self.scheme,
+                                          lora_r=self.lora_r)
+
+    def working_set(self, dtype_bytes: int | None = None) -> int:
+        ws = forward_working_set(self.shape, self.batch, self.seq, dtype_bytes or self.ab,
+                                 logits_positions=self.logits_positions)
+        return ws["shared"] + ws["held"] + max(ws["layer"], ws["head"])
+
+    @property
+    def half(self) -> bool:
+        return self.wb == 2
+
+
+def _block_acts(act: Activations, shape: ModelShape) -> dict[str | int, int]:
+    out: dict[str | int, int] = {"embed": act.embedding + act.shared}
+    out.update({l: act.per_layer for l in range(shape.layers)})
+    out["head"] = act.head
+    return out
+
+
+def _inference(ctx: _Context):
+    fwd = ctx.working_set()
+    return 0, 0, fwd, ctx.weights + fwd, "|x| + forward working set (no grad)"
+
+
+def _first_order(ctx: _Context):
+    shape, eps = ctx.shape, ctx.eps
+    adam = ctx.method == "fo-adam"
+    mixed = ctx.dtype in _MIXED
+    state = 2 * eps if adam else (eps if ctx.momentum > 0 else 0)
+    foreach_tmp = eps if adam and ctx.foreach else 0
+    grads = ctx.per_block()
+    if ctx.variant == "paper":
+        # Table 5 / A1 / A2: activations a_l at full precision, halved by FP16 (1/2 a_l) and by F16
+        a_full = _block_acts(ctx.activations(4), shape)
+        scale = 0.5 if (mixed or ctx.half) else 1.0
+        acts = {k: v * scale for k, v in a_full.items()}
+        per_layer = sum(max(acts[k], grads[k]) for k in acts)
+        if mixed:
+            dynamic = max(sum(acts.values()) + ctx.weights / 2, per_layer)
+            dyn_text = "max(1/2|a| + 1/2|x|, sum_l max(1/2|a_l|, |x_l|))"
+        else:
+            dynamic = per_layer
+            dyn_text = "sum_l max(|a_l|, |x_l|)"
+        state_text = " + 2|x|" if adam else (" + |x| (momentum)" if state else "")
+        fe_text = " + |x| (foreach)" if foreach_tmp else ""
+        if ctx.scheme != "full":
+            dyn_text, state_text = dyn_text.replace("|x_l|", "|e_l|"), state_text.replace("|x|", "|e|")
+            fe_text = fe_text.replace("|x|", "|e|")
+        # Table 5 counts the foreach temporaries in the optimizer-state column (FO-Adam: 3|x|)
+        state += foreach_tmp
+        peak = ctx.weights + dynamic + state
+        return state, dynamic, sum(acts.values()), peak, f"|x| + {dyn_text}{state_text}{fe_text}"
+    # zotune: follow the backward pass. Forward order: embed, layers, head; the backward visits
+    # them in reverse, freeing a block's activations as it writes the block's gradients. A tied
+    # LM head's gradient (the embedding matrix) is written first, at the head.
+    acts = _block_acts(ctx.activations(), shape)
+    if mixed:  # autocast keeps a 16-bit copy of each linear layer's weight for the backward
+        for t in shape.tensors:
+            if len(t.shape) == 2 and t.block != "embed":  # embedding lookups are not cast
+                acts[t.block] += t.numel * ctx.ab
+        if shape.tied:
+            acts["head"] += shape.vocab * shape.hidden * ctx.ab
+    ws = forward_working_set(shape, ctx.batch, ctx.seq, ctx.ab, logits_positions=ctx.logits_positions)
+    blocks = _blocks(shape)
+    if shape.tied and ctx.scheme == "full":
+        emb = next(t for t in shape.tensors if t.block == "embed")
+        grads["embed"] -= emb.numel * ctx.wb
+        grads["head"] += emb.numel * ctx.wb
+    total_acts = sum(acts.values())
+    fwd_peak = total_acts - acts["head"] + ws["head"]
+    # the head's backward also writes the gradient of the whole logits tensor (zeros, then the
+    # scored rows put in), beside its forward working set
+    rows = ctx.batch * ctx.seq if shape.kind == "masked" else (ctx.logits_positions or ctx.batch) + ctx.batch
+    head_work = ws["head"] + rows * shape.vocab * ctx.ab
+    bwd_peak, kept, written = 0, total_acts, 0
+    for k in reversed(blocks):
+        work = head_work if k == "head" else ws["layer"]
+        written += grads[k]
+        bwd_peak = max(bwd_peak, kept + written + work)
+        kept -= acts[k]
+    step_peak = sum(grads.values()) + foreach_tmp
+    dynamic = sum(grads.values()) + foreach_tmp
+    peak = ctx.weights + state + max(fwd_peak, bwd_peak, step_peak)
+    st = " + 2|e| (Adam moments)" if adam else (" + |e| (momentum)" if state else "")
+    fe = " + |e| foreach temporaries" if foreach_tmp else ""
+    text = f"|x|{st} + max(activations + gradients through the backward, |e| grads{fe})"
+    return state, dynamic, total_acts, peak, text
+
+
+def _forward_grad(ctx: _Context):
+    eps = ctx.eps
+    if ctx.variant == "paper":
+        a = max(_block_acts(ctx.activations(4), ctx.shape).values()) * (0.5 if ctx.half else 1.0)
+        peak = ctx.weights + eps + a
+        e = "|x|" if ctx.scheme == "full" else "|e|"
+        return 0, eps, a, peak, f"|x| + {e} (z) + max_l |a_l|"
+    # zotune: the whole direction z (|e|) is built before torch.func.jvp, leaf by leaf (each
+    # leaf's chunks, then their concatenation); the JVP forward carries a tangent beside every
+    # primal (twice the forward working set); the update redraws z chunk by chunk.
+    built, build_peak = 0, 0
+    for t in ctx.trainable:
+        build_peak = max(build_peak, built + 2 * t.numel * ctx.wb)
+        built += t.numel * ctx.wb
+    fwd = 2 * ctx.working_set()
+    chunk = min(ctx.chunk, ctx.largest()) * ctx.wb * ctx.workers
+    peak = ctx.weights + max(eps + fwd, build_peak, chunk)
+    return 0, eps, fwd, peak, "|x| + |e| (z) + 2 x forward working set (primal + tangent)"
+
+
+def _zo_state(ctx: _Context) -> tuple[int, str]:
+    m, eps = ctx.method, ctx.eps
+    if m == "zo-sgd-momentum":
+        return eps, "|e|"
+    if m == "zo-adam":
+        return 2 * eps, "2|e|"
+    if m == "lozo":
+        # V (n x r) per matrix, kept for `interval` steps; LOZO-M adds N (m x r) per matrix and a
+        # dense momentum for the other tensors
+        mats = [t for t in ctx.trainable if len(t.shape) == 2]
+        v = sum(t.shape[1] * min(ctx.rank, *t.shape) for t in mats) * ctx.wb
+        if ctx.momentum > 0:
+            n = sum(t.shape[0] * min(ctx.rank, *t.shape) for t in mats) * ctx.wb
+            dense = sum(t.numel for t in ctx.trainable if len(t.shape) != 2) * ctx.wb
+            return v + n + dense, "sum V (n r) + sum N (m r) + |vectors|"
+        return v, "sum V (n r)"
+    return 0, ""
+
+
+def _zeroth_order(ctx: _Context):
+    state, state_text = _zo_state(ctx)
+    full = ctx.scheme == "full"
+    x_l = "|x_l|" if full else "|e_l|"
+    lozo = ctx.method == "lozo"
+    mats = [t for t in ctx.trainable if len(t.shape) == 2]
+    vecs = [t for t in ctx.trainable if len(t.shape) != 2]
+    if ctx.variant == "paper":
+        # Table 5 / A2: one tensor's direction at a time (MeZO's reference code regenerates z per
+        # parameter tensor, so l ranges over tensors); F16 halves every term.
+        if lozo:
+            u = max((t.shape[0] * min(ctx.rank, *t.shape) for t in mats), default=0)
+            dynamic = max(u, max((t.numel for t in vecs), default=0)) * ctx.wb
+            text = f"|x| + max_l |U_l| + {state_text}"
+        else:
+            dynamic = ctx.largest() * ctx.wb
+            text = f"|x| + max_l {x_l}" + (f" + {state_text}" if state_text else "")
+        fwd = ctx.working_set()
+        return state, dynamic, fwd, ctx.weights + dynamic + state, text
+    # zotune: a scratch buffer of one chunk per worker thread (kept between steps), the
+    # direction regenerated into it; rules and half-precision rounding add per-chunk temporaries.
+    dense_unit = min(ctx.chunk, max((t.numel for t in (vecs if lozo else ctx.trainable)), default=0))
+    scratch = dense_unit * ctx.wb * ctx.workers
+    unit = dense_unit
+    per_unit = 0  # temporaries per element of a unit, bytes
+    if lozo:
+        u = max((t.shape[0] * min(ctx.rank, *t.shape) for t in mats), default=0) * ctx.wb
+        scratch += u * ctx.workers  # U (m x r) drawn per matrix
+        if ctx.half:  # matrices are updated whole: a float32 work copy of the largest one
+            unit = max(unit, max((t.numel for t in mats), default=0))
+    if ctx.queries > 1:
+        per_unit += ctx.wb  # the averaged g of several directions
+    if ctx.method == "zo-adam":
+        per_unit += 2 * ctx.wb  # g * scale and the bias-corrected v_{t-1}
+    if ctx.half:
+        # float32 work copy, stochastic rounding: nearest / other (16-bit) and float32 copies,
+        # the rounding probability and uniform draws
+        per_unit += 4 + 2 + 4 + 2 + 4 + 4 + 4
+    update = scratch + unit * per_unit * ctx.workers
+    fwd = ctx.working_set()
+    # half weights: zotune perturbs "just in time" (swap): a perturbed copy of one module's
+    # trained tensors exists while that module runs
+    swap = 0
+    if ctx.half:
+        swap = max((t.numel for t in ctx.trainable), default=0) * ctx.wb
+    forward = fwd + scratch + swap
+    peak = ctx.weights + state + max(forward, update)
+    st = f" + {state_text}" if state_text else ""
+    swap_text = " + perturbed module copy" if swap else ""
+    text = f"|x|{st} + max(forward working set{swap_text} + chunk, chunk + update temporaries)"
+    return state, update, fwd, peak, text
+
+
+def predict_table(model: Any, methods: str | Iterable[str] = "all", **kw) -> list[Prediction]:
+    """:func:`predict` for several methods (``"all"``: every method that applies to ``dtype``)."""
+    shape = model_shape(model)  # read the config once
+    if isinstance(methods, str):
+        if methods == "all":
+            mixed = _resolve_dtype(kw.get("dtype", "float32")) in _MIXED
+            methods = [m for m, (fam, _) in METHODS.items() if fam == "fo" or not mixed]
+        else:
+            methods = [methods]
+    return [predict(shape, m, **kw) for m in methods]
+
+
+def format_table(preds: Sequence[Prediction]) -> str:
+    """A markdown table of predictions, in MiB."""
+    head = "| method | scheme | dtype | weights | state | dynamic | activations | peak | formula |"
+    lines = [head, "|---|---|---|---:|---:|---:|---:|---:|---|"]
+    for p in preds:
+        sizes = (p.weights_bytes, p.state_bytes, p.dynamic_bytes, p.activation_bytes, p.peak_bytes)
+        cells = [p.method, p.scheme, p.dtype, *(f"{v / MiB:,.1f}" for v in sizes), p.formula]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ command line
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="zotune memory",
+        description="Predict the peak memory of a fine-tuning step from the model's config (no weights loaded).",
+    )
+    p.add_argument("--model", required=True, help="an alias (smollm2-135m), a local folder, a .gguf file or a hub name")
+    p.add_argument("--method", default="all", help=f"one of {', '.join(METHODS)}, or 'all'")
+    p.add_argument("--scheme", default="full", help=f"one of {', '.join(SCHEMES)}")
+    p.add_argument("--seq-len", type=int, default=64, help="tokens per example")
+    p.add_argument("--batch", type=int, default=16, help="examples per step")
+    p.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)}")
+    p.add_argument("--variant", default="zotune", help="zotune (what zotune allocates) or paper (ZO-Bench Table 5)")
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--prefix-tokens", type=int, default=5)
+    p.add_argument("--prompt-tokens", type=int, default=10)
+    p.add_argument("--logits-positions", type=int, default=None, help="scored positions per batch (default: batch)")
+    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK, help="elements per ZO direction chunk")
+    p.add_argument("--workers", type=int, default=1, help="threads drawing chunks at once (CPU)")
+    p.add_argument("--momentum", type=float, default=0.0, help="> 0: LOZO-M, FO-SGD with momentum")
+    p.add_argument("--foreach", action=argparse.BooleanOptionalAction, default=True,
+                   help="FO-Adam's multi-tensor update (one extra model-size temporary)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``zotune memory --model M --method X --scheme S --seq-len N --batch B --dtype D``: print the table."""
+    args = build_parser().parse_args(argv)
+    try:
+        shape = model_shape(args.model)
+        preds = predict_table(
+            shape, args.method, scheme=args.scheme, seq_len=args.seq_len, batch=args.batch, dtype=args.dtype,
+            lora_r=args.lora_r, prefix_tokens=args.prefix_tokens, prompt_tokens=args.prompt_tokens,
+            logits_positions=args.logits_positions, variant=args.variant, chunk_size=args.chunk_size,
+            workers=args.workers, momentum=args.momentum, foreach=args.foreach,
+        )  # fmt: skip
+    except (ValueError, OSError) as e:
+        print(f"zotune memory: error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"{shape.name}: {shape.model_type}, {shape.total_params:,} parameters, {shape.layers} layers, "
+        f"hidden {shape.hidden}, vocab {shape.vocab}{', tied embeddings' if shape.tied else ''}; "
+        f"seq_len {args.seq_len}, batch {args.batch}, {preds[0].variant} variant (MiB)"
+    )
+    print(format_table(preds))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""The memory model: parameter shapes against real models, the ZO-Bench Table 5 formulas computed
+by hand, and the activation accounting against allocations measured with AllocationTracker."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from zotune.bench import memory_model as mm
+from zotune.bench.memory_model import (
+    activation_bytes_per_layer,
+    format_table,
+    model_shape,
+    predict,
+    predict_table,
+)
+from zotune.bench.profile import AllocationTracker
+from zotune.lm import Batch, pair_loss
+from zotune.models import ALIASES, cache_root, tiny_model
+
+ARCHS = ("llama", "opt", "gpt2", "roberta")
+
+
+def _auto(kind):
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    return AutoModelForMaskedLM if kind == "masked" else AutoModelForCausalLM
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return {arch: tiny_model(arch) for arch in ARCHS}
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    """A small LLaMA shape with grouped-query attention and an untied head."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=1000, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+    )  # fmt: skip
+    return model_shape(config)
+
+
+# ------------------------------------------------------------------------- parameter shapes
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_parameter_shapes_match_the_model_built_from_the_config(tiny, arch, tied):
+    config = copy.deepcopy(tiny[arch].model.config)
+    config.tie_word_embeddings = tied
+    with torch.device("meta"):  # shapes only, no memory
+        model = _auto(tiny[arch].kind).from_config(config)
+    shape = model_shape(config)
+    assert {t.name: t.shape for t in shape.tensors} == {n: tuple(p.shape) for n, p in model.named_parameters()}
+    assert shape.total_params == sum(p.numel() for p in model.parameters())  # tied tensors once
+    assert shape.params_per_layer == sum(p.numel() for n, p in model.named_parameters() if ".0." in n)
+    assert shape.tied is tied
+
+
+def test_smollm2_parameter_count():
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True,
+    )  # fmt: skip
+    shape = model_shape(config)
+    assert shape.total_params == 134_515_008
+    assert shape.params_per_layer == 3_540_096
+
+
+@pytest.mark.skipif(not (cache_root() / "smollm2-135m" / "config.json").is_file(), reason="SmolLM2 not converted yet")
+def test_smollm2_alias_reads_the_cached_config():
+    shape = model_shape("smollm2-135m")
+    assert (shape.total_params, shape.layers, shape.kv_heads, shape.tied) == (134_515_008, 30, 3, True)
+    assert "smollm2-135m" in ALIASES
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_adapter_sizes_match_peft(arch):
+    from zotune.params import select_trainable
+
+    for scheme in ("lora", "prefix", "prompt"):
+        lm = tiny_model(arch)  # select_trainable wraps the model in place: a fresh one each time
+        _, named = select_trainable(lm.model, scheme)
+        p = predict(lm.model.config, "mezo", scheme=scheme)
+        assert p.trainable_params == sum(t.numel() for t in named.values()), scheme
+
+
+# --------------------------------------------------------------------------------- formulas
+def _paper(shape, method, **kw):
+    return predict(shape, method, variant="paper", **kw)
+
+
+def test_table5_formulas_by_hand(synthetic):
+    s, seq, batch = synthetic, 64, 8
+    x = s.total_params * 4
+    max_tensor = max(t.numel for t in s.tensors) * 4  # MeZO regenerates z one tensor at a time
+    act = activation_bytes_per_layer(s, batch, seq, 4)
+    # blocks: embedding (+ the shared attention mask), each layer, the head
+    a = [act.embedding + act.shared] + [act.per_layer] * s.layers + [act.head]
+    x_l = [s.embedding_params * 4] + [s.params_per_layer * 4] * s.layers + [s.head_params * 4]
+    assert sum(x_l) == x
+    kw = dict(seq_len=seq, batch=batch)
+    fo_dynamic = sum(max(ai, xi) for ai, xi in zip(a, x_l))
+    assert _paper(s, "fo-sgd", **kw).peak_bytes == x + fo_dynamic
+    assert _paper(s, "fo-adam", **kw).peak_bytes == x + fo_dynamic + 3 * x
+    assert _paper(s, "fo-adam", foreach=False, **kw).peak_bytes == x + fo_dynamic + 2 * x
+    assert _paper(s, "forward-grad", **kw).peak_bytes == x + x + max(a)
+    for method in ("mezo", "zo-sgd-sign", "zo-sgd-cons", "zo-sgd-block"):
+        assert _paper(s, method, **kw).peak_bytes == x + max_tensor
+    assert _paper(s, "zo-sgd-momentum", **kw).peak_bytes == x + max_tensor + x
+    p = _paper(s, "zo-adam", **kw)
+    assert (p.weights_bytes, p.dynamic_bytes, p.state_bytes) == (x, max_tensor, 2 * x)
+    assert p.peak_bytes == x + max_tensor + 2 * x
+    # FP16 mixed precision: |x| + max(1/2 |a| + 1/2 |x|, sum_l max(1/2 |a_l|, |x_l|))
+    mixed = max(sum(a) / 2 + x / 2, sum(max(ai / 2, xi) for ai, xi in zip(a, x_l)))
+    assert _paper(s, "fo-sgd", dtype="fp16-mixed", **kw).peak_bytes == int(x + mixed)
+
+
+def test_half_precision_halves_the_zo_rows(synthetic):
+    for method in ("mezo", "zo-sgd-momentum", "zo-adam"):
+        full = _paper(synthetic, method)
+        half = _paper(synthetic, method, dtype="bfloat16")
+        assert 2 * half.peak_bytes == full.peak_bytes
+        assert 2 * half.state_bytes == full.state_bytes and 2 * half.weights_bytes == full.weights_bytes
+
+
+def test_zo_sgd_does_not_grow_with_sequence_length_but_fo_sgd_does(synthetic):
+    short, long = 32, 1024
+    assert _paper(synthetic, "mezo", seq_len=short).peak_bytes == _paper(synthetic, "mezo", seq_len=long).peak_bytes
+    fo = predict(synthetic, "fo-sgd", seq_len=long).peak_bytes - predict(synthetic, "fo-sgd", seq_len=short).peak_bytes
+    zo = predict(synthetic, "mezo", seq_len=long).peak_bytes - predict(synthetic, "mezo", seq_len=short).peak_bytes
+    assert fo > 0 and zo >= 0
+    assert zo < fo / synthetic.layers  # ZO pays one layer's working set, FO keeps every layer's activations
+
+
+def test_zotune_zo_sgd_needs_one_chunk_not_the_largest_tensor(synthetic):
+    largest = max(t.numel for t in synthetic.tensors)
+    p = predict(synthetic, "mezo", chunk_size=1000)
+    assert p.dynamic_bytes == 1000 * 4
+    assert predict(synthetic, "mezo", chunk_size=1000, workers=3).dynamic_bytes == 3 * 1000 * 4
+    assert predict(synthetic, "mezo").dynamic_bytes == largest * 4  # the default chunk is larger
+    assert _paper(synthetic, "mezo").dynamic_bytes == largest * 4
+    adam = predict(synthetic, "zo-adam", chunk_size=1000)
+    assert adam.dynamic_bytes == 3 * 1000 * 4  # the chunk, g and the bias-corrected v_{t-1}
+    fwd = predict(synthetic, "inference").activation_bytes
+    assert p.peak_bytes == p.weights_bytes + fwd + 1000 * 4  # the forward dominates here
+
+
+def test_lora_reduces_state_to_the_adapter(synthetic):
+    r, h, hq, hkv = 8, synthetic.hidden, synthetic.q_dim, synthetic.kv_dim
+    adapter = synthetic.layers * (r * (h + hq) + r * (h + hkv))  # A (r x in) and B (out x r) on q and v
+    for method, state in (("zo-adam", 2), ("zo-sgd-momentum", 1), ("fo-adam", 2), ("mezo", 0)):
+        p = predict(synthetic, method, scheme="lora", lora_r=r, foreach=False)
+        assert p.trainable_params == adapter
+        assert p.state_bytes == state * adapter * 4, method
+        assert p.weights_bytes == (synthetic.total_params + adapter) * 4
+    full, lora = predict(synthetic, "fo-sgd"), predict(synthetic, "fo-sgd", scheme="lora")
+    assert lora.dynamic_bytes == adapter * 4 < full.dynamic_bytes  # gradients of the adapter only
+    assert lora.activation_bytes < full.activation_bytes  # frozen linears keep no inputs
+
+
+def test_lozo_state_is_low_rank(synthetic):
+    mats = [t for t in synthetic.tensors if len(t.shape) == 2]
+    v = sum(t.shape[1] * 2 for t in mats) * 4
+    assert predict(synthetic, "lozo", lozo_rank=2).state_bytes == v
+    n = sum(t.shape[0] * 2 for t in mats) * 4
+    vectors = sum(t.numel for t in synthetic.tensors if len(t.shape) == 1) * 4
+    assert predict(synthetic, "lozo", lozo_rank=2, momentum=0.9).state_bytes == v + n + vectors
+
+
+def test_table_and_all_methods(synthetic):
+    preds = predict_table(synthetic, "all", seq_len=32, batch=4)
+    assert [p.method for p in preds] == list(mm.METHODS)
+    table = format_table(preds)
+    assert table.count("\n") == len(preds) + 1 and "| zo-adam |" in table
+    assert [p.method for p in predict_table(synthetic, "all", dtype="fp16-mixed")] == ["fo-sgd", "fo-adam"]
+
+
+# ------------------------------------------------------------------------ against measurement
+def _batch(kind: str, vocab: int, batch: int, seq: int) -> Batch:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, vocab, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[::2, :3] = 0  # left padding on every other row, as encode_pairs makes
+    lengths = mask.sum(1)
+    cont = torch.zeros(batch, seq, dtype=torch.bool)
+    cont[:, -1 if kind == "causal" else seq // 2] = True  # one scored token per row
+    labels = torch.where(cont, ids, torch.full_like(ids, -100))
+    return Batch(ids, mask, cont, labels, lengths, kind)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fo_sgd_and_inference_predictions_match_measured_allocations(arch):
+    lm = tiny_model(arch)  # fresh: backward writes .grad
+    batch, seq = 4, 48
+    data = _batch(lm.kind, len(lm.tokenizer), batch, seq)
+    with torch.no_grad(), AllocationTracker() as forward:
+        pair_loss(lm.model, data)
+    with AllocationTracker() as step:  # the weights exist already: this is activations + gradients
+        pair_loss(lm.model, data).backward()
+    fo = predict(lm.model.config, "fo-sgd", seq_len=seq, batch=batch)
+    paper = predict(lm.model.config, "fo-sgd", seq_len=seq, batch=batch, variant="paper")
+    inference = predict(lm.model.config, "inference", seq_len=seq, batch=batch)
+    assert 0.5 < (fo.peak_bytes - fo.weights_bytes) / step.peak_bytes < 2.0
+    assert 0.5 < paper.dynamic_bytes / step.peak_bytes < 2.0
+    assert 0.5 < inference.activation_bytes / forward.peak_bytes < 2.0
+    assert fo.weights_bytes == sum(p.numel() for p in lm.model.parameters()) * 4
+
+
+# ----------------------------------------------------------------------------------- errors
+def test_errors_say_what_to_pass(synthetic):
+    with pytest.raises(ValueError, match="Did you mean 'mezo'"):
+        predict(synthetic, "mezzo")
+    with pytest.raises(ValueError, match="Did you mean 'lora'"):
+        predict(synthetic, "mezo", scheme="loar")
+    with pytest.raises(ValueError, match="Did you mean 'bfloat16'"):
+        predict(synthetic, "mezo", dtype="bfloat61")
+    with pytest.raises(ValueError, match="Did you mean 'paper'"):
+        predict(synthetic, "mezo", variant="papers")
+    with pytest.raises(ValueError, match="seq_len"):
+        predict(synthetic, "mezo", seq_len=0)
+    with pytest.raises(ValueError, match="batch"):
+        predict(synthetic, "fo-sgd", batch=-2)
+    with pytest.raises(ValueError, match="first-order"):
+        predict(synthetic, "mezo", dtype="fp16-mixed")
+    from transformers import T5Config
+
+    with pytest.raises(ValueError, match="model_type"):
+        model_shape(T5Config())
+
+
+def test_main_prints_the_table_and_reports_errors(tmp_path, capsys, synthetic):
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=500, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4).save_pretrained(tmp_path)  # fmt: skip
+    assert mm.main(["--model", str(tmp_path), "--method", "all", "--seq-len", "16", "--batch", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "| fo-adam |" in out and "| inference |" in out
+    assert mm.main(["--model", str(tmp_path), "--method", "zo-adma"]) == 2
+    assert "Did you mean 'zo-adam'" in capsys.readouterr().err
