@@ -109,18 +109,40 @@ def main(argv=None) -> int:
     }
     rows = []
     ref_step = None
+
+    def fwd():
+        with torch.no_grad():
+            loss()
+
+    def alternate(step_fn):
+        """Median step time and median forward time, taken in alternation (so that a shared,
+        unevenly loaded machine slows both alike), and the median of the per-round ratios."""
+        step_fn()
+        fwd()
+        steps, fwds, ratios = [], [], []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            fwd()
+            t1 = time.perf_counter()
+            step_fn()
+            t2 = time.perf_counter()
+            fwds.append(t1 - t0)
+            steps.append(t2 - t1)
+            ratios.append((t2 - t1) / (2 * (t1 - t0)))
+        return statistics.median(steps), statistics.median(fwds), statistics.median(ratios)
+
     for name in args.methods.split(","):
         if name == "reference":
             params = [p for _, p in named]
             counter = iter(range(10**6))
-            ref_step = median_time(lambda: mezo_step(params, loss, next(counter), lr=1e-9, eps=1e-3), args.repeats)
-            rows.append({"method": "reference (MeZO Alg. 1)", "step_s": ref_step, "ratio": ref_step / (2 * forward)})
+            ref_step, f, ratio = alternate(lambda: mezo_step(params, loss, next(counter), lr=1e-9, eps=1e-3))
+            rows.append({"method": "reference (MeZO Alg. 1)", "step_s": ref_step, "ratio": ratio, "forward_s": 2 * f})
             continue
         opt = builders[name]()
-        step = median_time(lambda: opt.step(loss), args.repeats)
+        step, f, ratio = alternate(lambda: opt.step(loss))
         gen = generation_time(opt, args.repeats)
-        rows.append({"method": name, "step_s": step, "ratio": step / (2 * forward), "forward_s": 2 * forward,
-                     "generation_s": gen, "other_s": max(0.0, step - 2 * forward - gen)})
+        rows.append({"method": name, "step_s": step, "ratio": ratio, "forward_s": 2 * f,
+                     "generation_s": gen, "other_s": max(0.0, step - 2 * f - gen)})
         del opt
     for r in rows:
         if ref_step:

@@ -119,6 +119,11 @@ def cmd_report(args) -> int:
     from zotune.bench.report import report
 
     text = report(args.results)
+    if args.figures:
+        from zotune.bench.report import figures, load_records
+
+        for path in figures(load_records(args.results), args.figures):
+            print(f"wrote {path}", file=sys.stderr)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -164,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="markdown tables from a grid's results JSONL")
     rep.add_argument("results")
     rep.add_argument("--out", help="also write the markdown here")
+    rep.add_argument("--figures", help="write loss curves and accuracy against forward passes (PNG, SVG) here")
     rep.set_defaults(fn=cmd_report)
     mem = sub.add_parser("memory", add_help=False,
                          help="predict peak memory without loading weights (ZO-Bench Table 5); --help for options")

@@ -99,3 +99,17 @@ def test_report_tables_from_records(tmp_path):
     path.write_text("not json\n")
     with pytest.raises(ValueError, match="line 1: not JSON"):
         load_records(path)
+
+
+def test_report_figures_are_written(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 6)))
+    rec = {"run": "r", "status": "ok", "output_dir": str(run), "results": {
+        "task": "sst2", "method": "mezo", "scheme": "full", "test": {"accuracy": 0.7}, "forward_passes": 10}}
+    from zotune.bench.report import figures
+
+    paths = figures([rec], tmp_path / "figs")
+    assert sorted(p.name for p in paths) == ["accuracy_vs_forward_passes.png", "accuracy_vs_forward_passes.svg",
+                                            "loss_curves.png", "loss_curves.svg"]
+    assert all(p.stat().st_size > 1000 for p in paths)

@@ -120,3 +120,71 @@ def report(path: str | Path) -> str:
              "## Tuned metric by method and scheme", pivot_table(records, "method", "scheme"),
              "## Memory and time by method", cost_table(records)]
     return "\n\n".join(parts) + "\n"
+
+
+def _curve(run_dir: Path) -> tuple[list[int], list[float]]:
+    steps, losses = [], []
+    path = Path(run_dir) / "metrics.jsonl"
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "loss" in rec:
+                steps.append(rec["step"])
+                losses.append(rec["loss"])
+    return steps, losses
+
+
+def figures(records: list[dict], out_dir: str | Path) -> list[Path]:
+    """Loss curves (one panel per task) and tuned accuracy against forward passes, as PNG and SVG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ok = [r for r in records if r.get("status") == "ok" and r.get("output_dir")]
+    written = []
+    tasks = list(dict.fromkeys((r.get("results") or {}).get("task") for r in ok))
+    if tasks:
+        fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.2), squeeze=False)
+        for ax, task in zip(axes[0], tasks):
+            for r in ok:
+                if (r.get("results") or {}).get("task") != task:
+                    continue
+                steps, losses = _curve(r["output_dir"])
+                if steps:
+                    ax.plot(steps, losses, label=r["run"])
+            ax.set_title(task)
+            ax.set_xlabel("step")
+            ax.set_ylabel("training loss")
+            ax.legend(fontsize=7)
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        written += _save(fig, out / "loss_curves")
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for r in ok:
+            res = r.get("results") or {}
+            m = _metric(res.get("test"))
+            if m and res.get("forward_passes"):
+                ax.scatter(res["forward_passes"], 100 * m[1], label=r["run"])
+        ax.set_xlabel("forward passes")
+        ax.set_ylabel("tuned test metric (%)")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        written += _save(fig, out / "accuracy_vs_forward_passes")
+    return written
+
+
+def _save(fig, stem: Path) -> list[Path]:
+    paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
+    for p in paths:
+        fig.savefig(p, dpi=120)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return paths
