@@ -43,9 +43,15 @@ def check_range(name: str, value: float, low: float, high: float, *, high_inclus
     return v
 
 
+def did_you_mean(word: str, options: Iterable[str]) -> str:
+    """`` Did you mean 'x'?`` for the closest option (by similarity or shared prefix), else ""."""
+    options = list(options)
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.5)
+    close = close or [o for o in options if word and (o.startswith(word) or word.startswith(o))][:1]
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
 def unknown_choice(kind: str, value: str, choices: Iterable[str]) -> str:
     """The message for an unknown registry name: 'Did you mean ...? Available: ...'."""
     choices = sorted(choices)
-    close = difflib.get_close_matches(str(value), choices, n=1)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
-    return f"Unknown {kind} '{value}'.{hint} Available: {', '.join(choices)}"
+    return f"Unknown {kind} '{value}'.{did_you_mean(str(value), choices)} Available: {', '.join(choices)}"

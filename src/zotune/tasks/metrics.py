@@ -12,7 +12,7 @@ import string
 from collections import Counter
 from typing import Collection, Hashable, Sequence
 
-from ._hints import did_you_mean
+from zotune._validate import did_you_mean
 from .base import METRIC_NAMES, Example
 
 __all__ = ["accuracy", "normalize_answer", "exact_match", "token_f1", "f1a", "multirc_em", "compute_metric"]

@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Sequence
 
-from ._hints import did_you_mean
+from zotune._validate import did_you_mean
 from .base import Example, TaskSpec, Template
 from .definitions import TASKS
 from .formats import DataFormatError, Record
