@@ -11,6 +11,7 @@ run resumed after ``kill -9`` ends with exactly the weights of an uninterrupted 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import resource
@@ -221,7 +222,7 @@ def train(cfg: Config, *, reduce=None, rank: int = 0, world_size: int = 1, setup
     evaluates, logs and saves. ``train_model`` is the module the closure runs (a DDP wrapper
     for first-order methods); by default the model itself.
     """
-    setup_console_logging()
+    setup_console_logging(logging.INFO if rank == 0 else logging.WARNING)  # rank 0 alone narrates
     t = cfg.train
     out = Path(t.output_dir)
     is_main = rank == 0
