@@ -72,8 +72,17 @@ def runs_table(records: list[dict]) -> str:
     return _md(header, rows)
 
 
+def _key(results: dict, name: str) -> str | None:
+    """A results.json field, or several joined with '+' (``method+scheme`` -> 'mezo (lora)')."""
+    if "+" in name:
+        first, *rest = name.split("+")
+        return f"{results.get(first)} ({', '.join(str(results.get(k)) for k in rest)})"
+    return results.get(name)
+
+
 def pivot_table(records: list[dict], rows: str = "method", cols: str = "scheme") -> str:
-    """The tuned metric (in %) by ``rows`` x ``cols`` (keys of results.json: method, scheme, task)."""
+    """The tuned metric (in %) by ``rows`` x ``cols`` (keys of results.json: method, scheme, task;
+    ``a+b`` joins two keys), averaged over seeds (n shown when more than one run)."""
     cells: dict[tuple, list[float]] = defaultdict(list)
     row_keys, col_keys = [], []
     for rec in records:
@@ -81,7 +90,7 @@ def pivot_table(records: list[dict], rows: str = "method", cols: str = "scheme")
         m = _metric(r.get("test"))
         if rec.get("status") != "ok" or m is None:
             continue
-        rk, ck = r.get(rows), r.get(cols)
+        rk, ck = _key(r, rows), _key(r, cols)
         row_keys += [rk] if rk not in row_keys else []
         col_keys += [ck] if ck not in col_keys else []
         cells[(rk, ck)].append(m[1])
@@ -116,7 +125,7 @@ def report(path: str | Path) -> str:
     """The full markdown report of a results file."""
     records = load_records(path)
     parts = [f"## Runs ({Path(path).name})", runs_table(records),
-             "## Tuned metric by method and task", pivot_table(records, "method", "task"),
+             "## Tuned metric by method and task", pivot_table(records, "method+scheme", "task"),
              "## Tuned metric by method and scheme", pivot_table(records, "method", "scheme"),
              "## Memory and time by method", cost_table(records)]
     return "\n\n".join(parts) + "\n"
