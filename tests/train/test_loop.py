@@ -200,3 +200,13 @@ def test_eval_command_prints_zero_shot_metrics_as_json(tmp_path):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["task"] == "sst2" and out["n"] == 16 and 0.0 <= out["accuracy"] <= 1.0
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "steps.jsonl").write_text('{"step": 0, "coeffs": [1.0]}\n')  # left by a kill before any save
+    r = cli("train", *TINY, "train.steps=2", "train.eval_at_start=false", f"train.output_dir={run}")
+    assert r.returncode == 0, r.stderr
+    lines = (run / "steps.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [0, 1]

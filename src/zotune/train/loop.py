@@ -250,8 +250,9 @@ def train(cfg: Config, *, reduce=None, rank: int = 0, world_size: int = 1, setup
         logger.truncate_after(start)
         log.info("resumed from %s at step %d", found, start)
     elif is_main:
-        if (out / LAST).exists() or (out / "steps.jsonl").exists():
+        if not t.resume and ((out / LAST).exists() or (out / "steps.jsonl").exists()):
             raise CheckpointError(f"{out} already holds a run: pass train.resume=true or use another output_dir")
+        # resume=true but no checkpoint yet (killed before the first save): start again from scratch
         out.mkdir(parents=True, exist_ok=True)
         _write_json_atomic(out / "config.json", cfg.to_dict())
         for f in ("metrics.jsonl", "steps.jsonl"):
