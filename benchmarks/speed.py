@@ -49,13 +49,17 @@ def median_time(fn, repeats: int) -> float:
 
 
 def generation_time(opt, repeats: int) -> float:
-    """Time to draw every chunk of every direction one step draws (3 per query for in-place
-    two-point estimates, minus the fused restore; 2 per query + 1 for swap)."""
+    """Time to draw every chunk of every direction one step draws (4q - 1 in place: +eps, -2eps,
+    restore, the last restore fused into the update; 3q for swap; 2q for dual)."""
     est = opt.estimator
     leaves = opt.leaves
     dirs = est.directions(opt.steps_taken)
-    per_query = 2 if opt.perturbation == "swap" else 3
-    draws = len(dirs) * per_query + (len(dirs) if opt.perturbation == "swap" else 0) - (0 if opt.perturbation == "swap" else 1)
+    if opt.perturbation == "swap":  # +eps, -eps, update
+        draws = 3 * len(dirs)
+    elif opt.perturbation == "dual":  # both halves from one draw, update
+        draws = 2 * len(dirs)
+    else:  # +eps, -2eps, restore (the last one fused into the update)
+        draws = 4 * len(dirs) - 1
     draws = max(draws, 1)
 
     def draw_all():
@@ -81,7 +85,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="benchmarks/results/speed.json")
-    ap.add_argument("--methods", default="mezo,mezo-rademacher,mezo-swap,lozo,lozo-m,zo-adam,reference")
+    ap.add_argument("--methods", default="mezo,mezo-dual,mezo-rademacher,mezo-rademacher-dual,mezo-swap,"
+                                         "lozo,lozo-dual,lozo-m,zo-adam,reference")
     args = ap.parse_args(argv)
 
     torch.manual_seed(0)
@@ -91,10 +96,14 @@ def main(argv=None) -> int:
     ids = torch.randint(0, vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
 
-    def loss():
-        # the training loss's cost: all positions through the network, logits for the last one
-        out = model(input_ids=ids, attention_mask=mask, logits_to_keep=1, use_cache=False)
-        return torch.nn.functional.cross_entropy(out.logits[:, -1].float(), ids[:, -1])
+    def loss(copies: int = 1):
+        # the training loss's cost: all positions through the network, logits for the last one;
+        # copies=2 (perturbation="dual"): the batch twice over in one forward, one loss per copy
+        x, m = ids.repeat(copies, 1), mask.repeat(copies, 1)
+        out = model(input_ids=x, attention_mask=m, logits_to_keep=1, use_cache=False)
+        per_row = torch.nn.functional.cross_entropy(out.logits[:, -1].float(), x[:, -1], reduction="none")
+        per_copy = per_row.view(copies, -1).mean(1)
+        return per_copy[0] if copies == 1 else per_copy
 
     with torch.no_grad():
         forward = median_time(loss, args.repeats)
@@ -103,7 +112,11 @@ def main(argv=None) -> int:
         "mezo": lambda: zotune.MeZO(named, lr=1e-9),
         "mezo-rademacher": lambda: zotune.ZOOptimizer(named, "rademacher", "sgd", lr=1e-9),
         "mezo-swap": lambda: zotune.MeZO(named, lr=1e-9, module=model, perturbation="swap"),
+        "mezo-dual": lambda: zotune.MeZO(named, lr=1e-9, module=model, perturbation="dual"),
+        "mezo-rademacher-dual": lambda: zotune.ZOOptimizer(named, "rademacher", "sgd", lr=1e-9, module=model,
+                                                           perturbation="dual"),
         "lozo": lambda: zotune.LOZO(named, lr=1e-9),
+        "lozo-dual": lambda: zotune.LOZO(named, lr=1e-9, module=model, perturbation="dual"),
         "lozo-m": lambda: zotune.LOZO(named, lr=1e-9, momentum=0.9),
         "zo-adam": lambda: zotune.ZOAdam(named, lr=1e-9),
     }

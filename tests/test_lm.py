@@ -194,3 +194,26 @@ def test_choice_batches_score_like_separate_pairs_and_train_as_classification(ti
             assert float(choice_loss(model, cb)) == pytest.approx(float(expected), rel=1e-5)
     with pytest.raises(ValueError, match="same number of choices"):
         encode_choices(tok, [shared[0], shared[0][:1]], None, 32)
+
+
+def test_losses_per_copy_run_the_batch_twice_over_in_one_forward(tiny_llama):
+    from zotune.lm import choice_loss, encode_choices
+
+    model, tok = tiny_llama.model, tiny_llama.tokenizer
+    rows = []
+    handle = model.register_forward_pre_hook(lambda m, args, kwargs: rows.append(kwargs["input_ids"].shape[0]),
+                                             with_kwargs=True)
+    batch = encode_pairs(tok, PAIRS, max_length=64)
+    shared = encode_choices(tok, [[("the movie was", " great"), ("the movie was", " bad")]] * 3, [0, 1, 1], 32)
+    differing = encode_choices(tok, [[("the cause was", " rain"), ("the effect was", " sun")]] * 2, [0, 1], 32)
+    with torch.no_grad():
+        for fn, b in ((pair_loss, batch), (choice_loss, shared), (choice_loss, differing)):
+            rows.clear()
+            one = fn(model, b)
+            two = fn(model, b, copies=2)
+            assert two.shape == (2,) and rows == [len(b) if fn is pair_loss else len(b.batch),
+                                                  2 * (len(b) if fn is pair_loss else len(b.batch))]
+            torch.testing.assert_close(two, one.expand(2), atol=1e-5, rtol=1e-5)
+    handle.remove()
+    with pytest.raises(ValueError, match="copies"):
+        pair_loss(model, batch, copies=0)

@@ -100,3 +100,79 @@ def test_swap_replay_is_exact_and_errors_are_clear():
         zotune.MeZO(mlp().named_parameters(), perturbation="swap", module=mlp())
     with pytest.raises(ValueError, match="Did you mean 'swap'"):
         zotune.MeZO(mlp().named_parameters(), perturbation="swp")
+
+
+def dual_loss_of(model):
+    """A closure for perturbation='dual': ``copies`` runs the rows that many times in one batch."""
+    def closure(copies=1):
+        x = X.to(model[0].weight.dtype).repeat(copies, 1)
+        err = ((model(x).float() - Y.repeat(copies, 1)) ** 2).view(copies, -1).mean(1)
+        return err[0] if copies == 1 else err
+    return closure
+
+
+@pytest.mark.parametrize("preset,kw", [("MeZO", {}), ("LOZO", {"rank": 2}), ("ZOAdam", {})])
+def test_dual_gives_the_inplace_trajectory_in_one_forward_per_query(preset, kw):
+    a, b = mlp(torch.float64), mlp(torch.float64)
+    make = getattr(zotune, preset)
+    inplace = make(a.named_parameters(), lr=1e-2, eps=1e-3, **kw)
+    dual = make(b.named_parameters(), lr=1e-2, eps=1e-3, module=b, perturbation="dual", **kw)
+    calls = []
+    b.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    for _ in range(10):
+        la = inplace.step(loss_of(a))
+        lb = dual.step(dual_loss_of(b))
+        assert abs(float(la) - float(lb)) < 1e-9
+        assert dual.last_record["coeffs"] == pytest.approx(inplace.last_record["coeffs"], rel=1e-6, abs=1e-9)
+    assert calls == [2 * len(X)] * 10  # one forward of doubled rows per step
+    assert dual.forward_passes == inplace.forward_passes == 20
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p, q, rtol=0, atol=1e-10)
+
+
+def test_dual_never_writes_bfloat16_weights_and_its_pair_is_symmetric():
+    seen = []
+
+    class Recording(torch.nn.Linear):  # sees the weights each half runs with
+        def forward(self, x):
+            seen.append(self.weight.detach().clone())
+            return super().forward(x)
+
+    model = mlp(torch.bfloat16)
+    model[0].__class__ = Recording
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = zotune.MeZO(model.named_parameters(), lr=0.0, eps=1e-2, module=model, perturbation="dual")
+    for _ in range(5):
+        opt.step(dual_loss_of(model))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    plus, minus = seen[0].double(), seen[1].double()
+    # the halves are x + eps z and 2 x - (x + eps z): symmetric about x up to one rounding
+    x = before[0].double()
+    assert ((plus + minus - 2 * x).abs() <= 2.0 ** -8 * (x.abs() + 1e-2)).all()
+    assert not torch.equal(plus, minus)
+
+
+def test_dual_errors_are_clear():
+    model = mlp()
+    opt = zotune.MeZO(model.named_parameters(), module=model, perturbation="dual")
+    with pytest.raises(ValueError, match=r"closure\(copies=2\)"):
+        opt.step(loss_of(model))  # a plain closure: no `copies`
+    with pytest.raises(ValueError, match="must return 2 losses"):
+        opt.step(lambda copies=1: dual_loss_of(model)(copies)[:1])
+    with pytest.raises(ValueError, match="halves of the rows differ"):
+        opt.step(lambda copies=1: torch.stack([loss_of(model)()] * 2))  # forgot to double the rows
+    with pytest.raises(ValueError, match="even number of rows"):
+        opt.step(lambda copies=1: torch.stack([((model(X[:3]) - Y[:3]) ** 2).mean()] * 2))
+    assert all("forward" not in m.__dict__ for m in model.modules())  # the wrappers were removed
+
+    class Nested(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(1))
+            self.inner = torch.nn.Linear(2, 2)
+
+    nested = Nested()
+    with pytest.raises(ValueError, match="must not nest"):
+        zotune.MeZO(nested.named_parameters(), module=nested, perturbation="dual")
+    with pytest.raises(ValueError, match="two-point estimators only"):
+        zotune.ForwardGrad(model.named_parameters(), module=model, perturbation="dual")

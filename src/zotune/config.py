@@ -36,6 +36,11 @@ class ModelConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16 (ZO methods can tune half precision: "F16")
     device: str = "cpu"  # cpu | cuda | cuda:N
     gguf_file: str | None = None
+    # Streamed weights (ZO2-style, zotune.streamed): keep trained tensors in memory-mapped files
+    # ("mmap", CPU runs) or host memory ("host", GPU runs) and bring each module in once per step.
+    offload: str = "none"  # none | mmap | host
+    offload_dir: str | None = None  # where "mmap" files go (default: <output_dir>/offload)
+    device_map: str | None = None  # "auto" | "balanced" | ... : spread the model over devices (accelerate)
 
 
 @dataclass
@@ -72,7 +77,7 @@ class OptimConfig:
     sparsity: float = 0.0  # > 0: sparse perturbation masks (ZO-Bench Table 8)
     max_nonfinite: int = 3
     fo_lr: float | None = None  # hybrid: lr of the FO part (default: lr)
-    perturbation: str = "auto"  # inplace | swap | auto (swap for float16/bfloat16 weights)
+    perturbation: str = "auto"  # inplace | swap | dual | auto (swap for float16/bfloat16 weights)
 
 
 @dataclass
@@ -264,8 +269,8 @@ def validate(cfg: Config) -> list[str]:
         errors.append(f"optim.warmup_steps ({o.warmup_steps}) exceeds train.steps ({t.steps})")
     if t.objective not in ("auto", "nll", "classification"):
         errors.append("train.objective: " + unknown_choice("objective", t.objective, ("auto", "nll", "classification")))
-    if o.perturbation not in ("auto", "inplace", "swap"):
-        errors.append("optim.perturbation: " + unknown_choice("perturbation", o.perturbation, ("auto", "inplace", "swap")))
+    if o.perturbation not in ("auto", "inplace", "swap", "dual"):
+        errors.append("optim.perturbation: " + unknown_choice("perturbation", o.perturbation, ("auto", "inplace", "swap", "dual")))
     schemes = ("full", "lora", "prefix", "prompt")
     if tr.scheme not in schemes:
         errors.append("trainable.scheme: " + unknown_choice("scheme", tr.scheme, schemes))
@@ -274,6 +279,21 @@ def validate(cfg: Config) -> list[str]:
             errors.append("trainable.zo_layers (hybrid ZO/FO) needs trainable.scheme: full")
         if o.method in METHODS and METHODS[o.method].family != "zo":
             errors.append(f"trainable.zo_layers needs a ZO method, got {o.method!r}")
+    offloads = ("none", "mmap", "host")
+    if m.offload not in offloads:
+        errors.append("model.offload: " + unknown_choice("offload", m.offload, offloads))
+    elif m.offload != "none":
+        if o.method in METHODS and (METHODS[o.method].family != "zo" or o.method in ("forward-grad", "zo-sgd-cons")):
+            errors.append(f"model.offload needs a two-point ZO method (not {o.method!r}): streamed modules "
+                          "compute both perturbed halves while resident")
+        if o.perturbation not in ("auto", "dual"):
+            errors.append(f"model.offload needs optim.perturbation: dual (or auto), got {o.perturbation!r}")
+        if tr.zo_layers is not None:
+            errors.append("model.offload does not combine with trainable.zo_layers (hybrid ZO/FO)")
+        if m.device_map is not None:
+            errors.append("model.offload and model.device_map are two ways to place weights: pick one")
+    if m.device_map is not None and not isinstance(m.device_map, str):
+        errors.append(f"model.device_map must be a string such as 'auto' or 'balanced', got {m.device_map!r}")
     dtypes = ("float32", "bfloat16", "float16")
     if m.dtype not in dtypes:
         errors.append("model.dtype: " + unknown_choice("dtype", m.dtype, dtypes))

@@ -56,6 +56,12 @@ class Batch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def repeat(self, copies: int) -> Batch:
+        """The rows ``copies`` times over, one copy after the other (for dual evaluation)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return Batch(**{k: v.repeat(copies, *[1] * (v.dim() - 1)) if isinstance(v, torch.Tensor) else v
+                        for k, v in fields.items()})
+
 
 class LogLikelihood(NamedTuple):
     """Per-row log-likelihood of the continuation: summed over its tokens, and per-token mean."""
@@ -235,15 +241,32 @@ def _target_logprobs(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     return -F.cross_entropy(selected, targets, reduction="none"), rows
 
 
-def pair_loss(model, batch: Batch) -> torch.Tensor:
+def pair_loss(model, batch: Batch, copies: int = 1) -> torch.Tensor:
     """Mean negative log-likelihood over all continuation tokens of the batch (a scalar).
 
     The training loss of MeZO (the gold candidate's continuation). Tokens are weighted equally,
     as Hugging Face's ``labels`` loss does. Runs under the caller's grad mode: ZO optimizers call
-    it inside ``torch.no_grad()``, first-order ones with gradients.
+    it inside ``torch.no_grad()``, first-order ones with gradients. ``copies > 1`` runs the
+    batch that many times over in one forward and returns one loss per copy (a ``(copies,)``
+    tensor), as ``perturbation="dual"`` asks.
     """
-    logp, _ = _target_logprobs(model, batch)
-    return -logp.mean()
+    if copies == 1:
+        logp, _ = _target_logprobs(model, batch)
+        return -logp.mean()
+    logp, rows = _target_logprobs(model, batch.repeat(_check_copies(copies)))
+    return -_per_copy(logp, rows // len(batch), copies, mean=True)
+
+
+def _check_copies(copies) -> int:
+    return check_int("copies", copies)
+
+
+def _per_copy(values: torch.Tensor, copy: torch.Tensor, copies: int, mean: bool) -> torch.Tensor:
+    total = torch.zeros(copies, dtype=values.dtype, device=values.device).index_add(0, copy, values)
+    if not mean:
+        return total
+    counts = torch.zeros(copies, dtype=values.dtype, device=values.device).index_add(0, copy, torch.ones_like(values))
+    return total / counts
 
 
 def sum_logprobs(model, batch: Batch) -> LogLikelihood:
@@ -433,6 +456,11 @@ class ChoiceBatch:
     def shared(self) -> bool:
         return self.candidates is not None
 
+    def repeat(self, copies: int) -> "ChoiceBatch":
+        """Every example ``copies`` times over, one copy after the other (for dual evaluation)."""
+        rep = lambda t: None if t is None else t.repeat(copies, *[1] * (t.dim() - 1))  # noqa: E731
+        return ChoiceBatch(self.batch.repeat(copies), self.n_choices, rep(self.candidates), rep(self.labels))
+
     def to(self, device) -> "ChoiceBatch":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return ChoiceBatch(self.batch.to(device), self.n_choices, move(self.candidates), move(self.labels))
@@ -472,10 +500,16 @@ def choice_scores(model, cb: ChoiceBatch) -> torch.Tensor:
     return total.view(-1, cb.n_choices)
 
 
-def choice_loss(model, cb: ChoiceBatch) -> torch.Tensor:
+def choice_loss(model, cb: ChoiceBatch, copies: int = 1) -> torch.Tensor:
     """Cross-entropy of the gold candidate among the candidates (MeZO's classification loss for
     classification and multiple-choice tasks: it trains the model to tell the candidates apart,
-    not to make the label words likelier in general)."""
+    not to make the label words likelier in general). ``copies > 1``: one loss per copy of the
+    examples, from one forward (see :func:`pair_loss`)."""
     if cb.labels is None:
         raise ValueError("choice_loss needs labels")
-    return F.cross_entropy(choice_scores(model, cb), cb.labels)
+    if copies == 1:
+        return F.cross_entropy(choice_scores(model, cb), cb.labels)
+    n = len(cb.labels)
+    rep = cb.repeat(_check_copies(copies))
+    losses = F.cross_entropy(choice_scores(model, rep), rep.labels, reduction="none")
+    return losses.view(copies, n).mean(1)

@@ -38,16 +38,18 @@ def _estimator(o, default="gaussian", module=None):
 
 
 def _zo(estimator: str, rule: Callable, conservative=False):
-    def build(o, named, module=None, reduce=None):
+    def build(o, named, module=None, reduce=None, streamed=False):
         est = _estimator(o, estimator, module)
         mode = o.perturbation
-        if mode == "auto":  # half-precision weights must not be written by the perturbation
+        if streamed:  # streamed weights: both halves while a module is resident, updates deferred
+            mode = "dual"
+        elif mode == "auto":  # half-precision weights must not be written by the perturbation
             half = any(p.dtype in (torch.float16, torch.bfloat16) for p in named.values())
             mode = "swap" if half and module is not None and est.kind == "two_point" else "inplace"
         return ZOOptimizer(
             list(named.items()), est, rule(o), o.lr, o.eps, o.weight_decay, o.seed,
             conservative=conservative, max_nonfinite=o.max_nonfinite, reduce=reduce,
-            module=module, perturbation=mode,
+            module=module, perturbation=mode, defer_update=streamed,
         )
     return build
 
@@ -82,10 +84,12 @@ METHODS: dict[str, Method] = {
 }
 
 
-def build_optimizer(o, named: dict[str, torch.Tensor], module=None, reduce=None):
-    """Build ``o.method`` over the named trainable tensors."""
+def build_optimizer(o, named: dict[str, torch.Tensor], module=None, reduce=None, streamed: bool = False):
+    """Build ``o.method`` over the named trainable tensors (``streamed``: for streamed weights)."""
     from zotune._validate import unknown_choice
 
     if o.method not in METHODS:
         raise ValueError(unknown_choice("method", o.method, METHODS))
+    if streamed:
+        return METHODS[o.method].build(o, named, module, reduce, streamed=True)
     return METHODS[o.method].build(o, named, module, reduce)

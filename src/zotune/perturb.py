@@ -10,6 +10,14 @@ pre-hook on each module that owns trained tensors gives it a perturbed copy whil
 puts the original back after, so only one module's perturbed weights exist at a time
 (ZO-Bench's ``max_l |x_l|``), and half-precision weights stay exact.
 
+``dual`` (one batched forward for both halves): the closure runs the batch twice over, as one
+forward of twice the rows; each module that owns trained tensors gets ``x + eps z`` for the first
+copy of the rows and ``x - eps z`` for the second, built from one draw of ``z`` while the module
+runs. A step then draws each direction twice (here and in the update) instead of three times,
+the weights are never written (exact in half precision), and the rest of the model runs one
+larger batch instead of two. It needs a closure that accepts ``copies=2`` (see
+:meth:`zotune.ZOOptimizer.step`) and modules that own tensors but contain no other such module.
+
 Updates to half-precision weights are far below their resolution (``lr * c * z`` ~ 1e-5 against
 a spacing of ~4e-4 for bfloat16 weights near 0.05), so round-to-nearest drops them;
 :func:`stochastic_round_` keeps them in expectation.
@@ -22,32 +30,38 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from zotune.estimators.base import Direction, Estimator, add_direction_
+from zotune.estimators.base import Direction, Estimator, LowRank, add_direction_
 
 HALF = (torch.float16, torch.bfloat16)
-MODES = ("inplace", "swap")
+MODES = ("inplace", "swap", "dual")
+
+
+def owners_of(module: nn.Module, leaves: list[torch.Tensor], names: list[str], mode: str):
+    """``[(submodule, [leaf indices it owns directly])]`` for every submodule owning trained tensors."""
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"perturbation={mode!r} needs the nn.Module being trained, got {type(module).__name__}")
+    index = {id(p): i for i, p in enumerate(leaves)}
+    owners: list[tuple[nn.Module, list[int]]] = []
+    owned = set()
+    for mod in module.modules():
+        own = [index[id(p)] for _, p in mod.named_parameters(recurse=False) if id(p) in index]
+        if own:
+            owners.append((mod, own))
+            owned.update(own)
+    missing = [names[i] for i in range(len(leaves)) if i not in owned]
+    if missing:
+        raise ValueError(
+            f"perturbation={mode!r}: {len(missing)} trained tensors (e.g. {missing[0]!r}) are not "
+            "parameters of the module given"
+        )
+    return owners
 
 
 class SwapPerturbation:
     """Perturbs the trained tensors of ``module`` just in time, module by module."""
 
     def __init__(self, module: nn.Module, leaves: list[torch.Tensor], names: list[str]) -> None:
-        if not isinstance(module, nn.Module):
-            raise ValueError(f"perturbation='swap' needs the nn.Module being trained, got {type(module).__name__}")
-        index = {id(p): i for i, p in enumerate(leaves)}
-        self.owners: list[tuple[nn.Module, list[int]]] = []
-        owned = set()
-        for mod in module.modules():
-            own = [index[id(p)] for _, p in mod.named_parameters(recurse=False) if id(p) in index]
-            if own:
-                self.owners.append((mod, own))
-                owned.update(own)
-        missing = [names[i] for i in range(len(leaves)) if i not in owned]
-        if missing:
-            raise ValueError(
-                f"perturbation='swap': {len(missing)} trained tensors (e.g. {missing[0]!r}) are not "
-                "parameters of the module given"
-            )
+        self.owners = owners_of(module, leaves, names, "swap")
         self.leaves = leaves
 
     @contextmanager
@@ -88,6 +102,126 @@ class SwapPerturbation:
             while saved:  # an exception inside a forward: put every original back
                 for p, data in saved.pop():
                     p.data = data
+
+
+class DualPerturbation:
+    """Runs the ``+eps`` and ``-eps`` evaluations of a direction as one forward on doubled rows.
+
+    While :meth:`active`, each module that owns trained tensors splits its input rows in two
+    halves and runs twice: on the first half with ``x + eps z``, on the second with
+    ``x - eps z``, then concatenates the outputs. ``z`` is drawn once, into the perturbed copy
+    itself (one module's tensors at a time), and the second copy is ``2 x - (x + eps z)``, so
+    the pair is symmetric about ``x`` up to one rounding, and the weights are never written.
+    """
+
+    def __init__(self, module: nn.Module, leaves: list[torch.Tensor], names: list[str]) -> None:
+        self.owners = owners_of(module, leaves, names, "dual")
+        mods = {id(m) for m, _ in self.owners}
+        for mod, _ in self.owners:
+            inner = [n for n, sub in mod.named_modules() if sub is not mod and id(sub) in mods]
+            if inner:
+                raise ValueError(
+                    f"perturbation='dual': {type(mod).__name__} owns trained tensors and contains "
+                    f"{inner[0]!r}, which owns some too; dual evaluation splits rows at modules that "
+                    "own tensors, so they must not nest. Use perturbation='inplace' or 'swap'."
+                )
+        self.leaves = leaves
+
+    @contextmanager
+    def active(self, est: Estimator, d: Direction, eps: float):
+        """While active, owning modules evaluate ``x +- eps z(d)`` on the two halves of their rows."""
+        patched = []
+        first_call = [True]  # the first module to run checks that its two halves are the same rows
+        for mod, own in self.owners:
+            had = "forward" in mod.__dict__
+            patched.append((mod, had, mod.__dict__.get("forward")))
+            mod.forward = self._dual_forward(mod.forward, own, est, d, eps, first_call)
+        try:
+            yield
+        finally:
+            for mod, had, old in patched:
+                if had:
+                    mod.forward = old
+                else:
+                    del mod.forward
+
+    def _dual_forward(self, forward, own, est: Estimator, d: Direction, eps: float, first_call: list):
+        leaves = self.leaves
+
+        def run(*args, **kwargs):
+            rows = _rows(args, kwargs)
+            (args_a, args_b), (kw_a, kw_b) = _halves(args, rows), _halves(kwargs, rows)
+            if first_call[0]:
+                first_call[0] = False
+                if not all(torch.equal(a, b) for a, b in zip((*args_a, *kw_a.values()), (*args_b, *kw_b.values()))
+                           if isinstance(a, torch.Tensor)):
+                    raise ValueError(
+                        "perturbation='dual': the two halves of the rows differ; with copies=2 the closure "
+                        "must run its batch twice over (rows 0..n-1, then the same rows again)"
+                    )
+            swapped = []
+            try:
+                for i in own:
+                    if est.touches(d, i):
+                        p = leaves[i]
+                        swapped.append((p, p.data))
+                        p.data = _perturbed_copy(est, d, i, p, eps)
+                out_a = forward(*args_a, **kw_a)
+                for p, data in swapped:
+                    p.data.lerp_(data, 2.0)  # x + eps z  ->  2 x - (x + eps z) = x - eps z
+                out_b = forward(*args_b, **kw_b)
+            finally:
+                for p, data in swapped:
+                    p.data = data
+            return _cat(out_a, out_b)
+
+        return run
+
+
+def _perturbed_copy(est: Estimator, d: Direction, i: int, p: torch.Tensor, eps: float) -> torch.Tensor:
+    """``p + eps z`` in a new tensor, written chunk by chunk straight from the draws."""
+    out = torch.empty_like(p)
+    for k in range(est.num_chunks(i)):
+        src, dst = est.target(p, i, k), est.target(out, i, k)
+        ld = est.leaf_direction(d, i, p, k, out=est.out_buffer(dst, i, p))
+        if ld is None:
+            dst.copy_(src)
+        elif isinstance(ld, LowRank):
+            dst.copy_(src)
+            add_direction_(dst, ld, eps)
+        else:
+            torch.add(src, ld.z, alpha=eps, out=dst)
+    return out
+
+
+def _rows(args, kwargs) -> int:
+    first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.dim() > 0), None)
+    if first is None or first.shape[0] % 2:
+        shape = None if first is None else tuple(first.shape)
+        raise ValueError(
+            f"perturbation='dual': a module got inputs without an even number of rows (first input "
+            f"shape {shape}); the closure must run the batch twice over when called with copies=2"
+        )
+    return first.shape[0]
+
+
+def _halves(obj, rows: int):
+    """Split every tensor of ``rows`` rows in ``obj`` (args tuple or kwargs dict) into halves."""
+    def cut(x, h):
+        if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == rows:
+            return x[h * rows // 2:(h + 1) * rows // 2]
+        return x
+    if isinstance(obj, dict):
+        return tuple({k: cut(v, h) for k, v in obj.items()} for h in (0, 1))
+    return tuple(tuple(cut(v, h) for v in obj) for h in (0, 1))
+
+
+def _cat(a, b):
+    if isinstance(a, torch.Tensor):
+        return torch.cat([a, b])
+    if isinstance(a, (tuple, list)) and all(isinstance(x, torch.Tensor) for x in a):
+        return type(a)(torch.cat([x, y]) for x, y in zip(a, b))
+    raise ValueError(f"perturbation='dual' supports modules returning tensors, got {type(a).__name__}")
 
 
 def stochastic_round_(dst: torch.Tensor, value: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

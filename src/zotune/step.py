@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from zotune._validate import check_int, check_positive, unknown_choice
-from zotune.perturb import HALF, MODES, SwapPerturbation, stochastic_round_
+from zotune.perturb import HALF, MODES, DualPerturbation, SwapPerturbation, stochastic_round_
 from zotune.rng import STREAM_ROUNDING, derive_seed, generator
 from zotune.estimators import Direction, Estimator, LowRank, add_direction_, make_estimator, to_dense
 from zotune.estimators.base import Dense, for_each_chunk
@@ -103,16 +103,23 @@ class ZOOptimizer(torch.optim.Optimizer):
         max_nonfinite: raise :class:`NonFiniteLossError` after this many skipped steps in a row.
         reduce: maps the tensor of the step's projected-gradient scalars to their mean over
             data-parallel workers (default: identity).
-        module: the ``nn.Module`` that owns the tensors (needed by ``perturbation="swap"``).
+        module: the ``nn.Module`` that owns the tensors (needed by ``perturbation="swap"`` and ``"dual"``).
         perturbation: ``"inplace"`` writes ``x +- eps z`` into the weights (MeZO); ``"swap"``
             leaves them untouched and hands each module its perturbed weights only while it
-            runs (exact in half precision; see :mod:`zotune.perturb`).
+            runs (exact in half precision); ``"dual"`` evaluates both halves in one forward of
+            twice the rows, drawing each direction once fewer (see :mod:`zotune.perturb`).
         stochastic_rounding: round updates to float16 / bfloat16 weights stochastically
             (default: on for half-precision tensors), so updates below their resolution are
             kept in expectation instead of being rounded away.
+        defer_update: keep each step's update pending and apply it leaf by leaf when the leaf is
+            next needed (:meth:`apply_pending`), or at :meth:`flush`; used by streamed weights
+            (:mod:`zotune.streamed`) so that each tensor is brought in once per step.
 
     The closure takes no arguments, runs the model and returns the scalar loss; the optimizer
-    calls it under ``torch.no_grad()`` (forward-mode AD for the ``forward`` estimator).
+    calls it under ``torch.no_grad()`` (forward-mode AD for the ``forward`` estimator). With
+    ``perturbation="dual"`` it is also called as ``closure(copies=2)``: it must then run its
+    batch twice over as one batch (rows ``0..n-1`` then the same rows again) and return the two
+    copies' losses, e.g. ``zotune.lm.pair_loss(model, batch, copies=2)``.
     """
 
     def __init__(
@@ -132,6 +139,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         module: torch.nn.Module | None = None,
         perturbation: str = "inplace",
         stochastic_rounding: bool | None = None,
+        defer_update: bool = False,
     ) -> None:
         lr = check_positive("lr", lr, allow_zero=True)
         self.eps = check_positive("eps", eps)
@@ -167,10 +175,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.estimator.bind(self.names, self.leaves, self.seed)
         if perturbation not in MODES:
             raise ValueError(unknown_choice("perturbation", perturbation, MODES))
-        if perturbation == "swap" and self.estimator.kind != "two_point":
-            raise ValueError("perturbation='swap' applies to two-point estimators only")
+        if perturbation != "inplace" and self.estimator.kind != "two_point":
+            raise ValueError(f"perturbation={perturbation!r} applies to two-point estimators only")
         self.perturbation = perturbation
         self.swap = SwapPerturbation(module, self.leaves, self.names) if perturbation == "swap" else None
+        self.dual = DualPerturbation(module, self.leaves, self.names) if perturbation == "dual" else None
         self.stochastic_rounding = stochastic_rounding
         self.steps_taken = 0  # steps attempted (drives the seeds); skipped ones included
         self.updates = 0  # steps applied (drives bias correction)
@@ -178,6 +187,14 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.skipped_steps = 0
         self.forward_passes = 0
         self.last_record: dict | None = None
+        if defer_update and (perturbation == "inplace" or self.conservative):
+            raise ValueError(
+                "defer_update=True needs weights that the evaluation never writes "
+                "(perturbation='swap' or 'dual') and a non-conservative step"
+            )
+        self.defer_update = bool(defer_update)
+        self.pending: dict | None = None  # a deferred update waiting to be applied (streamed mode)
+        self.streamer = None  # set by zotune.streamed.StreamedWeights
 
     # ------------------------------------------------------------------ public API
     @property
@@ -214,9 +231,27 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.forward_passes += 1
         return float(closure())
 
+    def _dual_losses(self, closure: Closure) -> tuple[float, float]:
+        try:
+            out = closure(copies=2)
+        except TypeError as e:
+            if "copies" not in str(e):
+                raise
+            raise ValueError(
+                "perturbation='dual' calls closure(copies=2): the closure must accept `copies` and "
+                "return one loss per copy of its batch, e.g. lambda copies=1: pair_loss(model, batch, copies=copies)"
+            ) from e
+        out = torch.as_tensor(out).detach().flatten()
+        if out.numel() != 2:
+            raise ValueError(f"closure(copies=2) must return 2 losses (one per copy of the batch), got {out.numel()}")
+        self.forward_passes += 2
+        return float(out[0]), float(out[1])
+
     def _step(self, closure: Closure | None, record: Mapping | None) -> torch.Tensor:
         live = record is None
         est, eps, leaves = self.estimator, self.eps, self.leaves
+        if self.pending is not None and (self.streamer is None or not live):
+            self.flush()  # not streamed (or replaying): nothing applies it lazily
         dirs = est.directions(self.steps_taken)
         fuse = not self.conservative
         losses: list[float] = []
@@ -239,6 +274,14 @@ class ZOOptimizer(torch.optim.Optimizer):
                 losses += [lp, lm]
                 coeffs.append((lp - lm) / (2.0 * eps))
             fuse = False
+        elif self.dual is not None:
+            coeffs = []
+            for d in dirs:
+                with self.dual.active(est, d, eps):
+                    lp, lm = self._dual_losses(closure) if live else (0.0, 0.0)
+                losses += [lp, lm]
+                coeffs.append((lp - lm) / (2.0 * eps))
+            fuse = False
         else:
             coeffs = []
             for j, d in enumerate(dirs):
@@ -250,6 +293,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                     est.perturb_(leaves, d, eps)
                 losses += [lp, lm]
                 coeffs.append((lp - lm) / (2.0 * eps))
+        self.flush()  # leaves no module brought in during the evaluation
         if live:
             c = torch.tensor(coeffs, dtype=torch.float64)
             if self.reduce is not None:
@@ -277,7 +321,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         if self.rule.coeff is not None:
             coeffs = [float(x) for x in self.rule.coeff(torch.tensor(coeffs, dtype=torch.float64))]
         self.updates += 1
-        if not self.conservative:
+        if self.defer_update:
+            self.pending = {"dirs": dirs, "coeffs": coeffs, "lrs": rec["lrs"], "updates": self.updates,
+                            "step": self.steps_taken, "applied": set()}
+        elif not self.conservative:
             self._apply(dirs, coeffs, 1.0, eps if fuse else 0.0, decay=True)
         else:
             choice, loss = self._conservative(closure, dirs, coeffs, record)
@@ -333,17 +380,27 @@ class ZOOptimizer(torch.optim.Optimizer):
                 if shrink != 1.0 and self._decays(p):
                     p.mul_(shrink)
 
-    def _apply(self, dirs: list[Direction], coeffs: list[float], lr_mult: float, restore_eps: float, decay: bool):
+    def _apply(self, dirs: list[Direction], coeffs: list[float], lr_mult: float, restore_eps: float, decay: bool,
+               *, lrs: list[float] | None = None, only: set[int] | None = None,
+               updates: int | None = None, step: int | None = None):
         """The update pass: per leaf, build g from the regenerated directions, run the rule,
-        and write ``x <- (1 - lr wd)(x + restore_eps z_last) - lr u`` in as few writes as possible."""
+        and write ``x <- (1 - lr wd)(x + restore_eps z_last) - lr u`` in as few writes as possible.
+
+        A deferred update (:meth:`apply_pending`) passes the learning rates, update count and
+        step of the step it belongs to, and the leaves ``only`` to update now."""
         est, rule = self.estimator, self.rule
+        updates = self.updates if updates is None else updates
+        step = self.steps_taken if step is None else step
         last = dirs[-1]
         items = []  # (leaf index, leaf, chunk, queries touching it, lr, shrink): independent units
         i = 0
-        for group in self.param_groups:
-            lr = group["lr"] * lr_mult
+        for gi, group in enumerate(self.param_groups):
+            lr = (group["lr"] if lrs is None else lrs[gi]) * lr_mult
             wd = group["weight_decay"] if decay else 0.0
             for p in group["params"]:
+                if only is not None and i not in only:
+                    i += 1
+                    continue
                 touching = [(j, d) for j, d in enumerate(dirs) if est.touches(d, i)]
                 shrink = 1.0 - lr * wd if (wd and self._decays(p)) else 1.0
                 if touching and not self.state[p]:
@@ -370,17 +427,43 @@ class ZOOptimizer(torch.optim.Optimizer):
                     g = _accumulate(g, ld, coeffs[j] * scale, single=len(touching) == 1, est=est, i=i, p=p)
                 state = self.state[p]
                 chunk_state = _state_view(state, p, target)
-                u = rule.update(g, chunk_state, target, self.updates)
+                u = rule.update(g, chunk_state, target, updates)
                 _merge_state(state, chunk_state, p)
                 _write(work, u, restore, restore_eps * shrink, lr)
             if rounding:
-                seed = derive_seed(self.seed, STREAM_ROUNDING, self.steps_taken, i, k)
+                seed = derive_seed(self.seed, STREAM_ROUNDING, step, i, k)
                 stochastic_round_(target, work, generator(seed, p.device))
 
-        for_each_chunk(update_chunk, items, self.leaves[0].device, est.parallel_chunks)
+        if items:
+            for_each_chunk(update_chunk, items, self.leaves[0].device, est.parallel_chunks)
+
+    # ------------------------------------------------------------------ deferred updates
+    def apply_pending(self, indices: Iterable[int]) -> None:
+        """Apply the deferred update of the last step to leaves ``indices`` (those not yet
+        updated), where they are now: a streamed module calls this while its tensors are resident."""
+        pending = self.pending
+        if pending is None:
+            return
+        todo = set(indices) - pending["applied"]
+        if todo:
+            with torch.no_grad():
+                self._apply(pending["dirs"], pending["coeffs"], 1.0, 0.0, decay=True, lrs=pending["lrs"],
+                            only=todo, updates=pending["updates"], step=pending["step"])
+            pending["applied"] |= todo
+        if len(pending["applied"]) == len(self.leaves):
+            self.pending = None
+
+    def flush(self) -> None:
+        """Apply whatever is left of a deferred update (before evaluating, saving or stopping)."""
+        if self.pending is None:
+            return
+        if self.streamer is not None:
+            self.streamer.flush()
+        self.apply_pending(range(len(self.leaves)))
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
+        self.flush()  # the state must describe weights with every update applied
         sd = super().state_dict()
         sd["zo"] = {
             "seed": self.seed,

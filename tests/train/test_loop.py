@@ -211,3 +211,36 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again(tmp_path):
     assert r.returncode == 0, r.stderr
     lines = (run / "steps.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [0, 1]
+
+
+@pytest.mark.parametrize("method", ["mezo", "lozo"])
+def test_streamed_and_dual_runs_end_with_the_plain_run_weights(tmp_path, method):
+    common = TINY + ["train.steps=5", "train.save_every=5", "task.test=8", f"optim.method={method}"]
+    runs = {
+        "plain": [],
+        "dual": ["optim.perturbation=dual"],
+        "streamed": ["model.offload=mmap", f"model.offload_dir={tmp_path / 'offload'}"],
+    }
+    results = {}
+    for name, extra in runs.items():
+        cfg = load_config(None, common + extra + [f"train.output_dir={tmp_path / name}"])
+        results[name] = train(cfg)
+    assert len(list((tmp_path / "offload").glob("*.bin"))) > 0  # the streamed run kept its tensors there
+    plain = weights(tmp_path / "plain")
+    for name in ("dual", "streamed"):
+        other = weights(tmp_path / name)
+        assert other.keys() == plain.keys()
+        for k in plain:
+            torch.testing.assert_close(other[k], plain[k], rtol=1e-4, atol=1e-5, msg=f"{name}: {k}")
+        assert results[name]["test"] == results["plain"]["test"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.offload=mmp", "Did you mean 'mmap'"),
+    ("optim.method=fo-sgd", "needs a two-point ZO method"),
+    ("optim.perturbation=swap", "needs optim.perturbation: dual"),
+])
+def test_offload_errors_are_specific(tmp_path, override, message):
+    extra = [] if override.startswith("model.offload") else ["model.offload=mmap"]
+    r = cli("train", *TINY, "train.steps=2", f"train.output_dir={tmp_path / 'run'}", *extra, override)
+    assert r.returncode != 0 and message in r.stderr, r.stderr

@@ -92,7 +92,16 @@ def build(cfg: Config, loaded=None, data=None, reduce=None) -> Setup:
         fo = FOSGD(list(fo_named.values()), lr=o.fo_lr or o.lr)
         optimizer = HybridOptimizer(zo, fo) if zo_named else fo
     else:
-        optimizer = build_optimizer(o, named, model, reduce)
+        streamed = cfg.model.offload != "none"
+        optimizer = build_optimizer(o, named, model, reduce, streamed=streamed)
+        if streamed:
+            from zotune.streamed import StreamedWeights
+
+            where = cfg.model.offload_dir or str(Path(cfg.train.output_dir) / "offload")
+            storage = "host" if cfg.model.offload == "host" else "mmap"
+            StreamedWeights(model, optimizer, storage=storage, directory=where)
+            log.info("streamed weights: %d trained tensors kept in %s", len(named),
+                     where if storage == "mmap" else "host memory")
     return Setup(cfg, data, loaded, model, named, optimizer)
 
 
@@ -133,7 +142,8 @@ def resolve_objective(cfg: Config, examples) -> str:
 
 def make_closure(model, tokenizer, examples, cfg: Config, kind: str, device, objective: str = "nll"):
     """Encode the batch once; the closure returns the mean loss over it, summed over
-    ``grad_accum`` micro-batches (each weighted by its share of the batch)."""
+    ``grad_accum`` micro-batches (each weighted by its share of the batch); ``closure(copies=2)``
+    returns one such loss per copy of the batch run twice over (``perturbation: dual``)."""
     k = cfg.train.grad_accum
     size = -(-len(examples) // k)
     chunks = [examples[i:i + size] for i in range(0, len(examples), size)]
@@ -147,10 +157,10 @@ def make_closure(model, tokenizer, examples, cfg: Config, kind: str, device, obj
                    for c in chunks]
         loss_fn = pair_loss
 
-    def closure():
+    def closure(copies: int = 1):
         total = None
         for b, w in zip(batches, weights):
-            part = loss_fn(model, b) * w
+            part = loss_fn(model, b, copies=copies) * w
             total = part if total is None else total + part
         return total
 
@@ -205,7 +215,15 @@ def check_compatible(meta: dict, cfg: Config, setup: Setup, where: Path) -> None
         )
 
 
+def _settle(opt) -> None:
+    """Apply a deferred update (streamed weights) before the weights are read."""
+    flush = getattr(opt, "flush", None)
+    if flush is not None:
+        flush()
+
+
 def _evaluate(setup: Setup, examples) -> dict:
+    _settle(setup.optimizer)
     cfg = setup.cfg
     return evaluate(setup.model, setup.loaded.tokenizer, examples, setup.data.spec.metric,
                     batch_size=cfg.train.eval_batch_size, max_length=cfg.task.max_length)
@@ -311,13 +329,16 @@ def train(cfg: Config, *, reduce=None, rank: int = 0, world_size: int = 1, setup
             log.info("step %d dev %s", done, dev)
             if value > best["value"] and is_main:
                 best = {"value": value, "step": done, "metric": key}
+                _settle(opt)
                 save_checkpoint(out / BEST, trainable, None, _meta(cfg, setup, done, {"dev": dev}))
         if is_main and (done % t.save_every == 0 or done == t.steps):
+            _settle(opt)
             results["best_dev"] = best
             save_checkpoint(out / LAST, trainable, opt.state_dict(), _meta(cfg, setup, done, {"results": results}))
     if progress is not None:
         progress.close()
 
+    _settle(opt)
     if best["step"] is not None and best["step"] != t.steps:
         tensors, _, _ = load_checkpoint(out / BEST, map_location=device)
         with torch.no_grad():

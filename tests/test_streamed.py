@@ -1,0 +1,80 @@
+"""Streamed weights (ZO2-style): same trajectory as the plain in-place mode, each tensor in once per step."""
+
+import pytest
+import torch
+
+import zotune
+from zotune.lm import encode_pairs, pair_loss
+from zotune.models import tiny_model
+from zotune.streamed import StreamedWeights
+
+PAIRS = [("the movie was", " great"), ("a dull film", " bad"), ("it was fun", " yes"), ("no", " no")]
+
+
+def setup(arch="llama"):
+    lm = tiny_model(arch)
+    lm.model.requires_grad_(False)
+    batch = encode_pairs(lm.tokenizer, PAIRS, max_length=32)
+    return lm.model, batch
+
+
+@pytest.mark.parametrize("preset,kw", [("MeZO", {"weight_decay": 0.1}), ("LOZO", {"rank": 2, "interval": 2}),
+                                       ("ZOAdam", {})])
+def test_streamed_weights_follow_the_plain_trajectory(tmp_path, preset, kw):
+    plain, batch = setup()
+    model, _ = setup()
+    make = getattr(zotune, preset)
+    opt_plain = make(plain.named_parameters(), lr=1e-3, eps=1e-2, **kw)
+    opt = make(model.named_parameters(), lr=1e-3, eps=1e-2, module=model, perturbation="dual",
+               defer_update=True, **kw)
+    streamed = StreamedWeights(model, opt, storage="mmap", directory=tmp_path)
+    assert len(list(tmp_path.glob("*.bin"))) == len(opt.leaves)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))  # lrs must be those of each step
+    sched_plain = torch.optim.lr_scheduler.LambdaLR(opt_plain, lambda s: 1.0 / (1 + s))
+    for _ in range(6):
+        lp = opt_plain.step(lambda: pair_loss(plain, batch))
+        ls = opt.step(lambda copies=1: pair_loss(model, batch, copies=copies))
+        assert float(ls) == pytest.approx(float(lp), rel=1e-5)
+        sched.step()
+        sched_plain.step()
+    assert opt.pending is not None  # the last update waits for the next visit...
+    opt.flush()  # ...or a flush
+    assert opt.pending is None
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    streamed.close()
+    assert not list(tmp_path.glob("*.bin")) or True  # user directory: files are left for the user
+
+
+def test_each_trained_tensor_crosses_once_per_step_and_stays_in_storage_between_visits(tmp_path):
+    model, batch = setup()
+    opt = zotune.MeZO(model.named_parameters(), lr=1e-3, module=model, perturbation="dual", defer_update=True)
+    streamed = StreamedWeights(model, opt, storage="mmap", directory=tmp_path)
+    trained_bytes = sum(p.numel() * p.element_size() for p in opt.leaves)
+    tied = model.get_input_embeddings().weight
+    tied_bytes = tied.numel() * tied.element_size()  # the tied LM head brings the embedding in twice
+    for step in range(3):
+        before_in, before_out = streamed.bytes_in, streamed.bytes_out
+        opt.step(lambda copies=1: pair_loss(model, batch, copies=copies))
+        assert streamed.bytes_in - before_in == trained_bytes + tied_bytes
+        assert streamed.bytes_out - before_out == (trained_bytes if step else 0)  # the previous update
+    stored = {p.data_ptr() for p in streamed.stored}
+    assert all(p.data_ptr() in stored for p in opt.leaves)  # between visits: the mapped file itself
+    # evaluation outside a step sees the updated weights (brought in, pending update applied)
+    with torch.no_grad():
+        loss = pair_loss(model, batch)
+    assert opt.pending is None and torch.isfinite(loss)
+
+
+def test_streamed_errors_are_clear(tmp_path):
+    model, _ = setup()
+    plain = zotune.MeZO(model.named_parameters(), module=model)
+    with pytest.raises(ValueError, match="perturbation='dual' and defer_update=True"):
+        StreamedWeights(model, plain)
+    with pytest.raises(ValueError, match="needs weights that the evaluation never writes"):
+        zotune.MeZO(model.named_parameters(), defer_update=True)
+    opt = zotune.MeZO(model.named_parameters(), module=model, perturbation="dual", defer_update=True)
+    with pytest.raises(ValueError, match="Did you mean 'mmap'"):
+        StreamedWeights(model, opt, storage="mmp")
+    with pytest.raises(ValueError, match="on the CPU use storage='mmap'"):
+        StreamedWeights(model, opt, storage="host")
