@@ -9,6 +9,7 @@
     zotune bench GRID.yaml [--only a,b]                  run a grid of runs, one process each, resumable
     zotune report RESULTS.jsonl [--out docs/x.md]        markdown tables from grid results
     zotune memory --model M --method X [--seq-len N ...] predicted peak memory (ZO-Bench Table 5)
+    zotune study NAME [--dry-run | --report-only] [...] a paper's ablation: runs, table, figure
 
 Every error is one line on stderr naming what to fix, with a non-zero exit status.
 """
@@ -140,6 +141,12 @@ def cmd_memory(args) -> int:
     return memory_main(args.rest)
 
 
+def cmd_study(args) -> int:
+    from zotune.bench.studies import main_args
+
+    return main_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zotune", description="Zeroth-order fine-tuning of language models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -175,6 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
                          help="predict peak memory without loading weights (ZO-Bench Table 5); --help for options")
     mem.add_argument("rest", nargs=argparse.REMAINDER)
     mem.set_defaults(fn=cmd_memory)
+    from zotune.bench.studies import STUDY_HELP, add_arguments
+
+    st = sub.add_parser("study", help="a study from the papers (alignment, queries, block, hybrid, sparsity, "
+                        "lozo-memory): its runs, then its table", description=STUDY_HELP,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(st)
+    st.set_defaults(fn=cmd_study)
     return p
 
 

@@ -38,6 +38,7 @@ from zotune.config import ConfigError, load_config
 class RunSpec:
     name: str
     overrides: dict = field(default_factory=dict)  # "section.field" -> value
+    labels: dict = field(default_factory=dict)  # recorded with the run (what a study's table groups by)
 
 
 @dataclass
@@ -93,6 +94,12 @@ def load_grid(path: str | Path) -> Grid:
         raise ConfigError(f"{p}: run names repeat: {sorted(dupes)}")
     grid = Grid(name, data.get("base"), expanded, Path(data.get("output_dir", f"runs/bench/{name}")),
                 Path(data.get("results", f"benchmarks/results/{name}.jsonl")))
+    validate_grid(grid)
+    return grid
+
+
+def validate_grid(grid: Grid) -> None:
+    """Build every run's config; raise one ``ConfigError`` listing the problems of all runs."""
     errors = []
     for run in grid.runs:
         try:
@@ -101,7 +108,6 @@ def load_grid(path: str | Path) -> Grid:
             errors.append(f"run {run.name}: {e}")
     if errors:
         raise ConfigError("\n".join(errors))
-    return grid
 
 
 def _override_list(grid: Grid, run: RunSpec) -> tuple[str | None, list[str]]:
@@ -163,6 +169,8 @@ def run_grid(grid: Grid, *, only: list[str] | None = None, timeout: float | None
         rec = {"run": run.name, "grid": grid.name, "status": status, "returncode": proc.returncode,
                "wall_seconds": round(time.time() - t0, 1), "overrides": run.overrides,
                "output_dir": str(grid.output_dir / run.name)}
+        if run.labels:
+            rec["labels"] = run.labels
         results_file = grid.output_dir / run.name / "results.json"
         if status == "ok" and results_file.exists():
             rec["results"] = json.loads(results_file.read_text())
