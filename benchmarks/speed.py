@@ -54,7 +54,7 @@ def generation_time(opt, repeats: int) -> float:
     est = opt.estimator
     leaves = opt.leaves
     dirs = est.directions(opt.steps_taken)
-    if opt.perturbation == "swap":  # +eps, -eps, update
+    if opt.perturbation in ("swap", "side"):  # +eps, -eps, update
         draws = 3 * len(dirs)
     elif opt.perturbation == "dual":  # both halves from one draw, update
         draws = 2 * len(dirs)
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="benchmarks/results/speed.json")
     ap.add_argument("--methods", default="mezo,mezo-dual,mezo-rademacher,mezo-rademacher-dual,mezo-swap,"
-                                         "lozo,lozo-dual,lozo-m,zo-adam,reference")
+                                         "lozo,lozo-side,lozo-dual,lozo-m,lozo-m-side,zo-adam,reference")
     args = ap.parse_args(argv)
 
     torch.manual_seed(0)
@@ -116,6 +116,8 @@ def main(argv=None) -> int:
         "mezo-rademacher-dual": lambda: zotune.ZOOptimizer(named, "rademacher", "sgd", lr=1e-9, module=model,
                                                            perturbation="dual"),
         "lozo": lambda: zotune.LOZO(named, lr=1e-9),
+        "lozo-side": lambda: zotune.LOZO(named, lr=1e-9, module=model, perturbation="side"),
+        "lozo-m-side": lambda: zotune.LOZO(named, lr=1e-9, momentum=0.9, module=model, perturbation="side"),
         "lozo-dual": lambda: zotune.LOZO(named, lr=1e-9, module=model, perturbation="dual"),
         "lozo-m": lambda: zotune.LOZO(named, lr=1e-9, momentum=0.9),
         "zo-adam": lambda: zotune.ZOAdam(named, lr=1e-9),

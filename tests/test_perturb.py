@@ -176,3 +176,32 @@ def test_dual_errors_are_clear():
         zotune.MeZO(nested.named_parameters(), module=nested, perturbation="dual")
     with pytest.raises(ValueError, match="two-point estimators only"):
         zotune.ForwardGrad(model.named_parameters(), module=model, perturbation="dual")
+
+
+def test_side_terms_give_the_inplace_lozo_trajectory_without_writing_matrices():
+    from zotune.lm import encode_pairs, pair_loss
+    from zotune.models import tiny_model
+
+    models = [tiny_model("llama").model for _ in range(2)]  # tied embedding + LM head: both owners hooked
+    batch = encode_pairs(tiny_model("llama").tokenizer, [("the movie was", " great"), ("a bad film", " no")], 32)
+    for m in models:
+        m.requires_grad_(False)
+    a, b = models
+    inplace = zotune.LOZO(a.named_parameters(), lr=1e-3, eps=1e-2, rank=2, interval=3, momentum=0.9)
+    side = zotune.LOZO(b.named_parameters(), lr=1e-3, eps=1e-2, rank=2, interval=3, momentum=0.9,
+                       module=b, perturbation="side")
+    assert side.side.side and side.side.in_place  # matrices as side terms, norms in place
+    matrix = b.model.layers[0].mlp.up_proj.weight
+    seen = []
+    b.model.layers[0].mlp.up_proj.register_forward_pre_hook(lambda m, args: seen.append(m.weight.clone()))
+    for _ in range(7):
+        before = matrix.detach().clone()
+        la = inplace.step(lambda: pair_loss(a, batch))
+        lb = side.step(lambda: pair_loss(b, batch))
+        assert float(la) == pytest.approx(float(lb), rel=1e-5)
+        assert all(torch.equal(w, before) for w in seen[-2:])  # both evaluations ran on the unwritten matrix
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    model = mlp()
+    with pytest.raises(ValueError, match="low-rank directions"):
+        zotune.MeZO(model.named_parameters(), module=model, perturbation="side")

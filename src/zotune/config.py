@@ -40,7 +40,7 @@ class ModelConfig:
     # ("mmap", CPU runs) or host memory ("host", GPU runs) and bring each module in once per step.
     offload: str = "none"  # none | mmap | host
     offload_dir: str | None = None  # where "mmap" files go (default: <output_dir>/offload)
-    device_map: str | None = None  # "auto" | "balanced" | ... : spread the model over devices (accelerate)
+    device_map: str | dict | None = None  # auto | balanced | balanced_low_0 | sequential | {module: device} (accelerate)
 
 
 @dataclass
@@ -77,7 +77,7 @@ class OptimConfig:
     sparsity: float = 0.0  # > 0: sparse perturbation masks (ZO-Bench Table 8)
     max_nonfinite: int = 3
     fo_lr: float | None = None  # hybrid: lr of the FO part (default: lr)
-    perturbation: str = "auto"  # inplace | swap | dual | auto (swap for float16/bfloat16 weights)
+    perturbation: str = "auto"  # inplace | swap | dual | side | auto (swap for half weights, side for LOZO)
 
 
 @dataclass
@@ -124,6 +124,8 @@ class Config:
     def fingerprint(self, sections=("model", "task", "optim", "trainable")) -> str:
         """A hash of what determines the trajectory (a resume must match it)."""
         d = {k: v for k, v in self.to_dict().items() if k in sections}
+        if "model" in d:  # where weights are kept does not change the trajectory
+            d["model"] = {k: v for k, v in d["model"].items() if k not in ("offload", "offload_dir", "device_map")}
         d["train"] = {k: self.train.__dict__[k] for k in ("batch_size", "grad_accum", "data_seed", "objective")}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -269,8 +271,9 @@ def validate(cfg: Config) -> list[str]:
         errors.append(f"optim.warmup_steps ({o.warmup_steps}) exceeds train.steps ({t.steps})")
     if t.objective not in ("auto", "nll", "classification"):
         errors.append("train.objective: " + unknown_choice("objective", t.objective, ("auto", "nll", "classification")))
-    if o.perturbation not in ("auto", "inplace", "swap", "dual"):
-        errors.append("optim.perturbation: " + unknown_choice("perturbation", o.perturbation, ("auto", "inplace", "swap", "dual")))
+    if o.perturbation not in ("auto", "inplace", "swap", "dual", "side"):
+        errors.append("optim.perturbation: " + unknown_choice("perturbation", o.perturbation,
+                                                              ("auto", "inplace", "swap", "dual", "side")))
     schemes = ("full", "lora", "prefix", "prompt")
     if tr.scheme not in schemes:
         errors.append("trainable.scheme: " + unknown_choice("scheme", tr.scheme, schemes))
@@ -292,8 +295,11 @@ def validate(cfg: Config) -> list[str]:
             errors.append("model.offload does not combine with trainable.zo_layers (hybrid ZO/FO)")
         if m.device_map is not None:
             errors.append("model.offload and model.device_map are two ways to place weights: pick one")
-    if m.device_map is not None and not isinstance(m.device_map, str):
-        errors.append(f"model.device_map must be a string such as 'auto' or 'balanced', got {m.device_map!r}")
+    from zotune.models import DEVICE_MAPS
+
+    if m.device_map is not None and not isinstance(m.device_map, dict) and m.device_map not in DEVICE_MAPS:
+        errors.append("model.device_map: " + unknown_choice("device_map", str(m.device_map), DEVICE_MAPS)
+                      + " (or a {module: device} mapping)")
     dtypes = ("float32", "bfloat16", "float16")
     if m.dtype not in dtypes:
         errors.append("model.dtype: " + unknown_choice("dtype", m.dtype, dtypes))

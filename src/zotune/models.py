@@ -375,6 +375,56 @@ def load_model(
     return LoadedModel(model, tokenizer, kind, str(name_or_path), fingerprint(model, kind))
 
 
+# ----------------------------------------------------------------------------- several devices
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def spread_over_devices(model: torch.nn.Module, device_map, max_memory: dict | None = None) -> dict:
+    """Place the modules of ``model`` over several devices with accelerate, pipeline style.
+
+    Each module runs where its weights are and accelerate's hooks carry activations between
+    devices, so a model larger than one device's memory fits in several. ZO steps then perturb
+    and update every tensor on its own device (directions are drawn there), with no copies.
+    ``device_map`` is one of :data:`DEVICE_MAPS` or an explicit ``{module name: device}``.
+    Offloading to ``disk`` or ``meta`` is refused: accelerate would reload those weights from
+    storage at every forward and the perturbations would be lost; use streamed weights
+    (``model.offload``) for that. Returns the device map used.
+    """
+    try:
+        from accelerate import dispatch_model, infer_auto_device_map
+        from accelerate.utils import get_balanced_memory
+    except ImportError:
+        raise ValueError("model.device_map needs the `accelerate` package: pip install accelerate") from None
+    if isinstance(device_map, str):
+        if device_map not in DEVICE_MAPS:
+            raise ValueError(unknown_choice("device_map", device_map, DEVICE_MAPS))
+        no_split = list(getattr(model, "_no_split_modules", None) or [])
+        if device_map.startswith("balanced") and max_memory is None:
+            max_memory = get_balanced_memory(model, no_split_module_classes=no_split,
+                                             low_zero=device_map == "balanced_low_0")
+        device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
+    if not isinstance(device_map, dict) or not device_map:
+        raise ValueError(f"device_map must be one of {DEVICE_MAPS} or a non-empty dict, got {device_map!r}")
+    devices = {str(v) for v in device_map.values()}
+    if devices & {"disk", "meta"}:
+        raise ValueError(
+            f"device_map offloads modules to {sorted(devices & {'disk', 'meta'})}: ZO steps update each tensor "
+            "where it lives, and offloaded weights are reloaded at every forward; use model.offload (streamed "
+            "weights) to keep weights off the device, or give max_memory room for every module"
+        )
+    gpus = {v for v in device_map.values() if str(v) != "cpu"}
+    main = None if gpus else "cpu"  # a string: accelerate compares it with "cpu"
+    dispatch_model(model, device_map, main_device=main, force_hooks=True)
+    held = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if held:
+        raise ValueError(
+            f"after placing the model, {len(held)} tensors (e.g. {held[0]!r}) are offloaded (on 'meta'); "
+            "ZO steps need every trained tensor resident on a device: use model.offload instead"
+        )
+    return device_map
+
+
 # ----------------------------------------------------------------------------- tiny models
 
 TINY_ARCHS = ("llama", "opt", "gpt2", "roberta")

@@ -18,6 +18,11 @@ the weights are never written (exact in half precision), and the rest of the mod
 larger batch instead of two. It needs a closure that accepts ``copies=2`` (see
 :meth:`zotune.ZOOptimizer.step`) and modules that own tensors but contain no other such module.
 
+``side`` (low-rank directions, LOZO): a matrix perturbed by ``eps U V^T`` is never written; each
+``nn.Linear`` adds ``eps (x V) U^T`` to its output and each ``nn.Embedding`` adds
+``eps U[ids] V^T``, two thin matmuls, instead of three passes over every weight matrix per
+step. Other tensors (biases, norms) are perturbed in place as in ``inplace``.
+
 Updates to half-precision weights are far below their resolution (``lr * c * z`` ~ 1e-5 against
 a spacing of ~4e-4 for bfloat16 weights near 0.05), so round-to-nearest drops them;
 :func:`stochastic_round_` keeps them in expectation.
@@ -28,12 +33,13 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from zotune.estimators.base import Direction, Estimator, LowRank, add_direction_
 
 HALF = (torch.float16, torch.bfloat16)
-MODES = ("inplace", "swap", "dual")
+MODES = ("inplace", "swap", "dual", "side")
 
 
 def owners_of(module: nn.Module, leaves: list[torch.Tensor], names: list[str], mode: str):
@@ -176,6 +182,58 @@ class DualPerturbation:
             return _cat(out_a, out_b)
 
         return run
+
+
+class SidePerturbation:
+    """Low-rank perturbations as side terms of the layers' outputs (``perturbation="side"``).
+
+    A leaf whose direction comes as factors and whose every owner is an ``nn.Linear`` or
+    ``nn.Embedding`` (as its ``weight``) is perturbed through forward hooks; every other leaf in
+    place. The factors are drawn once per evaluation and shared by tied owners.
+    """
+
+    SUPPORTED = (nn.Linear, nn.Embedding)
+
+    def __init__(self, module: nn.Module, leaves: list[torch.Tensor], names: list[str], est: Estimator) -> None:
+        owners = owners_of(module, leaves, names, "side")
+        by_leaf: dict[int, list[nn.Module]] = {}
+        for mod, own in owners:
+            for i in own:
+                by_leaf.setdefault(i, []).append(mod)
+        self.side: dict[int, list[nn.Module]] = {}
+        for i, mods in by_leaf.items():
+            if est.factored(i) and all(isinstance(m, self.SUPPORTED) and m.weight is leaves[i] for m in mods):
+                self.side[i] = mods
+        self.in_place = set(range(len(leaves))) - set(self.side)
+        self.leaves = leaves
+
+    @contextmanager
+    def active(self, est: Estimator, d: Direction, alpha: float):
+        """While active, the model computes with ``x + alpha * z(d)``; no matrix is written."""
+        leaves = self.leaves
+        handles = []
+        for i, mods in self.side.items():
+            if not est.touches(d, i):
+                continue
+            ld = est.leaf_direction(d, i, leaves[i])
+            u, v = ld.u * alpha, ld.v
+            for mod in mods:
+                handles.append(mod.register_forward_hook(
+                    lambda m, args, out, u=u, v=v: out + _side_term(m, args[0], u, v)))
+        est.perturb_(leaves, d, alpha, only=self.in_place)
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            est.perturb_(leaves, d, -alpha, only=self.in_place)
+
+
+def _side_term(module: nn.Module, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """What ``W + u v^T`` adds to the module's output: ``(x v) u^T`` (Linear), ``u[ids] v^T`` (Embedding)."""
+    if isinstance(module, nn.Embedding):
+        return F.embedding(x, u) @ v.T
+    return (x @ v) @ u.T
 
 
 def _perturbed_copy(est: Estimator, d: Direction, i: int, p: torch.Tensor, eps: float) -> torch.Tensor:

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from zotune._validate import check_int, check_positive, unknown_choice
-from zotune.perturb import HALF, MODES, DualPerturbation, SwapPerturbation, stochastic_round_
+from zotune.perturb import HALF, MODES, DualPerturbation, SidePerturbation, SwapPerturbation, stochastic_round_
 from zotune.rng import STREAM_ROUNDING, derive_seed, generator
 from zotune.estimators import Direction, Estimator, LowRank, add_direction_, make_estimator, to_dense
 from zotune.estimators.base import Dense, for_each_chunk
@@ -107,7 +107,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         perturbation: ``"inplace"`` writes ``x +- eps z`` into the weights (MeZO); ``"swap"``
             leaves them untouched and hands each module its perturbed weights only while it
             runs (exact in half precision); ``"dual"`` evaluates both halves in one forward of
-            twice the rows, drawing each direction once fewer (see :mod:`zotune.perturb`).
+            twice the rows, drawing each direction once fewer; ``"side"`` (low-rank directions)
+            adds ``eps U V^T`` to layer outputs as a thin side term instead of writing the
+            matrices (see :mod:`zotune.perturb`).
         stochastic_rounding: round updates to float16 / bfloat16 weights stochastically
             (default: on for half-precision tensors), so updates below their resolution are
             kept in expectation instead of being rounded away.
@@ -180,6 +182,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.perturbation = perturbation
         self.swap = SwapPerturbation(module, self.leaves, self.names) if perturbation == "swap" else None
         self.dual = DualPerturbation(module, self.leaves, self.names) if perturbation == "dual" else None
+        if perturbation == "side" and not any(self.estimator.factored(i) for i in range(len(self.leaves))):
+            raise ValueError("perturbation='side' is for low-rank directions (LOZO): this estimator draws none")
+        self.side = (SidePerturbation(module, self.leaves, self.names, self.estimator)
+                     if perturbation == "side" else None)
         self.stochastic_rounding = stochastic_rounding
         self.steps_taken = 0  # steps attempted (drives the seeds); skipped ones included
         self.updates = 0  # steps applied (drives bias correction)
@@ -187,7 +193,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.skipped_steps = 0
         self.forward_passes = 0
         self.last_record: dict | None = None
-        if defer_update and (perturbation == "inplace" or self.conservative):
+        if defer_update and (perturbation not in ("swap", "dual") or self.conservative):
             raise ValueError(
                 "defer_update=True needs weights that the evaluation never writes "
                 "(perturbation='swap' or 'dual') and a non-conservative step"
@@ -270,6 +276,16 @@ class ZOOptimizer(torch.optim.Optimizer):
                 with self.swap.active(est, d, eps):
                     lp = self._loss(closure) if live else 0.0
                 with self.swap.active(est, d, -eps):
+                    lm = self._loss(closure) if live else 0.0
+                losses += [lp, lm]
+                coeffs.append((lp - lm) / (2.0 * eps))
+            fuse = False
+        elif self.side is not None:
+            coeffs = []
+            for d in dirs:
+                with self.side.active(est, d, eps):
+                    lp = self._loss(closure) if live else 0.0
+                with self.side.active(est, d, -eps):
                     lm = self._loss(closure) if live else 0.0
                 losses += [lp, lm]
                 coeffs.append((lp - lm) / (2.0 * eps))

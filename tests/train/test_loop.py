@@ -244,3 +244,31 @@ def test_offload_errors_are_specific(tmp_path, override, message):
     extra = [] if override.startswith("model.offload") else ["model.offload=mmap"]
     r = cli("train", *TINY, "train.steps=2", f"train.output_dir={tmp_path / 'run'}", *extra, override)
     assert r.returncode != 0 and message in r.stderr, r.stderr
+
+
+def test_device_map_run_equals_the_plain_run_and_offloading_maps_are_refused(tmp_path):
+    """On this CPU-only machine every module maps to "cpu", but accelerate's hooks are attached
+    (force_hooks) and wrap each module's forward: ZO must perturb and update through them."""
+    common = TINY + ["train.steps=4", "train.save_every=4", "task.test=0", "train.eval_at_start=false"]
+    layout = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+              "model.layers.1": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+    for name, extra in (("plain", {}), ("mapped", {"device_map": layout}),
+                        ("mapped-dual", {"device_map": layout, "perturbation": "dual"})):
+        cfg = load_config(None, common + [f"train.output_dir={tmp_path / name}"])
+        cfg.model.device_map = extra.get("device_map")
+        cfg.optim.perturbation = extra.get("perturbation", "auto")
+        setup = build(cfg)
+        if name != "plain":
+            assert hasattr(setup.model.model.layers[0], "_hf_hook")  # accelerate's hook is in the way
+        train(cfg, setup=setup)
+    plain = weights(tmp_path / "plain")
+    for name in ("mapped", "mapped-dual"):
+        other = weights(tmp_path / name)
+        for k in plain:
+            torch.testing.assert_close(other[k], plain[k], rtol=1e-4, atol=1e-5, msg=f"{name}: {k}")
+    from zotune.models import spread_over_devices, tiny_model
+
+    with pytest.raises(ValueError, match="use model.offload"):
+        spread_over_devices(tiny_model("llama").model, {"model": "cpu", "lm_head": "disk"})
+    with pytest.raises(ValueError, match="Did you mean 'balanced'"):
+        spread_over_devices(tiny_model("llama").model, "balancd")

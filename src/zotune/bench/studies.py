@@ -214,10 +214,17 @@ def plan_study(name: str, options: Options = Options(), layout: Layout | None = 
     grid = Grid(f"study-{name}", None, [], output_dir, results)
     plan = Plan(study, o, tasks, values, settings, layout, grid)
     runs = []
+    zero_shot_done = set()
     for run_name, over, labels in study.runs(plan):
         for seed in o.seeds:
             full = {**_common(plan, labels["task"]), **over, "optim.seed": seed, "train.data_seed": seed}
             full.update(parse_flat(o.overrides))
+            # Zero-shot accuracy depends on the model, task, template and test split only (LoRA starts
+            # at B = 0, seeds change the optimizer and data order): measure it in the first run of each.
+            key = (full["task.name"], full.get("task.template"), full.get("task.split_seed"), full.get("model.dtype"))
+            if key in zero_shot_done and "train.eval_at_start" not in full:
+                full["train.eval_at_start"] = False
+            zero_shot_done.add(key)
             runs.append(RunSpec(f"{run_name}-s{seed}", full, {**labels, "seed": seed}))
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
@@ -255,11 +262,14 @@ def check_recorded(plan: Plan) -> None:
     path = plan.grid.results
     if not path.exists():
         return
-    wanted = {r.name: r.overrides for r in plan.grid.runs}
+    def trajectory(over: dict) -> dict:  # what changes the run's outcome (not whether it measures zero-shot)
+        return {k: v for k, v in json.loads(json.dumps(over)).items() if k != "train.eval_at_start"}
+
+    wanted = {r.name: trajectory(r.overrides) for r in plan.grid.runs}
     for rec in load_records(path):
         name = rec.get("run")
-        if rec.get("status") == "ok" and name in wanted and rec.get("overrides") != json.loads(json.dumps(wanted[name])):
-            old, new = rec.get("overrides") or {}, wanted[name]
+        if rec.get("status") == "ok" and name in wanted and trajectory(rec.get("overrides") or {}) != wanted[name]:
+            old, new = trajectory(rec.get("overrides") or {}), wanted[name]
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:4])
             raise ValueError(
@@ -400,28 +410,34 @@ def _alignment_runs(plan: Plan):
                 yield f"{task}-{method}-{tag}", over, {"task": task, "method": method, "aligned": aligned}
 
 
-def _alignment_table(plan: Plan, records: list[dict], which: str) -> str:
+def _alignment_table(plan: Plan, records: list[dict]) -> str:
     header = ["Method"]
     for task in plan.tasks:
         header += [f"{task} ✓", f"{task} ✗", "Difference"]
+
+    def cells(on: float | None, off: float | None) -> list[str]:
+        return [_pct(on), _pct(off), _pct(on - off) if on is not None and off is not None else "-"]
+
     rows = []
     for method in plan.values:
         row = [NAMES.get(method, method)]
         for task in plan.tasks:
-            on, _ = _acc(_select(records, task=task, method=method, aligned=True), which)
-            off, _ = _acc(_select(records, task=task, method=method, aligned=False), which)
-            row += [_pct(on), _pct(off), _pct(on - off) if on is not None and off is not None else "-"]
+            row += cells(_acc(_select(records, task=task, method=method, aligned=True))[0],
+                         _acc(_select(records, task=task, method=method, aligned=False))[0])
         rows.append(row)
-    return _md(header, rows)
+    row = ["zero-shot (no step)"]
+    for task in plan.tasks:
+        row += cells(_acc(_select(records, task=task, aligned=True), "zero_shot")[0],
+                     _acc(_select(records, task=task, aligned=False), "zero_shot")[0])
+    return _md(header, rows + [row])
 
 
 def _alignment_render(plan: Plan, records: list[dict]) -> str:
     return "\n\n".join([
         _header(plan, records),
-        "Tuned test accuracy (%) with (✓) and without (✗) the prompt template (task alignment):",
-        _alignment_table(plan, records, "test"),
-        "Zero-shot test accuracy (%) of the same runs, before any step:",
-        _alignment_table(plan, records, "zero_shot"),
+        "Tuned test accuracy (%) with (✓) and without (✗) the prompt template (task alignment), and the "
+        "model's accuracy before any step:",
+        _alignment_table(plan, records),
     ])
 
 

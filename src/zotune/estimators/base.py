@@ -158,9 +158,12 @@ class Estimator:
         """
         return 1.0
 
-    def perturb_(self, params: Sequence[torch.Tensor], d: Direction, alpha: float) -> int:
-        """``x += alpha * z(d)`` leaf by leaf, in place. Returns the number of leaves written."""
-        items = [(i, p, k) for i, p in enumerate(params) if self.touches(d, i) for k in range(self.num_chunks(i))]
+    def perturb_(self, params: Sequence[torch.Tensor], d: Direction, alpha: float,
+                 only: set[int] | None = None) -> int:
+        """``x += alpha * z(d)`` leaf by leaf (the leaves ``only``, if given), in place.
+        Returns the number of leaves written."""
+        items = [(i, p, k) for i, p in enumerate(params) if self.touches(d, i) and (only is None or i in only)
+                 for k in range(self.num_chunks(i))]
 
         def one(item) -> int:
             i, p, k = item

@@ -81,6 +81,11 @@ def build(cfg: Config, loaded=None, data=None, reduce=None) -> Setup:
             loaded.model.to(device=resolve_device(m.device), dtype=resolve_dtype(m.dtype))
         else:
             loaded = load_model(m.name, dtype=m.dtype, device=m.device, gguf_file=m.gguf_file)
+    if cfg.model.device_map is not None:
+        from zotune.models import spread_over_devices
+
+        placed = spread_over_devices(loaded.model, cfg.model.device_map)
+        log.info("model spread over devices: %s", sorted({str(v) for v in placed.values()}))
     if cfg.optim.method == "forward-grad" and hasattr(loaded.model, "set_attn_implementation"):
         # torch's fused CPU attention kernels have no forward-mode AD rule
         loaded.model.set_attn_implementation("eager")
