@@ -219,7 +219,7 @@ class SidePerturbation:
             u, v = ld.u * alpha, ld.v
             for mod in mods:
                 handles.append(mod.register_forward_hook(
-                    lambda m, args, out, u=u, v=v: out + _side_term(m, args[0], u, v)))
+                    lambda m, args, out, u=u, v=v: _add_side_term(m, args[0], out, u, v)))
         est.perturb_(leaves, d, alpha, only=self.in_place)
         try:
             yield
@@ -229,11 +229,15 @@ class SidePerturbation:
             est.perturb_(leaves, d, -alpha, only=self.in_place)
 
 
-def _side_term(module: nn.Module, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """What ``W + u v^T`` adds to the module's output: ``(x v) u^T`` (Linear), ``u[ids] v^T`` (Embedding)."""
-    if isinstance(module, nn.Embedding):
-        return F.embedding(x, u) @ v.T
-    return (x @ v) @ u.T
+def _add_side_term(module: nn.Module, x: torch.Tensor, out: torch.Tensor, u: torch.Tensor, v: torch.Tensor):
+    """Add what ``W + u v^T`` adds to the module's output, in place when the output allows it:
+    ``(x v) u^T`` for a Linear, ``u[ids] v^T`` for an Embedding (one pass over the output)."""
+    thin = F.embedding(x, u) if isinstance(module, nn.Embedding) else x @ v  # (..., r)
+    right = v.T if isinstance(module, nn.Embedding) else u.T  # (r, out features)
+    if out.is_contiguous() and not torch.is_grad_enabled():
+        out.view(-1, out.shape[-1]).addmm_(thin.reshape(-1, thin.shape[-1]), right)
+        return out
+    return out + thin @ right
 
 
 def _perturbed_copy(est: Estimator, d: Direction, i: int, p: torch.Tensor, eps: float) -> torch.Tensor:
