@@ -108,6 +108,7 @@ def child(args) -> dict:
             else:
                 opt.step(loss)
             times.append(time.perf_counter() - t0)
+        brought_in = streamed.bytes_in if streamed is not None else 0
         if opt is not None:
             opt.flush()
     trained = sum(p.numel() * p.element_size() for _, p in named)
@@ -120,7 +121,7 @@ def child(args) -> dict:
         "trained_mib": trained / 2**20,
     }
     if streamed is not None:
-        result["bytes_in_per_step_mib"] = streamed.bytes_in / args.steps / 2**20
+        result["bytes_in_per_step_mib"] = brought_in / args.steps / 2**20  # the final flush not counted
         streamed.close()
     tmp.cleanup()
     return result

@@ -132,6 +132,9 @@ class DualPerturbation:
                     "own tensors, so they must not nest. Use perturbation='inplace' or 'swap'."
                 )
         self.leaves = leaves
+        #: Set by streamed weights: leaf i's tensor while its module runs is a disposable copy of
+        #: ``originals[i]``, so it is perturbed in place (no second copy) and rebuilt from it.
+        self.originals: list[torch.Tensor] | None = None
 
     @contextmanager
     def active(self, est: Estimator, d: Direction, eps: float):
@@ -167,16 +170,21 @@ class DualPerturbation:
                     )
             swapped = []
             try:
+                originals = self.originals
                 for i in own:
                     if est.touches(d, i):
                         p = leaves[i]
-                        swapped.append((p, p.data))
-                        p.data = _perturbed_copy(est, d, i, p, eps)
+                        if originals is not None:  # a disposable copy: perturb it in place
+                            swapped.append((p, originals[i]))
+                            est.perturb_(leaves, d, eps, only={i})
+                        else:
+                            swapped.append((p, p.data))
+                            p.data = _perturbed_copy(est, d, i, p, eps)
                 out_a = forward(*args_a, **kw_a)
                 for p, data in swapped:
                     p.data.lerp_(data, 2.0)  # x + eps z  ->  2 x - (x + eps z) = x - eps z
                 out_b = forward(*args_b, **kw_b)
-            finally:
+            finally:  # (streamed: ``data`` is the stored tensor, the resident copy is dropped)
                 for p, data in swapped:
                     p.data = data
             return _cat(out_a, out_b)

@@ -91,6 +91,7 @@ class StreamedWeights:
             self._handles.append(mod.register_forward_pre_hook(lambda m, a, own=own: self._bring_in(own)))
             self._handles.append(mod.register_forward_hook(lambda m, a, out, own=own: self._send_back(own)))
         optimizer.streamer = self
+        optimizer.dual.originals = self.stored  # resident tensors are copies: perturb them in place
 
     # ----------------------------------------------------------------------------- storage
     def _store(self, i: int, p: torch.Tensor) -> torch.Tensor:
@@ -143,6 +144,7 @@ class StreamedWeights:
             p.data = self.stored[i].to(self.device, copy=True)
         self.stored.clear()
         self.optimizer.streamer = None
+        self.optimizer.dual.originals = None
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
