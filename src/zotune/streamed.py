@@ -133,6 +133,12 @@ class StreamedWeights:
                 self._bring_in(own)
                 self._send_back(own)
 
+    def remove_files(self) -> None:
+        """Delete the memory-mapped files (the mappings stay valid in this process; POSIX)."""
+        if self.storage_kind == "mmap":
+            for i in range(len(self.stored)):
+                (self.directory / f"{i:05d}.bin").unlink(missing_ok=True)
+
     def close(self) -> None:
         """Apply pending updates, copy the tensors back into ordinary memory on the compute
         device, remove the hooks (and the temporary files)."""

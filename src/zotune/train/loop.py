@@ -351,6 +351,9 @@ def train(cfg: Config, *, reduce=None, rank: int = 0, world_size: int = 1, setup
                 p.copy_(tensors[name])
         log.info("testing the best dev checkpoint (step %d)", best["step"])
     final = _evaluate(setup, setup.data.test) if setup.data.test and is_main else {}
+    streamer = getattr(opt, "streamer", None)
+    if streamer is not None:  # scratch space: the checkpoint holds the weights
+        streamer.remove_files()
     results.update({
         "test": final,
         "tested_step": best["step"] or t.steps,
