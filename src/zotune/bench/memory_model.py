@@ -785,9 +785,12 @@ def _first_order(ctx: _Context):
     # scored rows put in), beside its forward working set
     rows = ctx.batch * ctx.seq if shape.kind == "masked" else (ctx.logits_positions or ctx.batch) + ctx.batch
     head_work = ws["head"] + rows * shape.vocab * ctx.ab
+    # a tied embedding gets a second, dense gradient from the lookup's backward (last of all),
+    # summed into the head's: two embedding-sized transients at the very end of the backward
+    emb_work = 2 * shape.vocab * shape.hidden * ctx.wb if (shape.tied and ctx.scheme == "full") else 0
     bwd_peak, kept, written = 0, total_acts, 0
     for k in reversed(blocks):
-        work = head_work if k == "head" else ws["layer"]
+        work = head_work if k == "head" else (max(ws["layer"], emb_work) if k == "embed" else ws["layer"])
         written += grads[k]
         bwd_peak = max(bwd_peak, kept + written + work)
         kept -= acts[k]
