@@ -4,7 +4,8 @@
     python benchmarks/speed.py --model tiny-llama --repeats 3
 
 A two-point ZO step cannot be cheaper than its two forward passes, so for each method this
-prints ``step time / (2 x forward time)`` measured in the same process at the same batch, with a
+prints ``step time / (2 x forward time)`` measured in the same process at the same batch (round
+robin over the methods; best of the rounds, and the median of the per-round ratios), with a
 breakdown: forward passes, direction generation (drawing every chunk of every direction the step
 draws), and the rest (parameter writes, rule arithmetic), plus the speed-up over the plain
 reference of MeZO's Algorithm 1 (``zotune.reference.mezo_step``). Targets (issue 4): MeZO
@@ -18,6 +19,7 @@ import datetime
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -129,44 +131,52 @@ def main(argv=None) -> int:
         with torch.no_grad():
             loss()
 
-    def alternate(step_fn):
-        """Median step time and median forward time, taken in alternation (so that a shared,
-        unevenly loaded machine slows both alike), and the median of the per-round ratios."""
-        step_fn()
-        fwd()
-        steps, fwds, ratios = [], [], []
-        for _ in range(args.repeats):
+    # Round robin: every round times one forward then one step of *each* method, so a machine
+    # whose load changes during the run slows every method alike. Headline: best of the rounds
+    # (min step / (2 x min forward): the least disturbed timings), beside the median ratio.
+    names = args.methods.split(",")
+    params = [p for _, p in named]
+    counter = iter(range(10**6))
+    steppers = {}
+    for name in names:
+        if name == "reference":
+            steppers[name] = lambda: mezo_step(params, loss, next(counter), lr=1e-9, eps=1e-3)
+        else:
+            opt = builders[name]()
+            steppers[name] = (lambda o: lambda: o.step(loss))(opt)
+            steppers[name].opt = opt
+    timings = {n: {"step": [], "fwd": []} for n in names}
+    for rnd in range(args.repeats + 1):  # round 0 warms up (lazy state, caches)
+        for name in names:
             t0 = time.perf_counter()
             fwd()
             t1 = time.perf_counter()
-            step_fn()
+            steppers[name]()
             t2 = time.perf_counter()
-            fwds.append(t1 - t0)
-            steps.append(t2 - t1)
-            ratios.append((t2 - t1) / (2 * (t1 - t0)))
-        return statistics.median(steps), statistics.median(fwds), statistics.median(ratios)
-
-    for name in args.methods.split(","):
+            if rnd:
+                timings[name]["fwd"].append(t1 - t0)
+                timings[name]["step"].append(t2 - t1)
+        print(f"  round {rnd}/{args.repeats} done", file=sys.stderr)
+    for name in names:
+        st, fw = timings[name]["step"], timings[name]["fwd"]
+        row = {"method": "reference (MeZO Alg. 1)" if name == "reference" else name,
+               "step_s": min(st), "forward_s": 2 * min(fw), "ratio": min(st) / (2 * min(fw)),
+               "median_ratio": statistics.median(s_ / (2 * f_) for s_, f_ in zip(st, fw)),
+               "step_s_all": st, "forward_s_all": fw}
         if name == "reference":
-            params = [p for _, p in named]
-            counter = iter(range(10**6))
-            ref_step, f, ratio = alternate(lambda: mezo_step(params, loss, next(counter), lr=1e-9, eps=1e-3))
-            rows.append({"method": "reference (MeZO Alg. 1)", "step_s": ref_step, "ratio": ratio, "forward_s": 2 * f})
-            continue
-        opt = builders[name]()
-        step, f, ratio = alternate(lambda: opt.step(loss))
-        gen = generation_time(opt, args.repeats)
-        rows.append({"method": name, "step_s": step, "ratio": ratio, "forward_s": 2 * f,
-                     "generation_s": gen, "other_s": max(0.0, step - 2 * f - gen)})
-        del opt
+            ref_step = min(st)
+        else:
+            gen = generation_time(steppers[name].opt, args.repeats)
+            row.update(generation_s=gen, other_s=max(0.0, min(st) - 2 * min(fw) - gen))
+        rows.append(row)
     for r in rows:
         if ref_step:
             r["speedup_vs_reference"] = ref_step / r["step_s"]
     print(f"\nforward (batch {args.batch} x {args.seq_len} tokens, {args.model}): {forward:.3f} s\n")
-    print("| method | step s | step / 2 fwd | 2 fwd s | direction gen s | other s | x faster than reference |")
-    print("|---|---|---|---|---|---|---|")
+    print("| method | step s | step / 2 fwd (best) | median ratio | 2 fwd s | direction gen s | other s | x faster than reference |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['step_s']:.3f} | {r['ratio']:.3f} | {r.get('forward_s', 2 * forward):.3f} | "
+        print(f"| {r['method']} | {r['step_s']:.3f} | {r['ratio']:.3f} | {r['median_ratio']:.3f} | {r.get('forward_s', 2 * forward):.3f} | "
               f"{r.get('generation_s', float('nan')):.3f} | {r.get('other_s', float('nan')):.3f} | "
               f"{r.get('speedup_vs_reference', float('nan')):.2f} |")
     out = Path(args.out)

@@ -77,7 +77,7 @@ class OptimConfig:
     sparsity: float = 0.0  # > 0: sparse perturbation masks (ZO-Bench Table 8)
     max_nonfinite: int = 3
     fo_lr: float | None = None  # hybrid: lr of the FO part (default: lr)
-    perturbation: str = "auto"  # inplace | swap | dual | side | auto (swap for half weights, side for LOZO)
+    perturbation: str = "auto"  # inplace | swap | dual | side | auto (swap for half weights)
 
 
 @dataclass

@@ -46,8 +46,6 @@ def _zo(estimator: str, rule: Callable, conservative=False):
         elif mode == "auto":  # half-precision weights must not be written by the perturbation
             half = any(p.dtype in (torch.float16, torch.bfloat16) for p in named.values())
             mode = "swap" if half and module is not None and est.kind == "two_point" else "inplace"
-            if mode == "inplace" and module is not None and est.name == "lowrank":
-                mode = "side"  # LOZO: eps U V^T as thin side terms instead of writing every matrix
         return ZOOptimizer(
             list(named.items()), est, rule(o), o.lr, o.eps, o.weight_decay, o.seed,
             conservative=conservative, max_nonfinite=o.max_nonfinite, reduce=reduce,
