@@ -182,6 +182,29 @@ def _rss_bytes() -> int | None:
         return None
 
 
+def _reset_peak_rss() -> bool:
+    """Start the kernel's peak-RSS counter (VmHWM) afresh (Linux >= 4.0), so that the peak
+    measured later leaves out the load's transient; False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_since_reset() -> int | None:
+    """VmHWM in bytes (Linux), None elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def _write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str))
@@ -253,6 +276,7 @@ def train(cfg: Config, *, reduce=None, rank: int = 0, world_size: int = 1, setup
         raise ValueError(f"train.batch_size ({t.batch_size}) must be divisible by the number of ranks ({world_size})")
     setup = setup or build(cfg, reduce=reduce)
     rss_after_load = _rss_bytes()
+    peak_resettable = _reset_peak_rss()
     model, opt, tok = setup.model, setup.optimizer, setup.loaded.tokenizer
     forward_model = train_model if train_model is not None else model
     device = next(model.parameters()).device
@@ -363,9 +387,13 @@ def train(cfg: Config, *, reduce=None, rank: int = 0, world_size: int = 1, setup
         "mean_step_seconds": round(sum(step_times) / len(step_times), 4) if step_times else None,
         "forward_passes": getattr(opt, "forward_passes", None),
         "sizes": sizes,
-        # CPU memory: the process's peak resident set, and that peak minus what it held once
-        # the model was loaded (the cost of training itself); CUDA: the allocator's peak
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        # CPU memory: the process's peak resident set after the model was loaded (the counter
+        # is reset then, so the load's transient is left out), what it held once loaded (the
+        # difference is the cost of training itself), and the peak including the load;
+        # CUDA: the allocator's peak
+        "peak_rss_bytes": (_peak_rss_since_reset() if peak_resettable else None)
+        or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_with_load_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "rss_after_load_bytes": rss_after_load,
         "cuda_peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         "task": cfg.task.name,
