@@ -275,8 +275,8 @@ def train(cfg: Config, *, reduce=None, rank: int = 0, world_size: int = 1, setup
     if t.batch_size % world_size:
         raise ValueError(f"train.batch_size ({t.batch_size}) must be divisible by the number of ranks ({world_size})")
     setup = setup or build(cfg, reduce=reduce)
-    rss_after_load = _rss_bytes()
     peak_resettable = _reset_peak_rss()
+    rss_after_load = _rss_bytes()
     model, opt, tok = setup.model, setup.optimizer, setup.loaded.tokenizer
     forward_model = train_model if train_model is not None else model
     device = next(model.parameters()).device
