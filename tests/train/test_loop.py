@@ -228,7 +228,8 @@ def test_streamed_and_dual_runs_end_with_the_plain_run_weights(tmp_path, method)
     assert (tmp_path / "offload").is_dir()  # the streamed run kept its tensors there...
     assert not list((tmp_path / "offload").glob("*.bin"))  # ...and removed the files at the end
     r = results["plain"]  # the peak is counted from the end of the load (the kernel's counter reset)
-    assert r["peak_rss_with_load_bytes"] >= r["peak_rss_bytes"] >= 0.99 * r["rss_after_load_bytes"] > 0
+    # (the kernel's peak counters are updated lazily, page-granular: compare within 1 %)
+    assert r["peak_rss_with_load_bytes"] >= 0.99 * r["peak_rss_bytes"] >= 0.98 * r["rss_after_load_bytes"] > 0
     plain = weights(tmp_path / "plain")
     for name in ("dual", "streamed"):
         other = weights(tmp_path / name)
