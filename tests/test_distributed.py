@@ -213,7 +213,8 @@ def loop_ranks(tmp_path_factory):
     zo = TINY + ["train.steps=3", "train.save_every=2", f"train.output_dir={tmp / 'zo'}"]
     fo = TINY + ["optim.method=fo-sgd", "optim.lr=1e-2", "train.steps=2", f"train.output_dir={tmp / 'fo'}"]
     dies = TINY + ["train.steps=6", "train.save_every=2", f"train.output_dir={tmp / 'dies'}"]
-    args = {"runs": [zo, fo, dies], "timeout_s": 30, "exit_rank": 1, "exit_step": 3}
+    streamed = TINY + ["train.steps=3", "model.offload=mmap", f"train.output_dir={tmp / 'streamed'}"]
+    args = {"runs": [zo, fo, streamed, dies], "timeout_s": 30, "exit_rank": 1, "exit_step": 3}
     reports = launch(tmp, "loop", args, wait_for=(0,), timeout=120)
     return tmp, zo, fo, reports
 
@@ -224,7 +225,7 @@ def test_two_ranks_then_one_rank_from_the_checkpoint_equals_one_rank_throughout(
     from zotune.train.loop import train
 
     tmp, zo, _, reports = loop_ranks
-    assert reports[0]["runs"][:2] == [{"steps": 3}, {"steps": 2}], reports[0]["log"]
+    assert reports[0]["runs"][:3] == [{"steps": 3}, {"steps": 2}, {"steps": 3}], reports[0]["log"]
     # continue the 2-rank run with one process (another number of ranks) up to step 6
     train(load_config(None, [*zo, "train.steps=6"]))
     train(load_config(None, [*TINY, "train.steps=6", "train.save_every=2", f"train.output_dir={tmp_path / 'one'}"]))
@@ -235,6 +236,22 @@ def test_two_ranks_then_one_rank_from_the_checkpoint_equals_one_rank_throughout(
     for name in one:
         # each rank's loss is the mean over its shard: equal to the 1-rank loss to float rounding
         torch.testing.assert_close(mixed[name], one[name], rtol=0, atol=2e-6)  # ~16 float32 ulps at 1
+
+
+@needs_data
+def test_streamed_weights_under_two_ranks_follow_the_plain_run(loop_ranks, tmp_path):
+    from zotune.config import load_config
+    from zotune.train.loop import train
+
+    tmp, _, _, reports = loop_ranks
+    assert reports[0]["runs"][2] == {"steps": 3}, reports[0]["log"]
+    # each rank streamed its own copy of the tensors (no two ranks updating one file)
+    assert sorted(d.name for d in (tmp / "streamed" / "offload").iterdir()) == ["rank0", "rank1"]
+    train(load_config(None, [*TINY, "train.steps=3", f"train.output_dir={tmp_path / 'plain'}"]))
+    plain, streamed = _trained(tmp_path / "plain"), _trained(tmp / "streamed")
+    assert plain.keys() == streamed.keys()
+    for name in plain:
+        torch.testing.assert_close(streamed[name], plain[name], rtol=1e-4, atol=1e-5)
 
 
 @needs_data

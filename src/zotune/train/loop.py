@@ -102,7 +102,10 @@ def build(cfg: Config, loaded=None, data=None, reduce=None) -> Setup:
         if streamed:
             from zotune.streamed import StreamedWeights
 
-            where = cfg.model.offload_dir or str(Path(cfg.train.output_dir) / "offload")
+            where = Path(cfg.model.offload_dir or Path(cfg.train.output_dir) / "offload")
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank streams its own copy
+                where = where / f"rank{int(os.environ.get('RANK', '0'))}"
+            where = str(where)
             storage = "host" if cfg.model.offload == "host" else "mmap"
             StreamedWeights(model, optimizer, storage=storage, directory=where)
             log.info("streamed weights: %d trained tensors kept in %s", len(named),
