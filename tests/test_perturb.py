@@ -205,3 +205,32 @@ def test_side_terms_give_the_inplace_lozo_trajectory_without_writing_matrices():
     model = mlp()
     with pytest.raises(ValueError, match="low-rank directions"):
         zotune.MeZO(model.named_parameters(), module=model, perturbation="side")
+
+
+def test_dual_perturbs_large_matrices_row_block_by_row_block(monkeypatch):
+    """Matrices drawn in several chunks (here: 100-element chunks, rows of 64) are never copied
+    whole: Linear outputs and Embedding rows are computed block by block, a chunk's partial last
+    row carried over; the trajectory is the in-place one."""
+    import zotune.perturb as zp
+    from zotune.estimators import Gaussian
+    from zotune.lm import encode_pairs, pair_loss
+    from zotune.models import tiny_model
+
+    lm = tiny_model("llama")
+    batch = encode_pairs(lm.tokenizer, [("the movie was", " great"), ("a bad film", " no")], 32)
+    a, b = tiny_model("llama").model, lm.model
+    for m in (a, b):
+        m.requires_grad_(False)
+    blocked = []
+    real = zp._row_blocked_halves
+    monkeypatch.setattr(zp, "_row_blocked_halves", lambda mod, *x: blocked.append(type(mod).__name__) or real(mod, *x))
+    inplace = zotune.ZOOptimizer(a.named_parameters(), Gaussian(chunk_size=100), "sgd", lr=1e-3, eps=1e-2)
+    dual = zotune.ZOOptimizer(b.named_parameters(), Gaussian(chunk_size=100), "sgd", lr=1e-3, eps=1e-2,
+                              module=b, perturbation="dual")
+    for _ in range(3):
+        la = inplace.step(lambda: pair_loss(a, batch))
+        lb = dual.step(lambda copies=1: pair_loss(b, batch, copies=copies))
+        assert float(la) == pytest.approx(float(lb), rel=1e-5)
+    assert {"Linear", "Embedding"} <= set(blocked)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

@@ -144,7 +144,7 @@ class DualPerturbation:
         for mod, own in self.owners:
             had = "forward" in mod.__dict__
             patched.append((mod, had, mod.__dict__.get("forward")))
-            mod.forward = self._dual_forward(mod.forward, own, est, d, eps, first_call)
+            mod.forward = self._dual_forward(mod, mod.forward, own, est, d, eps, first_call)
         try:
             yield
         finally:
@@ -154,7 +154,8 @@ class DualPerturbation:
                 else:
                     del mod.forward
 
-    def _dual_forward(self, forward, own, est: Estimator, d: Direction, eps: float, first_call: list):
+    def _dual_forward(self, mod: nn.Module, forward, own, est: Estimator, d: Direction, eps: float,
+                      first_call: list):
         leaves = self.leaves
 
         def run(*args, **kwargs):
@@ -168,28 +169,97 @@ class DualPerturbation:
                         "perturbation='dual': the two halves of the rows differ; with copies=2 the closure "
                         "must run its batch twice over (rows 0..n-1, then the same rows again)"
                     )
-            swapped = []
+            swapped, side, blocked = [], None, None
+            originals = self.originals
             try:
-                originals = self.originals
                 for i in own:
-                    if est.touches(d, i):
-                        p = leaves[i]
-                        if originals is not None:  # a disposable copy: perturb it in place
-                            swapped.append((p, originals[i]))
-                            est.perturb_(leaves, d, eps, only={i})
-                        else:
-                            swapped.append((p, p.data))
-                            p.data = _perturbed_copy(est, d, i, p, eps)
-                out_a = forward(*args_a, **kw_a)
-                for p, data in swapped:
-                    p.data.lerp_(data, 2.0)  # x + eps z  ->  2 x - (x + eps z) = x - eps z
-                out_b = forward(*args_b, **kw_b)
+                    if not est.touches(d, i):
+                        continue
+                    p = leaves[i]
+                    if originals is not None:  # a disposable copy: perturb it in place
+                        swapped.append((p, originals[i]))
+                        est.perturb_(leaves, d, eps, only={i})
+                    elif _is_weight_of_plain_layer(mod, p) and est.factored(i):
+                        side = est.leaf_direction(d, i, p)  # low rank: a side term, no copy
+                    elif _is_weight_of_plain_layer(mod, p) and est.num_chunks(i) > 1 and args and not kwargs:
+                        blocked = i  # a large matrix: computed in row blocks, no copy
+                    else:
+                        swapped.append((p, p.data))
+                        p.data = _perturbed_copy(est, d, i, p, eps)
+                if blocked is not None:
+                    out_a, out_b = _row_blocked_halves(mod, est, d, blocked, eps, args_a[0], args_b[0], swapped)
+                else:
+                    out_a = forward(*args_a, **kw_a)
+                    if side is not None:
+                        out_a = _add_side_term(mod, args_a[0], out_a, side.u * eps, side.v)
+                    for p, data in swapped:
+                        p.data.lerp_(data, 2.0)  # x + eps z  ->  2 x - (x + eps z) = x - eps z
+                    out_b = forward(*args_b, **kw_b)
+                    if side is not None:
+                        out_b = _add_side_term(mod, args_b[0], out_b, side.u * -eps, side.v)
             finally:  # (streamed: ``data`` is the stored tensor, the resident copy is dropped)
                 for p, data in swapped:
                     p.data = data
             return _cat(out_a, out_b)
 
         return run
+
+
+def _is_weight_of_plain_layer(mod: nn.Module, p: torch.Tensor) -> bool:
+    """``p`` is the weight of a plain ``nn.Linear`` / ``nn.Embedding`` (not a subclass with its own forward)."""
+    if type(mod) is nn.Linear:
+        return mod.weight is p
+    return type(mod) is nn.Embedding and mod.weight is p and mod.max_norm is None
+
+
+def _row_blocks(est: Estimator, d: Direction, i: int, w: torch.Tensor, eps: float):
+    """Yield ``(r0, r1, w[r0:r1] + eps z[r0:r1])`` over whole rows of matrix ``w``, drawing the
+    direction chunk by chunk (a chunk's partial last row is carried over to the next), so no
+    perturbed copy larger than about one chunk ever exists."""
+    n = w.shape[1]
+    flat = w.view(-1)
+    carry = None
+    r0 = 0
+    for k in range(est.num_chunks(i)):
+        t = est.target(w, i, k)
+        z = est.leaf_direction(d, i, w, k, out=est.out_buffer(t, i, w)).z
+        if carry is not None and carry.numel():
+            z = torch.cat([carry, z])
+        rows = z.numel() // n
+        if rows:
+            block = torch.add(flat[r0 * n:(r0 + rows) * n], z[:rows * n], alpha=eps).view(rows, n)
+            yield r0, r0 + rows, block
+            r0 += rows
+        carry = z[rows * n:].clone()
+
+
+def _row_blocked_halves(mod, est, d, i, eps, x_a, x_b, swapped):
+    """Both halves of a plain Linear / Embedding whose weight is perturbed block by block."""
+    w = mod.weight
+    if isinstance(mod, nn.Linear):
+        out_a = x_a.new_empty(*x_a.shape[:-1], w.shape[0])
+        out_b = x_b.new_empty(*x_b.shape[:-1], w.shape[0])
+    else:
+        out_a = w.new_empty(*x_a.shape, w.shape[1])
+        out_b = w.new_empty(*x_b.shape, w.shape[1])
+
+    def fill(out, x, r0, r1, block):
+        if isinstance(mod, nn.Linear):
+            out[..., r0:r1] = x @ block.T
+        else:
+            sel = (x >= r0) & (x < r1)
+            out[sel] = block[x[sel] - r0]
+
+    for r0, r1, block in _row_blocks(est, d, i, w, eps):
+        fill(out_a, x_a, r0, r1, block)
+        block.lerp_(w[r0:r1], 2.0)
+        fill(out_b, x_b, r0, r1, block)
+    if isinstance(mod, nn.Linear) and mod.bias is not None:
+        out_a += mod.bias  # the bias as swapped in: x + eps z when trained
+        for p, data in swapped:
+            p.data.lerp_(data, 2.0)
+        out_b += mod.bias
+    return out_a, out_b
 
 
 class SidePerturbation:

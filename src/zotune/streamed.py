@@ -10,8 +10,11 @@ update); here each crosses the link once per step:
 * the step's update is deferred (``defer_update=True``) and applied when the module next comes in
   (at the next step's forward, or at :meth:`ZOOptimizer.flush`), then written back.
 
-So the compute tier holds the frozen tensors, activations, and one module's trained tensors
-(plus their perturbed copy) at a time. Results equal the plain in-place mode up to float
+So the compute tier holds the frozen tensors, activations, and one module's trained tensors at
+a time (on a GPU: a copy, perturbed in place). On the CPU the mapped files are addressable
+already: modules compute straight from them (the kernel pages them in and may drop them again),
+large matrices are perturbed row block by row block (``perturbation="dual"``), and updates are
+written into the files, so no weight-sized buffer is allocated at all. Results equal the plain in-place mode up to float
 rounding: the same directions, coefficients and rule, applied in the same order.
 
 Use::
@@ -91,7 +94,12 @@ class StreamedWeights:
             self._handles.append(mod.register_forward_pre_hook(lambda m, a, own=own: self._bring_in(own)))
             self._handles.append(mod.register_forward_hook(lambda m, a, out, own=own: self._send_back(own)))
         optimizer.streamer = self
-        optimizer.dual.originals = self.stored  # resident tensors are copies: perturb them in place
+        # On the CPU the mapped file is already addressable memory: modules compute from it and
+        # updates are written into it (no copy). On a GPU each module's tensors are copied in,
+        # and the copy is perturbed in place (it is disposable).
+        self.copy_in = self.device.type != "cpu"
+        if self.copy_in:
+            optimizer.dual.originals = self.stored
 
     # ----------------------------------------------------------------------------- storage
     def _store(self, i: int, p: torch.Tensor) -> torch.Tensor:
@@ -108,15 +116,16 @@ class StreamedWeights:
     def _bring_in(self, own: list[int]) -> None:
         for i in own:
             p = self.leaves[i]
-            resident = self.stored[i].to(self.device, copy=True)
-            self.bytes_in += resident.numel() * resident.element_size()
-            p.data = resident
+            self.bytes_in += p.numel() * p.element_size()  # copied in, or paged in from the file
+            if self.copy_in:
+                p.data = self.stored[i].to(self.device, copy=True)
         pending = self.optimizer.pending
         if pending is not None and not set(own) <= pending["applied"]:
             todo = [i for i in own if i not in pending["applied"]]
-            self.optimizer.apply_pending(todo)
+            self.optimizer.apply_pending(todo)  # into the resident copy, or straight into the file
             for i in todo:
-                self.stored[i].copy_(self.leaves[i].data)
+                if self.copy_in:
+                    self.stored[i].copy_(self.leaves[i].data)
                 self.bytes_out += self.stored[i].numel() * self.stored[i].element_size()
 
     def _send_back(self, own: list[int]) -> None:
@@ -150,7 +159,8 @@ class StreamedWeights:
             p.data = self.stored[i].to(self.device, copy=True)
         self.stored.clear()
         self.optimizer.streamer = None
-        self.optimizer.dual.originals = None
+        if self.copy_in:
+            self.optimizer.dual.originals = None
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
