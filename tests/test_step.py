@@ -303,3 +303,34 @@ def test_hybrid_trains_shallow_by_zo_and_deep_by_fo():
     assert float(loss()) < 0.8 * start
     assert not torch.equal(model.l1.weight, l1_before)
     assert opt.forward_passes_per_step == 3
+
+
+def test_bfloat16_lozo_update_goes_in_row_blocks_without_a_float32_matrix(monkeypatch):
+    """A half-precision matrix's low-rank update is written in float32 row blocks of about one
+    chunk, each rounded stochastically: the step allocates far less than the matrix in float32,
+    and each weight lands on one of the two bfloat16 neighbours of the exact update."""
+    from zotune.bench.profile import AllocationTracker
+    from zotune.estimators import Direction
+
+    monkeypatch.setenv("ZOTUNE_THREADS", "1")  # the tracker sees one thread's allocations
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 256, generator=g)
+    layer = torch.nn.Linear(256, 512, bias=False).to(torch.bfloat16).requires_grad_(False)
+    layer.weight.copy_(torch.randn(512, 256, generator=g) * 0.05)
+    start = layer.weight.detach().float().clone()
+    est = zotune.estimators.make_estimator("lowrank", rank=2, interval=5, chunk_size=1 << 12)
+    # side terms: the evaluations never write the matrix, so only the update touches it
+    opt = zotune.ZOOptimizer(layer.named_parameters(), est, "sgd", lr=1e-1, eps=1e-2, weight_decay=0.1,
+                             module=layer, perturbation="side")
+    with AllocationTracker() as tracker:
+        opt.step(lambda: float((layer(x.bfloat16()).float() ** 2).mean()))
+    assert tracker.peak_bytes < 0.25 * start.numel() * 4  # no float32 copy of the 512 KiB matrix
+    ld = est.leaf_direction(Direction(0, 0), 0, layer.weight)
+    c = opt.last_record["coeffs"][0]
+    exact = start * (1 - 1e-1 * 0.1) - 1e-1 * c / 2 * (ld.u.float() @ ld.v.float().T)
+    got = layer.weight.detach().float()
+    assert (got - start).abs().max() > 1e-4  # the step did change the weights
+    lo = exact.to(torch.bfloat16).float()
+    neighbour = torch.nextafter(exact.to(torch.bfloat16), torch.where(lo > exact, -1.0, 1.0).to(torch.bfloat16)).float()
+    assert ((got == lo) | (got == neighbour)).float().mean() > 0.999  # float32 row-block arithmetic
+    assert abs(float((got - exact).mean())) < 1e-6  # rounded up or down without bias

@@ -430,6 +430,9 @@ class ZOOptimizer(torch.optim.Optimizer):
             target = est.target(p, i, k)
             # half precision: compute in float32, then round stochastically (seeded, so exact on resume)
             rounding = self._round_stochastically(p)
+            if rounding and target.dim() == 2:  # a whole half-precision matrix (LOZO): in row blocks
+                self._update_matrix_rounded(item, target, dirs, coeffs, last, restore_eps, updates, step)
+                return
             work = target.float() if rounding else target
             if shrink != 1.0:
                 work.mul_(shrink)
@@ -452,6 +455,45 @@ class ZOOptimizer(torch.optim.Optimizer):
 
         if items:
             for_each_chunk(update_chunk, items, self.leaves[0].device, est.parallel_chunks)
+
+    def _update_matrix_rounded(self, item, target, dirs, coeffs, last, restore_eps, updates, step) -> None:
+        """The update of a whole half-precision matrix whose direction is low rank, written in
+        float32 row blocks of about one chunk, each rounded stochastically: no float32 copy of
+        the matrix (nor of ``U V^T``) is ever made."""
+        i, p, k, touching, lr, shrink = item
+        est, rule = self.estimator, self.rule
+        u, restore = None, None
+        if touching:
+            scale = est.grad_scale(i) / len(touching)
+            g = None
+            for j, d in touching:
+                ld = est.leaf_direction(d, i, p, k)
+                if d is last and restore_eps:
+                    restore = ld
+                g = _accumulate(g, ld, coeffs[j] * scale, single=len(touching) == 1, est=est, i=i, p=p)
+            state = self.state[p]
+            chunk_state = _state_view(state, p, target)
+            u = rule.update(g, chunk_state, target, updates)
+            _merge_state(state, chunk_state, p)
+        m, n = target.shape
+        rows = max(1, est.chunk_size // max(n, 1))
+        dense = u.t.view(m, n) if isinstance(u, DenseGrad) else None
+        for b, r0 in enumerate(range(0, m, rows)):
+            r1 = min(m, r0 + rows)
+            work = target[r0:r1].float()
+            if shrink != 1.0:
+                work.mul_(shrink)
+            if restore is not None:
+                if isinstance(restore, LowRank):
+                    work.addmm_(restore.u[r0:r1].float(), restore.v.float().T, alpha=restore_eps * shrink)
+                else:
+                    work.add_(restore.z.view(m, n)[r0:r1].float(), alpha=restore_eps * shrink)
+            if dense is not None:
+                work.add_(dense[r0:r1].float(), alpha=-lr * u.scale)
+            elif u is not None:
+                work.addmm_(u.a[r0:r1].float(), u.v.float().T, alpha=-lr * u.scale)
+            seed = derive_seed(self.seed, STREAM_ROUNDING, step, i, k, b)
+            stochastic_round_(target[r0:r1], work, generator(seed, p.device))
 
     # ------------------------------------------------------------------ deferred updates
     def apply_pending(self, indices: Iterable[int]) -> None:
