@@ -18,16 +18,19 @@ def setup(arch="llama"):
     return lm.model, batch
 
 
+@pytest.mark.parametrize("copy_in", [False, True], ids=["from-the-file", "copied-in"])
 @pytest.mark.parametrize("preset,kw", [("MeZO", {"weight_decay": 0.1}), ("LOZO", {"rank": 2, "interval": 2}),
                                        ("ZOAdam", {})])
-def test_streamed_weights_follow_the_plain_trajectory(tmp_path, preset, kw):
+def test_streamed_weights_follow_the_plain_trajectory(tmp_path, preset, kw, copy_in):
+    """copied-in is the GPU path (a resident copy per module, perturbed in place, written back),
+    run here on the CPU."""
     plain, batch = setup()
     model, _ = setup()
     make = getattr(zotune, preset)
     opt_plain = make(plain.named_parameters(), lr=1e-3, eps=1e-2, **kw)
     opt = make(model.named_parameters(), lr=1e-3, eps=1e-2, module=model, perturbation="dual",
                defer_update=True, **kw)
-    streamed = StreamedWeights(model, opt, storage="mmap", directory=tmp_path)
+    streamed = StreamedWeights(model, opt, storage="mmap", directory=tmp_path, copy_in=copy_in)
     assert len(list(tmp_path.glob("*.bin"))) == len(opt.leaves)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))  # lrs must be those of each step
     sched_plain = torch.optim.lr_scheduler.LambdaLR(opt_plain, lambda s: 1.0 / (1 + s))
@@ -42,8 +45,13 @@ def test_streamed_weights_follow_the_plain_trajectory(tmp_path, preset, kw):
     assert opt.pending is None
     for (name, p), q in zip(model.named_parameters(), plain.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
-    streamed.close()
-    assert not list(tmp_path.glob("*.bin")) or True  # user directory: files are left for the user
+    mapped = {p.data_ptr() for p in opt.leaves}
+    streamed.close()  # back to ordinary memory, hooks gone; a user's directory keeps its files
+    assert not mapped & {p.data_ptr() for p in opt.leaves}
+    assert len(list(tmp_path.glob("*.bin"))) == len(opt.leaves)
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    assert not model._forward_pre_hooks and all(not m._forward_pre_hooks for m in model.modules())
 
 
 def test_each_trained_tensor_crosses_once_per_step_and_stays_in_storage_between_visits(tmp_path):

@@ -54,9 +54,12 @@ class StreamedWeights:
             the model's tensors are on a GPU), or ``"auto"``.
         directory: where ``"mmap"`` files go (a temporary directory by default, removed with
             this object).
+        copy_in: copy each module's tensors to the compute device while it runs (default: on
+            a GPU; on the CPU modules compute from the mapped files directly).
     """
 
-    def __init__(self, model: nn.Module, optimizer, *, storage: str = "auto", directory: str | Path | None = None):
+    def __init__(self, model: nn.Module, optimizer, *, storage: str = "auto", directory: str | Path | None = None,
+                 copy_in: bool | None = None):
         if getattr(optimizer, "perturbation", None) != "dual" or not getattr(optimizer, "defer_update", False):
             raise ValueError(
                 "streamed weights need a ZOOptimizer with perturbation='dual' and defer_update=True: "
@@ -97,7 +100,7 @@ class StreamedWeights:
         # On the CPU the mapped file is already addressable memory: modules compute from it and
         # updates are written into it (no copy). On a GPU each module's tensors are copied in,
         # and the copy is perturbed in place (it is disposable).
-        self.copy_in = self.device.type != "cpu"
+        self.copy_in = self.device.type != "cpu" if copy_in is None else bool(copy_in)
         if self.copy_in:
             optimizer.dual.originals = self.stored
 
