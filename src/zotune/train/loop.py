@@ -185,6 +185,16 @@ def _rss_bytes() -> int | None:
         return None
 
 
+def _page_in(model) -> None:
+    """Touch every page of the weights: checkpoints are memory-mapped and paged in lazily, at
+    the first forward, which would otherwise count the model itself as a cost of training."""
+    with torch.no_grad():
+        for t in (*model.parameters(), *model.buffers()):
+            if t.device.type == "cpu" and t.numel():
+                step = max(1, 4096 // t.element_size())
+                t.detach().reshape(-1)[::step].sum()
+
+
 def _reset_peak_rss() -> bool:
     """Start the kernel's peak-RSS counter (VmHWM) afresh (Linux >= 4.0), so that the peak
     measured later leaves out the load's transient; False where that is not possible."""
@@ -278,6 +288,7 @@ def train(cfg: Config, *, reduce=None, rank: int = 0, world_size: int = 1, setup
     if t.batch_size % world_size:
         raise ValueError(f"train.batch_size ({t.batch_size}) must be divisible by the number of ranks ({world_size})")
     setup = setup or build(cfg, reduce=reduce)
+    _page_in(setup.model)
     peak_resettable = _reset_peak_rss()
     rss_after_load = _rss_bytes()
     model, opt, tok = setup.model, setup.optimizer, setup.loaded.tokenizer
