@@ -89,3 +89,12 @@ def test_lr_schedules_with_warmup():
         sched.step()
         lrs.append(opt.param_groups[0]["lr"])
     assert lrs == pytest.approx([0.75, 0.5, 0.25, 0.0])
+
+
+@pytest.mark.parametrize("recipe", sorted((__import__("pathlib").Path(__file__).parents[1] / "recipes").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_every_shipped_recipe_is_a_valid_config(recipe):
+    cfg = load_config(recipe)  # raises ConfigError listing every problem
+    first_line = recipe.read_text().splitlines()[0]
+    assert first_line == f"# zotune train recipes/{recipe.name}"  # each recipe is headed by its command
+    assert cfg.train.output_dir.endswith(recipe.stem)
