@@ -6,7 +6,10 @@
 #   nice -n 19 bash benchmarks/run_studies.sh [study ...]      # default: all six, in this order
 #
 # Results: benchmarks/results/studies/NAME.jsonl (records) and NAME.md (the rendered table);
-# figures: docs/figures/studies/.
+# figures: docs/figures/studies/. Also run for docs/studies.md (ZO-SGD with 5x the steps):
+#   zotune study alignment --task sst2 --values mezo --steps 150 --batch-size 8 --test 200 \
+#     --results benchmarks/results/studies/alignment-mezo-150.jsonl --output-dir runs/studies/alignment-mezo-150 \
+#     --out benchmarks/results/studies/alignment-mezo-150.md
 set -u
 cd "$(dirname "$0")/.."
 OUT=benchmarks/results/studies
