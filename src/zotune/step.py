@@ -270,22 +270,13 @@ class ZOOptimizer(torch.optim.Optimizer):
                     losses.append(loss)
                     coeffs.append(c)
             fuse = False
-        elif self.swap is not None:
+        elif self.swap is not None or self.side is not None:  # weights (matrices) not written
+            jit = self.swap if self.swap is not None else self.side
             coeffs = []
             for d in dirs:
-                with self.swap.active(est, d, eps):
+                with jit.active(est, d, eps):
                     lp = self._loss(closure) if live else 0.0
-                with self.swap.active(est, d, -eps):
-                    lm = self._loss(closure) if live else 0.0
-                losses += [lp, lm]
-                coeffs.append((lp - lm) / (2.0 * eps))
-            fuse = False
-        elif self.side is not None:
-            coeffs = []
-            for d in dirs:
-                with self.side.active(est, d, eps):
-                    lp = self._loss(closure) if live else 0.0
-                with self.side.active(est, d, -eps):
+                with jit.active(est, d, -eps):
                     lm = self._loss(closure) if live else 0.0
                 losses += [lp, lm]
                 coeffs.append((lp - lm) / (2.0 * eps))
