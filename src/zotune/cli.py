@@ -117,7 +117,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from zotune.bench.report import report
+    from zotune.bench.report import report, write_text_atomic
 
     text = report(args.results)
     if args.figures:
@@ -126,11 +126,7 @@ def cmd_report(args) -> int:
         for path in figures(load_records(args.results), args.figures):
             print(f"wrote {path}", file=sys.stderr)
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(out)
+        write_text_atomic(args.out, text)
     print(text)
     return 0
 

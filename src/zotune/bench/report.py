@@ -189,6 +189,16 @@ def figures(records: list[dict], out_dir: str | Path) -> list[Path]:
     return written
 
 
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write a report so that a crash midway leaves the previous file, never a truncated one."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(out)
+    return out
+
+
 def _save(fig, stem: Path) -> list[Path]:
     paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
     for p in paths:

@@ -45,7 +45,7 @@ from typing import Any
 
 from zotune._validate import unknown_choice
 from zotune.bench.grid import Grid, RunSpec, finished, run_grid, validate_grid
-from zotune.bench.report import _md, _metric, _mib, _save, load_records, runs_table
+from zotune.bench.report import _md, _metric, _mib, _save, load_records, runs_table, write_text_atomic
 from zotune.config import ConfigError, parse_overrides
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -860,11 +860,7 @@ def main_args(args: argparse.Namespace, log: Callable[[str], None] = print) -> i
     for path in figures(plan, fig_dir):
         print(f"wrote {path}", file=sys.stderr)
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(out)
+        write_text_atomic(args.out, text)
     log(text)
     if failed:
         print(f"zotune study {plan.study.name}: {len(failed)} run(s) failed: {', '.join(failed)} "
