@@ -428,17 +428,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             if shrink != 1.0:
                 work.mul_(shrink)
             if touching:
-                scale = est.grad_scale(i) / len(touching)
-                g, restore = None, None
-                for j, d in touching:
-                    ld = est.leaf_direction(d, i, p, k, out=est.out_buffer(target, i, p))
-                    if d is last and restore_eps:
-                        restore = ld
-                    g = _accumulate(g, ld, coeffs[j] * scale, single=len(touching) == 1, est=est, i=i, p=p)
-                state = self.state[p]
-                chunk_state = _state_view(state, p, target)
-                u = rule.update(g, chunk_state, target, updates)
-                _merge_state(state, chunk_state, p)
+                u, restore = self._rule_update(item, target, coeffs, last, restore_eps, updates)
                 _write(work, u, restore, restore_eps * shrink, lr)
             if rounding:
                 seed = derive_seed(self.seed, STREAM_ROUNDING, step, i, k)
@@ -447,25 +437,33 @@ class ZOOptimizer(torch.optim.Optimizer):
         if items:
             for_each_chunk(update_chunk, items, self.leaves[0].device, est.parallel_chunks)
 
+    def _rule_update(self, item, target, coeffs, last, restore_eps, updates):
+        """One chunk's estimate ``g`` from its regenerated directions, through the rule: the
+        update ``u``, and the last query's direction when the restore is fused into the write."""
+        i, p, k, touching, lr, shrink = item
+        est = self.estimator
+        scale = est.grad_scale(i) / len(touching)
+        g, restore = None, None
+        for j, d in touching:
+            ld = est.leaf_direction(d, i, p, k, out=est.out_buffer(target, i, p))
+            if d is last and restore_eps:
+                restore = ld
+            g = _accumulate(g, ld, coeffs[j] * scale, single=len(touching) == 1, est=est, i=i, p=p)
+        state = self.state[p]
+        chunk_state = _state_view(state, p, target)
+        u = self.rule.update(g, chunk_state, target, updates)
+        _merge_state(state, chunk_state, p)
+        return u, restore
+
     def _update_matrix_rounded(self, item, target, dirs, coeffs, last, restore_eps, updates, step) -> None:
         """The update of a whole half-precision matrix whose direction is low rank, written in
         float32 row blocks of about one chunk, each rounded stochastically: no float32 copy of
         the matrix (nor of ``U V^T``) is ever made."""
         i, p, k, touching, lr, shrink = item
-        est, rule = self.estimator, self.rule
+        est = self.estimator
         u, restore = None, None
         if touching:
-            scale = est.grad_scale(i) / len(touching)
-            g = None
-            for j, d in touching:
-                ld = est.leaf_direction(d, i, p, k)
-                if d is last and restore_eps:
-                    restore = ld
-                g = _accumulate(g, ld, coeffs[j] * scale, single=len(touching) == 1, est=est, i=i, p=p)
-            state = self.state[p]
-            chunk_state = _state_view(state, p, target)
-            u = rule.update(g, chunk_state, target, updates)
-            _merge_state(state, chunk_state, p)
+            u, restore = self._rule_update(item, target, coeffs, last, restore_eps, updates)
         m, n = target.shape
         rows = max(1, est.chunk_size // max(n, 1))
         dense = u.t.view(m, n) if isinstance(u, DenseGrad) else None
