@@ -50,6 +50,9 @@ PRESET_CASES = {
     "sparse": lambda m: zotune.ZOOptimizer(
         m.named_parameters(), zotune.make_estimator("sparse", sparsity=0.2), "sgd", lr=2e-3
     ),
+    "fzoo": lambda m: zotune.FZOO(m.named_parameters(), lr=2e-3, queries=4),
+    "hizoo": lambda m: zotune.HiZOO(m.named_parameters(), lr=2e-3, hessian_smooth=1e-3),
+    "sparse-mezo": lambda m: zotune.SparseMeZO(m.named_parameters(), lr=2e-3, sparsity=0.5),
     "fo-sgd": lambda m: zotune.FOSGD(m.parameters(), lr=0.05),
     "fo-adam": lambda m: zotune.FOAdam(m.parameters(), lr=0.01),
 }
@@ -105,7 +108,8 @@ def test_state_dict_roundtrip_then_continue_equals_straight_run_bit_for_bit(name
         assert torch.equal(a, b), (name, n)
 
 
-@pytest.mark.parametrize("name", ["mezo", "mezo-q4", "conservative", "adam", "lozo-m", "blockwise", "sign"])
+@pytest.mark.parametrize("name", ["mezo", "mezo-q4", "conservative", "adam", "lozo-m", "blockwise", "sign",
+                                  "fzoo", "hizoo", "sparse-mezo"])
 def test_replay_from_records_rebuilds_the_weights_bit_for_bit(name):
     trained = TinyMLP()
     opt = PRESET_CASES[name](trained)

@@ -12,7 +12,10 @@ __version__ = "0.1.0"
 from zotune.estimators import make_estimator
 from zotune.fo import FOAdam, FOSGD, HybridOptimizer
 from zotune.presets import (
+    FZOO,
     LOZO,
+    HiZOO,
+    SparseMeZO,
     PRESETS,
     ForwardGrad,
     MeZO,
@@ -26,7 +29,7 @@ from zotune.schedules import lr_multiplier
 from zotune.step import NonFiniteLossError, ZOOptimizer
 
 __all__ = [
-    "FOAdam", "FOSGD", "ForwardGrad", "HybridOptimizer", "LOZO", "MeZO", "NonFiniteLossError",
+    "FOAdam", "FOSGD", "FZOO", "ForwardGrad", "HiZOO", "SparseMeZO", "HybridOptimizer", "LOZO", "MeZO", "NonFiniteLossError",
     "PRESETS", "ZOAdam", "ZOOptimizer", "ZOSGDConservative", "ZOSGDMomentum", "ZOSGDSign",
     "lr_multiplier", "make_estimator", "make_rule",
 ]

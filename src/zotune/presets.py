@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from zotune.estimators import ForwardGradient, Gaussian, LowRankEstimator
+from zotune.estimators import ForwardGradient, Gaussian, HessianInformed, LowRankEstimator, MagnitudeMasked
 from zotune.rules import adam, lowrank_momentum, momentum, sgd, sign
+from zotune.schemes import CentralWithCurvature, OneSidedNormalised
 from zotune.step import ZOOptimizer
 
 
@@ -30,8 +31,9 @@ class MeZO(ZOOptimizer):
             loss = opt.step(lambda: model(**batch).loss)
     """
 
-    def __init__(self, params, lr=1e-6, eps=1e-3, weight_decay=0.0, seed=0, queries=1, **kwargs):
-        super().__init__(params, Gaussian(queries), sgd(), lr, eps, weight_decay, seed, **kwargs)
+    def __init__(self, params, lr=1e-6, eps=1e-3, weight_decay=0.0, seed=0, queries=1, distribution="gaussian",
+                 **kwargs):
+        super().__init__(params, Gaussian(queries, distribution), sgd(), lr, eps, weight_decay, seed, **kwargs)
 
 
 class ZOSGDSign(ZOOptimizer):
@@ -118,6 +120,70 @@ class ForwardGrad(ZOOptimizer):
         super().__init__(params, ForwardGradient(module, queries), sgd(), lr, 1e-3, weight_decay, seed, **kwargs)
 
 
+class FZOO(ZOOptimizer):
+    """FZOO (Dang et al., ICLR 2026): batched one-sided Rademacher estimates, normalised by the
+    spread of the losses.
+
+    Per step, ``N = queries`` Rademacher directions ``u_j`` (entries +-1) and ``N + 1`` forward passes::
+
+        L_0 = L(x),  L_j = L(x + eps u_j),  sigma = std(L_1, ..., L_N)
+        x <- x - lr * (1 / N) sum_j ((L_j - L_0) / sigma) u_j  (+ weight decay)
+
+    Dividing by ``sigma`` makes the step scale-free (a normalised SGD): its length is about
+    ``lr`` per coordinate whatever the size of the loss differences, larger when the N losses
+    agree on a direction. ``eps`` only places the losses. Needs ``N >= 2``. The reference code's
+    defaults: ``queries=8``, ``lr=1e-5`` (OPT / LLaMA, full fine-tuning), ``eps=1e-3``.
+    No model-size buffer. (The paper evaluates the ``N`` copies in one batched forward on a GPU;
+    here they run one after another, which costs the same on a CPU.)
+
+    Example::
+
+        opt = zotune.FZOO(model.named_parameters(), lr=1e-5, queries=8)
+        loss = opt.step(lambda: model(**batch).loss)
+    """
+
+    def __init__(self, params, lr=1e-5, eps=1e-3, weight_decay=0.0, seed=0, queries=8, distribution="rademacher",
+                 **kwargs):
+        super().__init__(params, Gaussian(queries, distribution), sgd(), lr, eps, weight_decay, seed,
+                         scheme=OneSidedNormalised(), **kwargs)
+
+
+class HiZOO(ZOOptimizer):
+    """HiZOO (Zhao et al., ICLR 2025): MeZO with directions preconditioned by a diagonal Hessian
+    estimate ``H`` learned from the same losses plus ``L(x)`` (three forward passes a step)::
+
+        L+- = L(x +- eps z / sqrt(H)),  L0 = L(x),  h = |L+ + L- - 2 L0| / (2 eps^2)
+        H <- (1 - alpha) H + alpha h H z^2
+        x <- x - lr ((L+ - L-) / (2 eps)) z / sqrt(H)
+
+    ``alpha = hessian_smooth``: the reference scripts use 1e-8 for 13B-parameter models, where a
+    step's curvature is large relative to H; smaller models and short runs need a larger alpha for
+    H to move at all. ``H`` starts at ones (the first step is MeZO's). One model-size float32
+    buffer (``H``). ``lr`` and ``eps`` as in MeZO.
+    """
+
+    def __init__(self, params, lr=1e-6, eps=1e-3, weight_decay=0.0, seed=0, hessian_smooth=1e-6, queries=1,
+                 **kwargs):
+        est = HessianInformed(Gaussian(queries), hessian_smooth=hessian_smooth)
+        super().__init__(params, est, sgd(), lr, eps, weight_decay, seed, scheme=CentralWithCurvature(), **kwargs)
+
+
+class SparseMeZO(ZOOptimizer):
+    """Sparse-MeZO (Liu et al., NeurIPS 2025): MeZO that perturbs and updates only the weights of
+    small magnitude.
+
+    ``m = 1[|x| <= tau_l]`` per matrix (``tau_l`` the ``1 - sparsity`` quantile of the layer's
+    initial ``|x|``; the mask follows the current weights each step); ``x <- x - lr c (m * z)``
+    with ``c = (L(x + eps m z) - L(x - eps m z)) / (2 eps)``. Vectors (biases, norms) are not
+    masked. Two forward passes a step and no model-size buffer (the mask is packed bits, 1/32 of
+    the model). ``sparsity`` is the fraction of each matrix left alone.
+    """
+
+    def __init__(self, params, lr=1e-6, eps=1e-3, weight_decay=0.0, seed=0, sparsity=0.75, queries=1, **kwargs):
+        est = MagnitudeMasked(Gaussian(queries), sparsity=sparsity)
+        super().__init__(params, est, sgd(), lr, eps, weight_decay, seed, **kwargs)
+
+
 PRESETS = {
     "mezo": MeZO,
     "zo-sgd-sign": ZOSGDSign,
@@ -126,4 +192,7 @@ PRESETS = {
     "zo-adam": ZOAdam,
     "lozo": LOZO,
     "forward-grad": ForwardGrad,
+    "fzoo": FZOO,
+    "hizoo": HiZOO,
+    "sparse-mezo": SparseMeZO,
 }

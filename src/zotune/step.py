@@ -36,6 +36,7 @@ import torch
 
 from zotune._validate import check_int, check_positive, unknown_choice
 from zotune.perturb import HALF, MODES, DualPerturbation, SidePerturbation, SwapPerturbation, stochastic_round_
+from zotune.schemes import Central, Scheme, make_scheme
 from zotune.rng import STREAM_ROUNDING, derive_seed, generator
 from zotune.estimators import Direction, Estimator, LowRank, add_direction_, make_estimator, to_dense
 from zotune.estimators.base import Dense, for_each_chunk
@@ -142,6 +143,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         perturbation: str = "inplace",
         stochastic_rounding: bool | None = None,
         defer_update: bool = False,
+        scheme: str | Scheme = "central",
     ) -> None:
         lr = check_positive("lr", lr, allow_zero=True)
         self.eps = check_positive("eps", eps)
@@ -166,6 +168,16 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.conservative = bool(conservative)
         self.decay_1d = bool(decay_1d)
         self.reduce = reduce
+        self.scheme = make_scheme(scheme) if isinstance(scheme, str) else scheme
+        if not isinstance(self.scheme, Scheme):
+            raise ValueError(f"scheme must be a zotune.schemes.Scheme or a registry name, got {scheme!r}")
+        if not isinstance(self.scheme, Central):
+            if self.estimator.kind != "two_point":
+                raise ValueError(f"scheme={self.scheme.name!r} needs perturbed losses: "
+                                 f"the {self.estimator.name!r} estimator measures directional derivatives")
+            if perturbation == "dual" or conservative:
+                raise ValueError(f"scheme={self.scheme.name!r} works with perturbation='inplace', 'swap' or "
+                                 "'side' and a non-conservative step")
         groups, self.names = named_param_groups(params)
         super().__init__(groups, {"lr": lr, "weight_decay": weight_decay})
         for group in self.param_groups:
@@ -175,6 +187,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         if len(self.names) != len(self.leaves):
             raise ValueError("add_param_group is not supported after construction: pass all groups at once")
         self.estimator.bind(self.names, self.leaves, self.seed)
+        q = len(self.estimator.directions(0))
+        if q < self.scheme.min_queries:
+            raise ValueError(f"scheme={self.scheme.name!r} needs at least {self.scheme.min_queries} query "
+                             f"directions per step, got queries={q}")
         if perturbation not in MODES:
             raise ValueError(unknown_choice("perturbation", perturbation, MODES))
         if perturbation != "inplace" and self.estimator.kind != "two_point":
@@ -207,11 +223,12 @@ class ZOOptimizer(torch.optim.Optimizer):
     def forward_passes_per_step(self) -> int:
         """Forward passes one step costs (JVP passes count as one)."""
         q = len(self.estimator.directions(0))
-        per = q if self.estimator.kind == "jvp" else 2 * q
+        per = q if self.estimator.kind == "jvp" else self.scheme.forward_passes(q)
         return per + (3 if self.conservative else 0)
 
     def step(self, closure: Closure | None = None) -> torch.Tensor:  # type: ignore[override]
-        """Take one ZO step. Returns the loss (mean of the two-point losses)."""
+        """Take one ZO step. Returns the loss: the loss at ``x`` for schemes that evaluate it,
+        else the mean of the perturbed losses."""
         if closure is None or not callable(closure):
             raise ValueError(
                 "ZO optimizers need a closure: opt.step(lambda: model_loss()) "
@@ -259,56 +276,70 @@ class ZOOptimizer(torch.optim.Optimizer):
         if self.pending is not None and (self.streamer is None or not live):
             self.flush()  # not streamed (or replaying): nothing applies it lazily
         dirs = est.directions(self.steps_taken)
-        fuse = not self.conservative
-        losses: list[float] = []
+        scheme = self.scheme
+        fuse = not self.conservative and est.fuses_restore
+        base = (self._loss(closure) if live else 0.0) if scheme.base_point else None
+        rows: list[list[float]] = []  # rows[j][k]: the loss at x + offsets[k] eps z_j
+        restore_alpha = 0.0  # what the fused update pass adds back: -offsets[-1] eps z_last
         if est.kind == "jvp":
             coeffs = []
             for d in dirs:
                 if live:
                     self.forward_passes += 1
                     loss, c = est.measure(closure, leaves, d)
-                    losses.append(loss)
+                    rows.append([loss])
                     coeffs.append(c)
             fuse = False
         elif self.swap is not None or self.side is not None:  # weights (matrices) not written
             jit = self.swap if self.swap is not None else self.side
-            coeffs = []
             for d in dirs:
-                with jit.active(est, d, eps):
-                    lp = self._loss(closure) if live else 0.0
-                with jit.active(est, d, -eps):
-                    lm = self._loss(closure) if live else 0.0
-                losses += [lp, lm]
-                coeffs.append((lp - lm) / (2.0 * eps))
+                row = []
+                for o in scheme.offsets:
+                    with jit.active(est, d, o * eps):
+                        row.append(self._loss(closure) if live else 0.0)
+                rows.append(row)
             fuse = False
         elif self.dual is not None:
-            coeffs = []
             for d in dirs:
                 with self.dual.active(est, d, eps):
-                    lp, lm = self._dual_losses(closure) if live else (0.0, 0.0)
-                losses += [lp, lm]
-                coeffs.append((lp - lm) / (2.0 * eps))
+                    rows.append(list(self._dual_losses(closure)) if live else [0.0, 0.0])
             fuse = False
-        else:
-            coeffs = []
+        else:  # in place: x + o_1 eps z, x + o_2 eps z, ..., then back (the last restore fused)
             for j, d in enumerate(dirs):
-                est.perturb_(leaves, d, eps)
-                lp = self._loss(closure) if live else 0.0
-                est.perturb_(leaves, d, -2.0 * eps)
-                lm = self._loss(closure) if live else 0.0
+                at, row = 0.0, []
+                for o in scheme.offsets:
+                    est.perturb_(leaves, d, (o - at) * eps)
+                    at = o
+                    row.append(self._loss(closure) if live else 0.0)
                 if j < len(dirs) - 1 or not fuse:
-                    est.perturb_(leaves, d, eps)
-                losses += [lp, lm]
-                coeffs.append((lp - lm) / (2.0 * eps))
+                    est.perturb_(leaves, d, -at * eps)
+                else:
+                    restore_alpha = -at * eps
+                rows.append(row)
         self.flush()  # leaves no module brought in during the evaluation
-        if live:
+        aux: list[float] = []
+        if not live:
+            coeffs = [float(x) for x in record["coeffs"]]
+            aux = [float(x) for x in record.get("aux", [])]
+        elif est.kind != "jvp":
+            if scheme.reduces_losses and self.reduce is not None:  # a nonlinear scheme: reduce the losses first
+                flat = ([base] if base is not None else []) + [x for row in rows for x in row]
+                flat = [float(x) for x in self.reduce(torch.tensor(flat, dtype=torch.float64))]
+                if base is not None:
+                    base, flat = flat[0], flat[1:]
+                width = len(scheme.offsets)
+                rows = [flat[j * width:(j + 1) * width] for j in range(len(rows))]
+            coeffs, aux = scheme.coefficients(base, rows, eps)
+        if live and not scheme.reduces_losses:
             c = torch.tensor(coeffs, dtype=torch.float64)
             if self.reduce is not None:
                 c = self.reduce(c)
             coeffs = [float(x) for x in c]
+        everything = [x for row in rows for x in row]
+        if base is not None:
+            loss = base
         else:
-            coeffs = [float(x) for x in record["coeffs"]]
-        loss = sum(losses) / len(losses) if losses else float("nan")
+            loss = sum(everything) / len(everything) if everything else float("nan")
         skipped = (not all(math.isfinite(x) for x in coeffs)) if live else bool(record["skipped"])
         rec = {
             "step": self.steps_taken,
@@ -318,21 +349,25 @@ class ZOOptimizer(torch.optim.Optimizer):
             "choice": None,
             "loss": loss,
         }
+        if aux:
+            rec["aux"] = aux
         self.steps_taken += 1
         if skipped:
-            if fuse and est.kind == "two_point":
-                est.perturb_(leaves, dirs[-1], eps)
+            if restore_alpha:
+                est.perturb_(leaves, dirs[-1], restore_alpha)
             self.last_record = rec
             return self._skip(loss) if live else torch.tensor(loss)
         self.nonfinite_in_row = 0
         if self.rule.coeff is not None:
             coeffs = [float(x) for x in self.rule.coeff(torch.tensor(coeffs, dtype=torch.float64))]
         self.updates += 1
+        if aux:
+            est.observe(dirs, aux, leaves)
         if self.defer_update:
             self.pending = {"dirs": dirs, "coeffs": coeffs, "lrs": rec["lrs"], "updates": self.updates,
                             "step": self.steps_taken, "applied": set()}
         elif not self.conservative:
-            self._apply(dirs, coeffs, 1.0, eps if fuse else 0.0, decay=True)
+            self._apply(dirs, coeffs, 1.0, restore_alpha, decay=True)
         else:
             choice, loss = self._conservative(closure, dirs, coeffs, record)
             rec["choice"] = choice
@@ -518,6 +553,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             "estimator": self.estimator.config(),
             "rule": {"name": self.rule.name, "config": self.rule.config},
             "conservative": self.conservative,
+            "scheme": self.scheme.config(),
             "names": list(self.names),
             "steps_taken": self.steps_taken,
             "updates": self.updates,
@@ -534,7 +570,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         if zo is None:
             raise ValueError("not a ZOOptimizer state_dict (no 'zo' entry)")
         mine = self.state_dict()["zo"]
-        for key in ("seed", "estimator", "rule", "conservative", "names"):
+        zo.setdefault("scheme", {"name": "central"})  # checkpoints from before schemes
+        for key in ("seed", "estimator", "rule", "conservative", "scheme", "names"):
             if zo[key] != mine[key]:
                 raise ValueError(
                     f"checkpoint does not match this optimizer: {key} was {zo[key]!r}, now {mine[key]!r}"

@@ -1,7 +1,8 @@
 """Estimators: how a random direction is drawn, applied and regenerated from a seed.
 
 Registry names: ``gaussian`` (MeZO), ``rademacher``, ``lowrank`` (LOZO), ``blockwise``
-(ZO-SGD-Block), ``sparse`` (masks around another estimator), ``forward`` (Forward-Grad).
+(ZO-SGD-Block), ``sparse`` (random masks around another estimator), ``forward`` (Forward-Grad),
+``hessian`` (HiZOO's ``z / sqrt(H)``), ``magnitude`` (Sparse-MeZO's small-weight masks).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from zotune.estimators.base import (
 from zotune.estimators.blockwise import Blockwise, layer_block_key
 from zotune.estimators.forward import ForwardGradient
 from zotune.estimators.gaussian import Gaussian
+from zotune.estimators.hessian import HessianInformed
+from zotune.estimators.magnitude import MagnitudeMasked
 from zotune.estimators.lowrank import LowRankEstimator
 from zotune.estimators.sparse import Sparse, layer_keep_ratios
 
@@ -27,6 +30,17 @@ def _sparse(sparsity: float = 0.2, inner: str | Estimator = "gaussian", **inner_
     return Sparse(base, sparsity=sparsity)
 
 
+def _wrapped(cls):
+    def build(inner: str | Estimator = "gaussian", *, queries: int = 1, distribution: str = "gaussian", **kwargs):
+        if isinstance(inner, Estimator):
+            base = inner
+        else:
+            extra = {"distribution": distribution} if inner == "gaussian" else {}
+            base = make_estimator(inner, queries=queries, **extra)
+        return cls(base, **kwargs)
+    return build
+
+
 ESTIMATORS = {
     "gaussian": Gaussian,
     "rademacher": lambda **kw: Gaussian(distribution="rademacher", **kw),
@@ -34,6 +48,8 @@ ESTIMATORS = {
     "blockwise": Blockwise,
     "sparse": _sparse,
     "forward": ForwardGradient,
+    "hessian": _wrapped(HessianInformed),
+    "magnitude": _wrapped(MagnitudeMasked),
 }
 
 
@@ -55,6 +71,8 @@ __all__ = [
     "Estimator",
     "ForwardGradient",
     "Gaussian",
+    "HessianInformed",
+    "MagnitudeMasked",
     "LowRank",
     "LowRankEstimator",
     "Sparse",

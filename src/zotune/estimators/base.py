@@ -83,6 +83,9 @@ class Estimator:
     #: Draw chunks on parallel CPU threads (worth it when drawing is a single-threaded kernel,
     #: as Gaussian sampling is; Rademacher signs are cheap multithreaded ops already).
     parallel_chunks = True
+    #: whether the update pass may put back the last perturbation while it writes the update
+    #: (false when the direction itself changes between evaluation and update, as HiZOO's)
+    fuses_restore = True
 
     def __init__(self, queries: int = 1, chunk_size: int = DEFAULT_CHUNK) -> None:
         from zotune._validate import check_int
@@ -157,6 +160,10 @@ class Estimator:
         1 for Gaussian directions; ``1 / r`` for LOZO's ``U V^T / r``.
         """
         return 1.0
+
+    def observe(self, dirs: Sequence[Direction], aux: Sequence[float], params: Sequence[torch.Tensor]) -> None:
+        """Take in a step's extra per-direction scalars (HiZOO's curvatures) before its update
+        pass; stateless estimators ignore them."""
 
     def perturb_(self, params: Sequence[torch.Tensor], d: Direction, alpha: float,
                  only: set[int] | None = None) -> int:

@@ -1,0 +1,243 @@
+"""FZOO, HiZOO and Sparse-MeZO: their updates equal the papers' formulas, their expectations,
+the memory they keep, and their errors."""
+
+import math
+
+import pytest
+import torch
+
+import zotune
+from zotune.estimators.gaussian import draw_leaf
+from zotune.estimators.magnitude import pack_bits, unpack_bits
+from zotune.schemes import Central, CentralWithCurvature, OneSidedNormalised, make_scheme
+
+
+def quadratic(w, a, b):
+    return lambda: 0.5 * ((a @ w - b) ** 2).sum()
+
+
+def problem(n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, n, generator=g, dtype=torch.float64)
+    b = torch.randn(n, generator=g, dtype=torch.float64)
+    w = torch.randn(n, generator=g, dtype=torch.float64)
+    return a, b, w
+
+
+# ---------------------------------------------------------------- schemes
+
+
+def test_schemes_turn_losses_into_the_papers_coefficients():
+    assert Central().coefficients(None, [[3.0, 1.0]], 0.5).coeffs == [2.0]
+    c = OneSidedNormalised().coefficients(1.0, [[2.0], [4.0]], 1e-3)
+    assert c.coeffs == [1.0 / 1.0, 3.0 / 1.0]  # sigma of (2, 4) is 1
+    h = CentralWithCurvature().coefficients(1.0, [[1.5, 0.7]], 0.1)
+    assert h.coeffs == pytest.approx([(1.5 - 0.7) / 0.2])
+    assert h.aux == pytest.approx([abs(1.5 + 0.7 - 2.0) / (2 * 0.01)])
+    # equal perturbed losses carry no information: a zero step, not a division by zero
+    assert OneSidedNormalised().coefficients(1.0, [[2.0], [2.0]], 1e-3).coeffs == [0.0, 0.0]
+    assert math.isnan(OneSidedNormalised().coefficients(float("nan"), [[2.0], [3.0]], 1e-3).coeffs[0])
+    with pytest.raises(ValueError, match="Did you mean 'central'"):
+        make_scheme("centrl")
+
+
+# ---------------------------------------------------------------- FZOO
+
+
+def test_fzoo_update_equals_its_formula():
+    a, b, w0 = problem()
+    w = torch.nn.Parameter(w0.clone())
+    lr, eps, n = 0.01, 1e-3, 4
+    opt = zotune.FZOO([("w", w)], lr=lr, eps=eps, queries=n, seed=7)
+    loss = quadratic(w, a, b)
+    with torch.no_grad():
+        opt.step(loss)
+    u = [draw_leaf(7, 0, j, 0, w0, distribution="rademacher") for j in range(n)]
+    f = quadratic(w0, a, b)
+    l0 = float(f())
+    ls = [float(quadratic(w0 + eps * uj, a, b)()) for uj in u]
+    sigma = torch.tensor(ls, dtype=torch.float64).std(unbiased=False).item()
+    expected = w0 - lr / n * sum((lj - l0) / sigma * uj for lj, uj in zip(ls, u))
+    assert set(u[0].tolist()) == {-1.0, 1.0}
+    assert torch.allclose(w.detach(), expected, atol=1e-12, rtol=0)
+    assert opt.forward_passes == n + 1 == opt.forward_passes_per_step
+    assert float(opt.last_record["loss"]) == pytest.approx(l0)  # FZOO reports L(x)
+
+
+def test_fzoo_keeps_no_buffer_and_learns_a_quadratic():
+    a, b, w0 = problem(8, seed=3)
+    w = torch.nn.Parameter(w0.clone())
+    opt = zotune.FZOO([("w", w)], lr=0.01, queries=8)
+    loss = quadratic(w, a, b)
+    start = float(loss())
+    for _ in range(300):
+        opt.step(loss)
+    assert float(loss()) < 0.2 * start
+    assert all(not s for s in opt.state.values())  # stateless rule, no model-size buffer
+    assert opt.estimator.state_dict() == {}
+
+
+def test_fzoo_refuses_one_query_dual_evaluation_and_jvp():
+    w = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match="needs at least 2 query directions per step, got queries=1"):
+        zotune.FZOO([w], queries=1)
+    m = torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="perturbation='inplace', 'swap' or 'side'"):
+        zotune.FZOO(m.named_parameters(), module=m, perturbation="dual")
+    with pytest.raises(ValueError, match="conservative"):
+        zotune.ZOOptimizer([w], "gaussian", "sgd", scheme="one_sided_normalised", conservative=True)
+    with pytest.raises(ValueError, match="measures directional derivatives"):
+        zotune.ZOOptimizer(m.named_parameters(), zotune.make_estimator("forward", module=m), "sgd",
+                           scheme="one_sided_normalised")
+
+
+def test_fzoo_swap_evaluation_equals_in_place():
+    torch.manual_seed(0)
+    m1 = torch.nn.Linear(4, 3).double()
+    m2 = torch.nn.Linear(4, 3).double()
+    m2.load_state_dict(m1.state_dict())
+    x = torch.randn(5, 4, dtype=torch.float64)
+    o1 = zotune.FZOO(m1.named_parameters(), lr=0.01, queries=3)
+    o2 = zotune.FZOO(m2.named_parameters(), lr=0.01, queries=3, module=m2, perturbation="swap")
+    for _ in range(3):
+        o1.step(lambda: (m1(x) ** 2).mean())
+        o2.step(lambda: (m2(x) ** 2).mean())
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        assert torch.allclose(p1, p2, atol=1e-12)
+
+
+def test_fzoo_data_parallel_reduces_the_losses_not_the_coefficients():
+    """sigma is a statistic of the global losses: ranks average losses, then normalise."""
+    a, b, w0 = problem()
+    seen = []
+
+    def reduce(t):  # a second rank whose losses are 1.0 higher, averaged
+        seen.append(t.clone())
+        return t + 0.5
+
+    w = torch.nn.Parameter(w0.clone())
+    opt = zotune.FZOO([("w", w)], lr=0.01, queries=3, reduce=reduce)
+    opt.step(quadratic(w, a, b))
+    assert seen[0].numel() == 4  # L(x) and three perturbed losses
+    w2 = torch.nn.Parameter(w0.clone())
+    zotune.FZOO([("w", w2)], lr=0.01, queries=3).step(quadratic(w2, a, b))
+    # a constant shift of every loss leaves (L_j - L_0) / sigma, so the update, unchanged
+    assert torch.allclose(w.detach(), w2.detach(), atol=1e-12)
+
+
+def test_fzoo_nonfinite_loss_leaves_the_weights_unchanged():
+    w = torch.nn.Parameter(torch.ones(4))
+    before = w.detach().clone()
+    opt = zotune.FZOO([("w", w)], lr=0.1, queries=2, max_nonfinite=5)
+    calls = {"n": 0}
+
+    def flaky():
+        calls["n"] += 1
+        return torch.tensor(float("nan")) if calls["n"] == 2 else (w ** 2).sum()
+
+    opt.step(flaky)
+    assert opt.skipped_steps == 1
+    assert torch.equal(w.detach(), before)
+
+
+# ---------------------------------------------------------------- HiZOO
+
+
+def test_hizoo_two_steps_equal_the_reference_formulas():
+    a, b, w0 = problem()
+    w = torch.nn.Parameter(w0.clone())
+    lr, eps, alpha = 0.01, 1e-2, 0.3
+    opt = zotune.HiZOO([("w", w)], lr=lr, eps=eps, hessian_smooth=alpha, seed=5)
+    loss = quadratic(w, a, b)
+    x, h = w0.clone(), torch.ones_like(w0)
+    for step in range(2):
+        opt.step(loss)
+        z = draw_leaf(5, step, 0, 0, w0)
+        f = lambda v: float(quadratic(v, a, b)())  # noqa: E731
+        lp, lm, l0 = f(x + eps * z / h.sqrt()), f(x - eps * z / h.sqrt()), f(x)
+        h = (1 - alpha) * h + alpha * abs(lp + lm - 2 * l0) / (2 * eps**2) * h * z * z
+        x = x - lr * (lp - lm) / (2 * eps) * z / h.sqrt()
+        assert torch.allclose(w.detach(), x, atol=1e-10, rtol=0), step
+        assert torch.allclose(opt.estimator.hessian[0].double(), h, rtol=1e-6)
+    assert opt.forward_passes == 6
+
+
+def test_hizoo_keeps_one_model_size_buffer_and_with_alpha_zero_is_mezo():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    opt = zotune.HiZOO(model.named_parameters(), hessian_smooth=0.0, seed=1)
+    buffers = opt.estimator.hessian
+    assert sum(h.numel() for h in buffers) == sum(p.numel() for p in model.parameters())
+    assert all(h.dtype == torch.float32 for h in buffers)
+    # alpha = 0: H stays ones and the update is MeZO's (one extra forward pass for L(x))
+    twin = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    twin.load_state_dict(model.state_dict())
+    mezo = zotune.MeZO(twin.named_parameters(), seed=1, lr=1e-6)
+    x = torch.randn(3, 4)
+    for _ in range(3):
+        opt.step(lambda: model(x).pow(2).mean())
+        mezo.step(lambda: twin(x).pow(2).mean())
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.allclose(p, q, atol=1e-7)
+    assert all(torch.equal(h, torch.ones_like(h)) for h in buffers)
+
+
+def test_hizoo_half_precision_hessian_is_float32():
+    w = torch.nn.Parameter(torch.ones(5, dtype=torch.bfloat16))
+    opt = zotune.HiZOO([("w", w)], lr=1e-3, hessian_smooth=0.5)
+    opt.step(lambda: (w.float() ** 2).sum())
+    assert opt.estimator.hessian[0].dtype == torch.float32
+    assert torch.isfinite(opt.estimator.hessian[0]).all()
+
+
+# ---------------------------------------------------------------- Sparse-MeZO
+
+
+def test_bits_pack_and_unpack():
+    m = torch.rand(37, generator=torch.Generator().manual_seed(0)) > 0.5
+    packed = pack_bits(m)
+    assert packed.numel() == 5
+    assert torch.equal(unpack_bits(packed, 37).bool(), m)
+
+
+def test_sparse_mezo_moves_only_small_weights():
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(20, 10, generator=g)
+    w = torch.nn.Parameter(w0.clone())
+    opt = zotune.SparseMeZO([("w", w)], lr=1e-2, sparsity=0.75)
+    tau = opt.estimator.thresholds[0]
+    assert (w0.abs() <= tau).float().mean().item() == pytest.approx(0.25, abs=0.02)
+    x = torch.randn(8, 10, generator=g)
+    opt.step(lambda: (x @ w.T).pow(2).mean())
+    moved = (w.detach() != w0)
+    assert torch.equal(moved, w0.abs() <= tau)
+    assert opt.estimator.kept_fraction([w]) == pytest.approx(0.25, abs=0.02)
+
+
+def test_sparse_mezo_expectation_is_the_masked_gradient():
+    a, b, w0 = problem(6, seed=1)
+    w0 = w0.float()
+    a, b = a.float(), b.float()
+    w = w0.clone().requires_grad_(True)
+    quadratic(w, a, b)().backward()
+    grad = w.grad.clone()
+    mask = (w0.abs() <= zotune.estimators.magnitude.magnitude_threshold(w0, 0.5, 0)).float()
+    total = torch.zeros_like(w0)
+    trials = 3000
+    for seed in range(trials):
+        p = torch.nn.Parameter(w0.clone().view(2, 3))  # a matrix, so it is masked
+        opt = zotune.SparseMeZO([("w", p)], lr=1.0, eps=1e-3, sparsity=0.5, seed=seed)
+        opt.step(lambda: quadratic(p.view(-1), a, b)())
+        total += (w0 - p.detach().view(-1))
+    mean = total / trials
+    masked_now = (p.detach().view(-1) != w0).float()
+    assert torch.equal(masked_now, mask * (masked_now > 0))
+    expected = grad * masked_now
+    assert torch.allclose(mean, expected, atol=0.25 * grad.abs().max().item())
+    assert (mean[masked_now == 0] == 0).all()
+
+
+def test_sparse_mezo_refuses_low_rank_directions():
+    w = torch.nn.Parameter(torch.zeros(4, 3))
+    est = zotune.estimators.MagnitudeMasked(zotune.make_estimator("lowrank", rank=1))
+    with pytest.raises(ValueError, match="needs dense directions"):
+        zotune.ZOOptimizer([("w", w)], est, "sgd")
