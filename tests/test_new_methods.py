@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import zotune
+import zotune.schemes
 from zotune.estimators.gaussian import draw_leaf
 from zotune.estimators.magnitude import pack_bits, unpack_bits
 from zotune.schemes import Central, CentralWithCurvature, OneSidedNormalised, make_scheme
@@ -241,3 +242,47 @@ def test_sparse_mezo_refuses_low_rank_directions():
     est = zotune.estimators.MagnitudeMasked(zotune.make_estimator("lowrank", rank=1))
     with pytest.raises(ValueError, match="needs dense directions"):
         zotune.ZOOptimizer([("w", w)], est, "sgd")
+
+
+# ---------------------------------------------------------------- registry and validation
+
+
+def test_sparse_masks_refuse_low_rank_directions_on_a_real_matrix():
+    """Issue 9 defect 1: LOZO with sparsity crashed on any matrix whose shapes do not broadcast."""
+    layer = torch.nn.Linear(8, 6)
+    est = zotune.estimators.Sparse(zotune.make_estimator("lowrank", rank=2), sparsity=0.5)
+    with pytest.raises(ValueError, match="sparse masks need dense directions"):
+        zotune.ZOOptimizer(layer.named_parameters(), est, "sgd")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optim.method=lozo", "optim.sparsity=0.5"], "does not combine with lozo"),
+    (["optim.method=fzoo", "optim.queries=1"], "fzoo needs at least 2 directions"),
+    (["optim.method=hizoo", "optim.hessian_smooth=1.5"], "hessian_smooth must be in"),
+    (["optim.distribution=uniform"], "distribution"),
+])
+def test_validate_refuses_unsupported_method_options(overrides, message):
+    from zotune.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_methods_fill_their_own_defaults_and_build():
+    from zotune.config import load_config
+    from zotune.methods import build_optimizer
+
+    cfg = load_config(None, ["optim.method=fzoo"])
+    assert (cfg.optim.queries, cfg.optim.distribution) == (8, "rademacher")
+    assert load_config(None, ["optim.method=fzoo", "optim.queries=4"]).optim.queries == 4
+    assert load_config(None, ["optim.method=sparse-mezo"]).optim.sparsity == 0.75
+    assert load_config(None, ["optim.method=mezo"]).optim.queries == 1
+    layer = torch.nn.Linear(4, 3)
+    x = torch.randn(5, 4)
+    for name, kind in (("fzoo", zotune.schemes.OneSidedNormalised), ("hizoo", zotune.schemes.CentralWithCurvature)):
+        opt = build_optimizer(load_config(None, [f"optim.method={name}", "optim.lr=1e-3"]).optim,
+                              dict(layer.named_parameters()), module=layer)
+        assert isinstance(opt.scheme, kind)
+        opt.step(lambda: layer(x).pow(2).mean())
+    opt = build_optimizer(load_config(None, ["optim.method=sparse-mezo"]).optim, dict(layer.named_parameters()))
+    assert isinstance(opt.estimator, zotune.estimators.MagnitudeMasked)

@@ -64,7 +64,7 @@ class OptimConfig:
     lr: float = 1e-6
     eps: float = 1e-3
     weight_decay: float = 0.0
-    queries: int = 1
+    queries: int | None = None  # directions per step (None: the method's default; FZOO 8, others 1)
     seed: int = 0
     schedule: str = "constant"  # constant | linear | cosine
     warmup_steps: int = 0
@@ -73,8 +73,9 @@ class OptimConfig:
     momentum: float = 0.0  # LOZO-M (> 0), ZO-SGD-MMT beta (used when method is zo-sgd-momentum)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # ZO-Adam / FO-Adam
     sign_mode: str = "scalar"  # ZO-SGD-Sign
-    distribution: str = "gaussian"  # gaussian | rademacher
-    sparsity: float = 0.0  # > 0: sparse perturbation masks (ZO-Bench Table 8)
+    distribution: str | None = None  # gaussian | rademacher (None: the method's; FZOO rademacher)
+    sparsity: float | None = None  # > 0: random sparse masks (ZO-Bench Table 8); sparse-mezo: fraction of each matrix left alone (default 0.75)
+    hessian_smooth: float | None = None  # HiZOO: alpha of H <- (1 - alpha) H + alpha h H z^2 (default 1e-6)
     max_nonfinite: int = 3
     fo_lr: float | None = None  # hybrid: lr of the FO part (default: lr)
     perturbation: str = "auto"  # inplace | swap | dual | side | auto (swap for half weights)
@@ -232,10 +233,26 @@ def validate(cfg: Config) -> list[str]:
     from zotune.methods import METHODS
     from zotune.schedules import SCHEDULES
 
+    from zotune.methods import resolve_optim
+
     errors = []
     o, t, tr, m, k = cfg.optim, cfg.train, cfg.trainable, cfg.model, cfg.task
-    if o.method not in METHODS:
+    resolve_optim(o)
+    method = METHODS.get(o.method)
+    if method is None:
         errors.append("optim.method: " + unknown_choice("method", o.method, METHODS))
+    else:
+        if isinstance(o.queries, int) and o.queries < method.min_queries:
+            errors.append(f"optim.queries: {o.method} needs at least {method.min_queries} directions per step, "
+                          f"got {o.queries}")
+        if o.sparsity and method.family == "zo" and not method.sparse_masks and o.method != "sparse-mezo":
+            errors.append(f"optim.sparsity (random sparse masks) does not combine with {o.method}: "
+                          "its directions are not dense per-entry draws")
+    if o.distribution not in ("gaussian", "rademacher"):
+        errors.append("optim.distribution: " + unknown_choice("distribution", str(o.distribution),
+                                                              ("gaussian", "rademacher")))
+    if not isinstance(o.hessian_smooth, (int, float)) or not 0 <= o.hessian_smooth < 1:
+        errors.append(f"optim.hessian_smooth must be in [0, 1), got {o.hessian_smooth!r}")
     if o.schedule not in SCHEDULES:
         errors.append("optim.schedule: " + unknown_choice("schedule", o.schedule, SCHEDULES))
     for name in ("lr", "eps"):
@@ -286,7 +303,7 @@ def validate(cfg: Config) -> list[str]:
     if m.offload not in offloads:
         errors.append("model.offload: " + unknown_choice("offload", m.offload, offloads))
     elif m.offload != "none":
-        if o.method in METHODS and (METHODS[o.method].family != "zo" or o.method in ("forward-grad", "zo-sgd-cons")):
+        if method is not None and not method.streamable:
             errors.append(f"model.offload needs a two-point ZO method (not {o.method!r}): streamed modules "
                           "compute both perturbed halves while resident")
         if o.perturbation not in ("auto", "dual"):

@@ -25,7 +25,7 @@ class Sparse(Estimator):
     """Masks another estimator's directions with random layer-wise sparse masks.
 
     Args:
-        inner: the estimator whose directions are masked (a low-rank direction is materialised).
+        inner: the dense estimator whose directions are masked (low-rank ones are refused).
         sparsity: overall fraction of weights left unperturbed, in [0, 1).
     """
 
@@ -43,6 +43,12 @@ class Sparse(Estimator):
     def bind(self, names: Sequence[str], params: Sequence[torch.Tensor], run_seed: int) -> None:
         super().bind(names, params, run_seed)
         self.inner.bind(names, params, run_seed)
+        for i, n in enumerate(names):
+            if self.inner.factored(i):
+                raise ValueError(
+                    f"sparse masks need dense directions, but {self.inner.name!r} draws a low-rank one for {n!r}: "
+                    "a per-entry mask of U V^T is not low rank (use sparsity with gaussian / rademacher directions)"
+                )
         self.queries = self.inner.queries
         self.keep = layer_keep_ratios(params, self.sparsity, run_seed)
 
