@@ -286,3 +286,91 @@ def test_methods_fill_their_own_defaults_and_build():
         opt.step(lambda: layer(x).pow(2).mean())
     opt = build_optimizer(load_config(None, ["optim.method=sparse-mezo"]).optim, dict(layer.named_parameters()))
     assert isinstance(opt.estimator, zotune.estimators.MagnitudeMasked)
+
+
+# ---------------------------------------------------------------- issue 9 defects 3, 6, 7
+
+
+@pytest.mark.parametrize("preset, key", [(zotune.ZOAdam, "exp_avg_sq"), (zotune.ZOSGDMomentum, "momentum")])
+def test_half_precision_optimizer_state_is_float32_and_does_not_overflow(preset, key):
+    """Defect 6: buffers in float16 overflowed on g^2 (c ~ 1e3 gives g^2 ~ 1e6 > 65504)."""
+    w = torch.nn.Parameter(torch.zeros(64, dtype=torch.float16))
+    opt = preset([("w", w)], lr=1e-4, eps=1e-2)
+    target = torch.full((64,), 300.0)
+    for _ in range(3):
+        opt.step(lambda: ((w.float() - target) ** 2).sum())
+    state = opt.state[w][key]
+    assert state.dtype == torch.float32
+    assert torch.isfinite(state).all() and torch.isfinite(w).all()
+
+
+def test_bfloat16_momentum_keeps_increments_below_bfloat16_resolution():
+    """The buffer equals the float64 sum of the same increments (a bfloat16 one drifts by ~1e-2)."""
+    w = torch.nn.Parameter(torch.zeros(256, dtype=torch.bfloat16))
+    opt = zotune.ZOSGDMomentum([("w", w)], lr=0.0, eps=1e-2, beta=0.999, seed=3)
+    exact = torch.zeros(256, dtype=torch.float64)
+    for step in range(40):
+        opt.step(lambda: (w.float() * 3.0).sum())
+        c = opt.last_record["coeffs"][0]
+        exact = 0.999 * exact + c * draw_leaf(3, step, 0, 0, w.detach()).double()
+    m = opt.state[w]["momentum"]
+    assert torch.allclose(m.double(), exact, rtol=1e-5, atol=1e-4)
+
+
+def test_conservative_keeps_x_without_weight_decay_and_refuses_half_precision():
+    """Defect 7: weight decay was applied even when x was kept; half precision broke 'keep x'."""
+    w = torch.nn.Parameter(torch.ones(10))
+    opt = zotune.ZOSGDConservative([("w", torch.nn.Parameter(torch.ones(2, 5)))], lr=0.1, weight_decay=0.5)
+    m = opt.leaves[0]
+    calls = {"n": 0}
+
+    def best_at_x():  # L(x) lowest: the third evaluation of the step is x itself
+        calls["n"] += 1
+        return torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0][(calls["n"] - 1) % 5])
+
+    opt.step(best_at_x)
+    assert opt.last_record["choice"] == 0
+    assert torch.allclose(m, torch.ones(2, 5), atol=1e-6)  # no (1 - lr wd) shrink
+    with pytest.raises(ValueError, match="needs float32 weights"):
+        zotune.ZOSGDConservative([("w", torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16)))])
+    from zotune.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="zo-sgd-cons needs float32 weights"):
+        load_config(None, ["optim.method=zo-sgd-cons", "model.dtype=bfloat16"])
+    del w
+
+
+def test_conservative_ranks_choose_the_same_point():
+    """Defect 3: each rank picked its own best of three without reducing the losses."""
+    import threading
+
+    barrier = threading.Barrier(2)
+    box: dict = {}
+
+    def make_reduce(rank):
+        def reduce(t):  # an all-reduce mean over the two thread "ranks"
+            box[rank] = t.clone()
+            barrier.wait()
+            out = (box[0] + box[1]) / 2
+            barrier.wait()
+            return out
+        return reduce
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 6, generator=g)
+    models = [torch.nn.Linear(6, 1) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [zotune.ZOSGDConservative(m.named_parameters(), lr=0.05, reduce=make_reduce(r)) for r, m in enumerate(models)]
+    signs = [1.0, -0.5]  # rank 1's loss is opposed: alone it would prefer the other point
+
+    def run(r):
+        for _ in range(6):
+            opts[r].step(lambda: signs[r] * models[r](x).pow(2).mean())
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(a, b)

@@ -320,8 +320,11 @@ def validate(cfg: Config) -> list[str]:
     dtypes = ("float32", "bfloat16", "float16")
     if m.dtype not in dtypes:
         errors.append("model.dtype: " + unknown_choice("dtype", m.dtype, dtypes))
-    elif m.dtype != "float32" and o.method in METHODS and METHODS[o.method].family != "zo":
+    elif m.dtype != "float32" and method is not None and method.family != "zo":
         errors.append(f"model.dtype {m.dtype} needs a ZO method: {o.method} uses autograd (train in float32)")
+    elif m.dtype != "float32" and method is not None and not method.half_precision:
+        errors.append(f"model.dtype {m.dtype}: {o.method} needs float32 weights (its trial writes round in half "
+                      "precision, so keeping x would not give x back)")
     if not (m.device == "cpu" or m.device == "auto" or str(m.device).startswith("cuda")):
         errors.append(f"model.device must be cpu, cuda, cuda:N or auto, got {m.device!r}")
     from zotune.tasks import get_task

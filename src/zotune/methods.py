@@ -39,6 +39,7 @@ class Method:
     streamable: bool = False
     min_queries: int = 1
     sparse_masks: bool = True  # combines with optim.sparsity (random masks, ZO-Bench)
+    half_precision: bool = True  # trains float16 / bfloat16 weights (ZO only: FO uses autograd)
 
 
 def _estimator(o, default="gaussian", module=None):
@@ -106,7 +107,8 @@ METHODS: dict[str, Method] = {
                streamable=True),
         Method("zo-sgd-momentum", "zo", "ZO-SGD-MMT (beta = optim.momentum or 0.9)",
                _zo("gaussian", lambda o: rules.momentum(o.momentum or 0.9)), streamable=True),
-        Method("zo-sgd-cons", "zo", "ZO-SGD-Cons: best of x, x -+ lr g", _zo("gaussian", lambda o: rules.sgd(), True)),
+        Method("zo-sgd-cons", "zo", "ZO-SGD-Cons: best of x, x -+ lr g", _zo("gaussian", lambda o: rules.sgd(), True),
+               half_precision=False),
         Method("zo-adam", "zo", "ZO-Adam", _zo("gaussian", lambda o: rules.adam(o.betas[0], o.betas[1])),
                streamable=True),
         Method("zo-sgd-block", "zo", "ZO-SGD-Block: one query per layer block", _zo("blockwise", lambda o: rules.sgd()),

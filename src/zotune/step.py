@@ -184,6 +184,11 @@ class ZOOptimizer(torch.optim.Optimizer):
             check_positive("lr", group["lr"], allow_zero=True)
             check_positive("weight_decay", group["weight_decay"], allow_zero=True)
         self.leaves = [p for group in self.param_groups for p in group["params"]]
+        if conservative and any(p.dtype in HALF for p in self.leaves):
+            raise ValueError(
+                "conservative=True (ZO-SGD-Cons) needs float32 weights: it writes x - lr u, then x + lr u, then "
+                "goes back, and in float16 / bfloat16 each write rounds, so 'keep x' would not give x back"
+            )
         if len(self.names) != len(self.leaves):
             raise ValueError("add_param_group is not supported after construction: pass all groups at once")
         self.estimator.bind(self.names, self.leaves, self.seed)
@@ -387,7 +392,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         return torch.tensor(loss)
 
     def _conservative(self, closure, dirs, coeffs, record) -> tuple[int, float]:
-        """ZO-SGD-Cons: evaluate x, x - lr u, x + lr u and keep the best (ZO-Bench appendix A)."""
+        """ZO-SGD-Cons: evaluate x, x - lr u, x + lr u and keep the best (ZO-Bench appendix A).
+
+        Data parallel: the three losses are averaged over ranks before the choice, so every rank
+        keeps the same point. Weight decay belongs to the update: it is applied only when a
+        moved point is kept."""
         live = record is None
         f = [0.0, 0.0, 0.0]
         if live:
@@ -398,12 +407,14 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._apply(dirs, coeffs, -2.0, 0.0, decay=False)
         if live:
             f[2] = self._loss(closure)
+            if self.reduce is not None:
+                f = [float(x) for x in self.reduce(torch.tensor(f, dtype=torch.float64))]
         choice = min(range(3), key=lambda k: f[k]) if live else int(record["choice"])
         if choice == 0:
             self._apply(dirs, coeffs, 1.0, 0.0, decay=False)
         elif choice == 1:
             self._apply(dirs, coeffs, 2.0, 0.0, decay=False)
-        if any(g["weight_decay"] > 0 for g in self.param_groups):
+        if choice != 0 and any(g["weight_decay"] > 0 for g in self.param_groups):
             self._decay_only()
         return choice, f[choice]
 

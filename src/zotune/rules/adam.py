@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from zotune._validate import check_positive, check_range
-from zotune.rules.base import DenseGrad, Transform
+from zotune.rules.base import DenseGrad, Transform, state_zeros
 
 
 def adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, bias_correction: bool = True) -> Transform:
@@ -21,14 +21,16 @@ def adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, bias_correction:
     eps = check_positive("eps", eps)
 
     def init(p):
-        return {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+        return {"exp_avg": state_zeros(p), "exp_avg_sq": state_zeros(p)}
 
     def update(g, state, p, step):
         m, v = state["exp_avg"], state["exp_avg_sq"]
         bc1 = 1.0 - b1**step if bias_correction else 1.0
         bc2_t = 1.0 - b2**step if bias_correction else 1.0
         bc2_prev = 1.0 - b2 ** (step - 1) if bias_correction and step > 1 else 1.0
-        gd = g.dense()  # temp 1: g
+        gd = g.dense()  # temp 1: g (in the state's float32 for half-precision leaves)
+        if gd.dtype != m.dtype:
+            gd = gd.to(m.dtype)
         m.mul_(b1).add_(gd, alpha=1.0 - b1)
         gd.mul_(gd).mul_(1.0 - b2).add_(v, alpha=b2)  # temp 1 now holds v_t
         v_prev_hat = v.mul(1.0 / bc2_prev) if step > 1 else None  # temp 2: v_{t-1} bias-corrected

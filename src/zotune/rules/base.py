@@ -72,6 +72,16 @@ class Transform(NamedTuple):
     config: dict = {}
 
 
+def state_dtype(p: torch.Tensor) -> torch.dtype:
+    """Optimizer state is kept in float32 for half-precision leaves: ``g^2`` overflows float16,
+    and bfloat16 loses increments below 1/256 of the buffer's value."""
+    return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+
+
+def state_zeros(p: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(p.shape, dtype=state_dtype(p), device=p.device)
+
+
 def identity_update(g: Grad, state: dict, p: torch.Tensor, step: int) -> Grad:
     return g
 

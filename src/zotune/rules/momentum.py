@@ -5,13 +5,14 @@ from __future__ import annotations
 import torch
 
 from zotune._validate import check_range
-from zotune.rules.base import DenseGrad, LowRankGrad, Transform
+from zotune.rules.base import DenseGrad, LowRankGrad, Transform, state_dtype, state_zeros
 
 
 def _accumulate_(buf: torch.Tensor, g, alpha: float) -> None:
     """``buf += alpha * g`` without materialising ``g``."""
     if isinstance(g, LowRankGrad):
-        buf.addmm_(g.a, g.v.T, alpha=alpha * g.scale)
+        a, v = (g.a, g.v) if g.a.dtype == buf.dtype else (g.a.to(buf.dtype), g.v.to(buf.dtype))
+        buf.addmm_(a, v.T, alpha=alpha * g.scale)
     else:
         buf.add_(g.t, alpha=alpha * g.scale)
 
@@ -25,7 +26,7 @@ def momentum(beta: float = 0.9, dampening: float = 0.0) -> Transform:
     dampening = check_range("dampening", dampening, 0.0, 1.0)
 
     def init(p):
-        return {"momentum": torch.zeros_like(p)}
+        return {"momentum": state_zeros(p)}
 
     def update(g, state, p, step):
         m = state["momentum"]
@@ -52,18 +53,18 @@ def lowrank_momentum(beta: float = 0.9) -> Transform:
     def init(p):
         # matrices get N (m x r) on first use; other leaves, which the low-rank estimator
         # perturbs densely, an ordinary momentum buffer
-        return {} if p.dim() == 2 else {"momentum": torch.zeros_like(p)}
+        return {} if p.dim() == 2 else {"momentum": state_zeros(p)}
 
     def update(g, state, p, step):
         if isinstance(g, LowRankGrad):
             n_buf = state.get("lowrank_momentum")
             if n_buf is None:
-                n_buf = state["lowrank_momentum"] = torch.zeros_like(g.a)
+                n_buf = state["lowrank_momentum"] = torch.zeros(g.a.shape, dtype=state_dtype(p), device=g.a.device)
                 state["period"] = g.period
             elif state["period"] != g.period:
                 v_old = g.v_of(state["period"])
                 n = g.v.shape[0]
-                n_buf.copy_(n_buf @ (v_old.T @ g.v) / n)
+                n_buf.copy_(n_buf @ (v_old.T @ g.v).to(n_buf.dtype) / n)
                 state["period"] = g.period
             n_buf.mul_(beta).add_(g.a, alpha=(1.0 - beta) * g.scale)
             return LowRankGrad(n_buf, g.v, 1.0, g.period, g.v_of)
