@@ -245,3 +245,22 @@ def test_main_prints_the_table_and_reports_errors(tmp_path, capsys, synthetic):
     assert "| fo-adam |" in out and "| inference |" in out
     assert mm.main(["--model", str(tmp_path), "--method", "zo-adma"]) == 2
     assert "Did you mean 'zo-adam'" in capsys.readouterr().err
+
+
+def test_new_methods_state_fzoo_none_hizoo_one_float32_copy_sparse_mezo_bits(synthetic):
+    s = synthetic
+    n = s.total_params
+    mats = sum(t.numel for t in s.tensors if len(t.shape) >= 2)
+    assert predict(s, "fzoo", queries=8).state_bytes == 0
+    assert predict(s, "hizoo").state_bytes == 4 * n
+    assert predict(s, "hizoo", dtype="bfloat16").state_bytes == 4 * n  # H stays float32
+    assert predict(s, "sparse-mezo").state_bytes == (mats + 7) // 8
+    # half-precision weights keep float32 optimizer state in zotune (the paper's table halves it)
+    assert predict(s, "zo-adam", dtype="bfloat16").state_bytes == 2 * 4 * n
+
+
+def test_half_precision_lozo_needs_no_whole_matrix_float32_copy(synthetic):
+    """Issue 9 defect 11: the model assumed a float32 copy of the largest matrix."""
+    largest = max(t.numel for t in synthetic.tensors if len(t.shape) == 2)
+    half = predict(synthetic, "lozo", dtype="bfloat16", chunk_size=1 << 12, workers=1)
+    assert half.dynamic_bytes < 4 * largest

@@ -89,6 +89,9 @@ METHODS: dict[str, tuple[str, str]] = {
     "zo-sgd-block": ("zo", "ZO-SGD-Block"),
     "lozo": ("zo", "LOZO (LOZO-M with momentum > 0)"),
     "forward-grad": ("zo", "Forward-Grad (forward-mode JVP)"),
+    "fzoo": ("zo", "FZOO (N one-sided Rademacher queries, normalised step)"),
+    "hizoo": ("zo", "HiZOO (diagonal Hessian-informed MeZO)"),
+    "sparse-mezo": ("zo", "Sparse-MeZO (small-magnitude weights only)"),
     "fo-sgd": ("fo", "FO-SGD (backprop)"),
     "fo-adam": ("fo", "FO-Adam (backprop)"),
 }
@@ -825,10 +828,18 @@ def _forward_grad(ctx: _Context):
 
 def _zo_state(ctx: _Context) -> tuple[int, str]:
     m, eps = ctx.method, ctx.eps
+    numel = eps // ctx.wb
+    # zotune keeps optimizer state in float32 for half-precision weights; the paper's table halves it
+    state_b = 4 if ctx.half and ctx.variant == "zotune" else ctx.wb
     if m == "zo-sgd-momentum":
-        return eps, "|e|"
+        return numel * state_b, "|e|"
     if m == "zo-adam":
-        return 2 * eps, "2|e|"
+        return 2 * numel * state_b, "2|e|"
+    if m == "hizoo":
+        return numel * (8 if ctx.wb == 8 else 4), "|H| (float32)"
+    if m == "sparse-mezo":
+        mats = sum(t.numel for t in ctx.trainable if len(t.shape) >= 2)
+        return (mats + 7) // 8, "mask bits (|e| / 32 in float32)"
     if m == "lozo":
         # V (n x r) per matrix, kept for `interval` steps; LOZO-M adds N (m x r) per matrix and a
         # dense momentum for the other tensors
@@ -870,12 +881,16 @@ def _zeroth_order(ctx: _Context):
     if lozo:
         u = max((t.shape[0] * min(ctx.rank, *t.shape) for t in mats), default=0) * ctx.wb
         scratch += u * ctx.workers  # U (m x r) drawn per matrix
-        if ctx.half:  # matrices are updated whole: a float32 work copy of the largest one
-            unit = max(unit, max((t.numel for t in mats), default=0))
+        # half precision: matrices are updated in float32 row blocks of about one chunk, each
+        # rounded stochastically (no whole-matrix float32 copy), so the unit stays a chunk
     if ctx.queries > 1:
         per_unit += ctx.wb  # the averaged g of several directions
     if ctx.method == "zo-adam":
         per_unit += 2 * ctx.wb  # g * scale and the bias-corrected v_{t-1}
+    if ctx.method == "hizoo":
+        per_unit += 4  # H^{-1/2} of the chunk
+    if ctx.method == "sparse-mezo":
+        per_unit += 1 + ctx.wb  # the unpacked mask and its cast to the weights' dtype
     if ctx.half:
         # float32 work copy, stochastic rounding: nearest / other (16-bit) and float32 copies,
         # the rounding probability and uniform draws
