@@ -1,0 +1,153 @@
+"""Which method learns fastest for a budget: dev accuracy against forward passes and seconds.
+
+    zotune bench benchmarks/grids/sst2-convergence.yaml      # the runs (resumable, one process each)
+    python benchmarks/convergence.py [--grid benchmarks/grids/sst2-convergence.yaml]
+
+Reads the grid's results and every run's ``metrics.jsonl``; for each method picks the learning
+rate whose run reached the best dev accuracy (the sweep is on dev; test accuracy is only read
+for the run that dev chose, from the best-dev checkpoint that the run itself tested); reports
+the forward passes and training seconds each chosen run needed to first reach the reference
+method's (MeZO's) final dev accuracy. Prints a markdown table, writes JSON beside the grid's
+results and figures under ``docs/figures/``. Machine and date are recorded with the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def curve(run_dir: Path) -> list[dict]:
+    """Dev points of one run: step, forward passes, cumulative training seconds, dev accuracy."""
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    train = {r["step"]: r for r in rows if "loss" in r}
+    points, seconds, last_step = [], 0.0, 0
+    for step in sorted(train):
+        r = train[step]
+        seconds += r["step_time"] * (step - last_step)
+        last_step = step
+        train[step] = {**r, "seconds": seconds}
+    for r in rows:
+        if r.get("phase") != "dev":
+            continue
+        t = train.get(r["step"])
+        if t is None:
+            continue
+        points.append({"step": r["step"], "forward_passes": t["forward_passes"], "seconds": round(t["seconds"], 1),
+                       "dev_accuracy": r.get("dev/accuracy")})
+    return points
+
+
+def first_reaching(points: list[dict], target: float) -> dict | None:
+    for p in points:
+        if p["dev_accuracy"] is not None and p["dev_accuracy"] >= target:
+            return p
+    return None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--grid", default=str(ROOT / "benchmarks/grids/sst2-convergence.yaml"))
+    ap.add_argument("--reference", default="mezo", help="method whose final dev accuracy is the target")
+    ap.add_argument("--figures", default=str(ROOT / "docs/figures"))
+    args = ap.parse_args(argv)
+    grid = yaml.safe_load(Path(args.grid).read_text())
+    results = {r["run"]: r for r in read_jsonl(ROOT / grid["results"]) if r.get("status") == "ok"}
+    runs = []
+    for spec in grid["runs"]:
+        r = results.get(spec["name"])
+        if r is None:
+            continue
+        pts = curve(ROOT / r["output_dir"])
+        res = r["results"]
+        runs.append({
+            "run": spec["name"], "method": spec["set"]["optim.method"], "lr": spec["set"]["optim.lr"],
+            "points": pts,
+            "best_dev": max((p["dev_accuracy"] for p in pts), default=None),
+            "final_dev": pts[-1]["dev_accuracy"] if pts else None,
+            "test": res.get("test", {}).get("accuracy"), "zero_shot_test": res.get("zero_shot", {}).get("accuracy"),
+            "tested_step": res.get("tested_step"), "forward_passes": res.get("forward_passes"),
+            "mean_step_seconds": res.get("mean_step_seconds"),
+            "peak_rss_mib": round((res.get("peak_rss_bytes") or 0) / 2**20),
+        })
+    chosen: dict[str, dict] = {}
+    for r in runs:  # each method's lr chosen on dev
+        if r["best_dev"] is None:
+            continue
+        if r["method"] not in chosen or r["best_dev"] > chosen[r["method"]]["best_dev"]:
+            chosen[r["method"]] = r
+    ref = chosen.get(args.reference)
+    target = ref["final_dev"] if ref else None
+    table = []
+    for method, r in chosen.items():
+        hit = first_reaching(r["points"], target) if target is not None else None
+        table.append({
+            "method": method, "lr": r["lr"], "best_dev": r["best_dev"], "final_dev": r["final_dev"],
+            "test_of_best_dev": r["test"], "zero_shot_test": r["zero_shot_test"],
+            "forward_passes_run": r["forward_passes"], "mean_step_seconds": r["mean_step_seconds"],
+            "peak_rss_mib": r["peak_rss_mib"],
+            "forward_passes_to_target": hit["forward_passes"] if hit else None,
+            "seconds_to_target": hit["seconds"] if hit else None,
+        })
+    out = {
+        "grid": grid["name"], "reference": args.reference, "target_dev_accuracy": target,
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
+        "date": datetime.date.today().isoformat(), "table": table, "runs": runs,
+    }
+    json_path = ROOT / grid["results"].replace(".jsonl", "-report.json")
+    json_path.write_text(json.dumps(out, indent=1, allow_nan=False) + "\n")
+    lines = [f"Target: {args.reference}'s final dev accuracy, {target}", "",
+             "| method | lr (chosen on dev) | best dev | final dev | test (best-dev ckpt) | zero-shot test | "
+             "fwd to target | s to target | s / step | peak RSS MiB |", "|---" * 10 + "|"]
+    for t in table:
+        lines.append(f"| {t['method']} | {t['lr']:g} | {t['best_dev']} | {t['final_dev']} | {t['test_of_best_dev']} | "
+                     f"{t['zero_shot_test']} | {t['forward_passes_to_target']} | {t['seconds_to_target']} | "
+                     f"{t['mean_step_seconds']} | {t['peak_rss_mib']} |")
+    lines += ["", "All runs of the sweep:", "", "| run | best dev | final dev | forward passes |", "|---|---|---|---|"]
+    for r in runs:
+        lines.append(f"| {r['run']} | {r['best_dev']} | {r['final_dev']} | {r['forward_passes']} |")
+    print("\n".join(lines))
+    print(f"\n{out['machine']}, {out['date']}; JSON: {json_path.relative_to(ROOT)}")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return 0
+    fig_dir = Path(args.figures)
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    for x_key, label in (("forward_passes", "forward passes"), ("seconds", "training seconds")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for method, r in chosen.items():
+            xs = [p[x_key] for p in r["points"]]
+            ys = [p["dev_accuracy"] for p in r["points"]]
+            ax.plot(xs, ys, marker="o", label=f"{method} (lr {r['lr']:g})")
+        if target is not None:
+            ax.axhline(target, color="grey", linestyle="--", linewidth=0.8, label=f"{args.reference} final dev")
+        ax.set_xlabel(label)
+        ax.set_ylabel("dev accuracy")
+        ax.set_title(f"{grid['name']}: SmolLM2-135M")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(fig_dir / f"{grid['name']}-{x_key}.png", dpi=110)
+        plt.close(fig)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

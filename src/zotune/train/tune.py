@@ -1,0 +1,111 @@
+"""``zotune tune RECIPE``: a short probe on dev data that picks the learning rate for a model and task.
+
+Why: ZO methods are sensitive to lr (and eps), and a wrong one means nothing moves for hours;
+the papers' users ask this again and again. The probe answers it in minutes: from the same
+starting weights, each candidate lr (the recipe's lr times ``factors``) trains ``steps`` steps on
+the recipe's training batches, then the probe measures the loss on a fixed set of dev rows (the
+training objective, never the test split). It picks the candidate with the lowest dev loss, and
+says so, with the whole table; a candidate whose loss went non-finite or rose is reported as
+such. If no candidate lowered the dev loss, it says that too instead of picking one.
+
+The probe keeps one copy of the trainable tensors (to restart each candidate from the same
+point), so for full fine-tuning it needs the model's memory twice.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+
+import torch
+
+from zotune.config import Config
+from zotune.methods import build_optimizer
+from zotune.step import NonFiniteLossError
+
+log = logging.getLogger("zotune.tune")
+
+DEFAULT_FACTORS = (0.1, 0.3, 1.0, 3.0, 10.0)
+
+
+def choose(before: float, candidates: list[dict]) -> tuple[dict | None, str]:
+    """The candidate with the lowest dev loss among those that lowered it, and why."""
+    good = [r for r in candidates if r["status"] == "ok"]
+    if not good:
+        return None, (f"no candidate lowered the dev loss ({before:.4f}): try more steps (--steps), other factors "
+                      "(--factors), or another eps")
+    best = min(good, key=lambda r: r["dev_loss"])
+    factors = [r["factor"] for r in candidates]
+    edge = best["factor"] in (min(factors), max(factors)) and len(factors) > 1
+    return best, (f"lr {best['lr']:.3g} lowered the dev loss most ({before:.4f} -> {best['dev_loss']:.4f})"
+                  + ("; it is at the edge of the grid, so a wider grid may do better" if edge else ""))
+
+
+def probe_lr(cfg: Config, *, factors=DEFAULT_FACTORS, steps: int = 20, rows: int = 64, setup=None,
+             progress: bool = True) -> dict:
+    """Try ``cfg.optim.lr * f`` for each ``f`` in ``factors`` for ``steps`` steps; pick on dev loss."""
+    from zotune.train.loop import BatchOrder, build, make_closure, resolve_objective
+
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not factors or any(not (isinstance(f, (int, float)) and f > 0) for f in factors):
+        raise ValueError(f"factors must be positive numbers, got {factors!r}")
+    setup = setup if setup is not None else build(cfg)
+    data, model, named = setup.data, setup.model, setup.named
+    probe = list(data.dev)[:rows]
+    if not probe:
+        raise ValueError("zotune tune needs dev rows: set task.dev > 0 (the probe never reads the test split)")
+    tok, kind = setup.loaded.tokenizer, setup.loaded.kind
+    device = next(model.parameters()).device
+    objective = resolve_objective(cfg, data.train)
+    dev_loss_of = make_closure(model, tok, probe, cfg, kind, device, objective)
+    start = {n: p.detach().clone() for n, p in named.items()}
+
+    def restart() -> None:
+        with torch.no_grad():
+            for n, p in named.items():
+                p.copy_(start[n])
+
+    with torch.no_grad():
+        before = float(dev_loss_of())
+    order = BatchOrder(len(data.train), cfg.train.batch_size, cfg.train.data_seed)
+    batches = [[data.train[i] for i in order.indices(s)] for s in range(steps)]
+    rows_out = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(factors) * steps, desc="tune", dynamic_ncols=True)
+    for f in factors:
+        restart()
+        o = copy.deepcopy(cfg.optim)
+        o.lr = cfg.optim.lr * f
+        opt = build_optimizer(o, named, model)
+        t0, status = time.perf_counter(), "ok"
+        try:
+            for batch in batches:
+                closure = make_closure(model, tok, batch, cfg, kind, device, objective)
+                opt.step(closure)
+                if bar is not None:
+                    bar.update(1)
+        except NonFiniteLossError:
+            status = "non-finite loss"
+        with torch.no_grad():
+            after = float(dev_loss_of()) if status == "ok" else float("nan")
+        if status == "ok" and not math.isfinite(after):
+            status = "non-finite loss"
+        elif status == "ok" and after >= before:
+            status = "dev loss did not fall"
+        rows_out.append({"lr": o.lr, "factor": f, "dev_loss": after if math.isfinite(after) else None,
+                         "status": status, "seconds": round(time.perf_counter() - t0, 1)})
+        log.info("lr %.3g: dev loss %.4f -> %s (%s)", o.lr, before, after, status)
+    if bar is not None:
+        bar.close()
+    restart()
+    best, reason = choose(before, rows_out)
+    reason += f" (over {steps} steps of {cfg.train.batch_size} rows, dev loss on {len(probe)} dev rows)"
+    return {"method": cfg.optim.method, "scheme": cfg.trainable.scheme, "task": cfg.task.name,
+            "steps": steps, "dev_rows": len(probe), "dev_loss_before": before, "candidates": rows_out,
+            "chosen_lr": best["lr"] if best else None, "reason": reason}

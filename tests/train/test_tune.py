@@ -1,0 +1,59 @@
+"""zotune tune: the lr probe picks on dev loss, restores the weights, and says why."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from zotune.config import load_config
+from zotune.train.loop import build
+from zotune.train.tune import choose, probe_lr
+
+DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="shared data not found beside the repo")
+
+TINY = [
+    "model.name=tiny-llama", "task.name=sst2", "task.train=48", "task.dev=16", "task.test=0",
+    f"task.data_root={DATA}", "task.max_length=48", "train.batch_size=8", "optim.eps=1e-2",
+    "train.progress=false", "train.tensorboard=false",
+]
+
+
+def row(factor, loss, status="ok"):
+    return {"lr": 1e-5 * factor, "factor": factor, "dev_loss": loss, "status": status}
+
+
+def test_choose_takes_the_lowest_dev_loss_that_fell_and_flags_the_grid_edge():
+    rows = [row(0.1, 0.68), row(1.0, 0.61), row(10.0, None, "non-finite loss")]
+    best, why = choose(0.69, rows)
+    assert best["factor"] == 1.0 and "lowered the dev loss most (0.6900 -> 0.6100)" in why and "edge" not in why
+    best, why = choose(0.69, [row(0.1, 0.68), row(1.0, 0.60)])
+    assert best["factor"] == 1.0 and "edge of the grid" in why
+    best, why = choose(0.5, [row(1.0, 0.7, "dev loss did not fall")])
+    assert best is None and "no candidate lowered the dev loss (0.5000)" in why
+
+
+def test_probe_runs_every_candidate_from_the_same_weights_and_restores_them():
+    cfg = load_config(None, TINY + ["optim.method=mezo", "optim.lr=1e-3"])
+    setup = build(cfg)
+    before = {n: p.detach().clone() for n, p in setup.named.items()}
+    out = probe_lr(cfg, factors=(1e-9, 1.0, 1e4), steps=4, setup=setup, progress=False)
+    by = {r["factor"]: r for r in out["candidates"]}
+    assert list(by) == [1e-9, 1.0, 1e4]
+    # an lr of 1e-12 changes nothing measurable: its dev loss is the starting one, so it did not fall
+    assert by[1e-9]["dev_loss"] == pytest.approx(out["dev_loss_before"], abs=1e-6)
+    assert by[1e-9]["status"] == "dev loss did not fall"
+    assert by[1e4]["status"] in ("non-finite loss", "dev loss did not fall")  # lr 10: blows up
+    for n, p in setup.named.items():
+        assert torch.equal(p, before[n])
+    assert out["chosen_lr"] in (None, by[1.0]["lr"])
+
+
+def test_probe_refuses_without_dev_rows_and_bad_factors():
+    with pytest.raises(ValueError, match="needs dev rows"):
+        probe_lr(load_config(None, TINY + ["task.dev=0"]), steps=1, progress=False)
+    cfg = load_config(None, TINY)
+    with pytest.raises(ValueError, match="factors must be positive"):
+        probe_lr(cfg, factors=(0.0,), steps=1, progress=False)
