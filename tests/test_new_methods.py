@@ -374,3 +374,11 @@ def test_conservative_ranks_choose_the_same_point():
         t.join()
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         assert torch.equal(a, b)
+
+
+def test_add_param_group_after_construction_is_refused():
+    """Issue 9 defect 13: a later group was silently accepted and never trained."""
+    opt = zotune.MeZO([("a", torch.nn.Parameter(torch.zeros(3)))])
+    with pytest.raises(ValueError, match="add_param_group is not supported after construction"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
+    assert len(opt.param_groups) == 1

@@ -189,8 +189,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                 "conservative=True (ZO-SGD-Cons) needs float32 weights: it writes x - lr u, then x + lr u, then "
                 "goes back, and in float16 / bfloat16 each write rounds, so 'keep x' would not give x back"
             )
-        if len(self.names) != len(self.leaves):
-            raise ValueError("add_param_group is not supported after construction: pass all groups at once")
+        self._constructed = True
         self.estimator.bind(self.names, self.leaves, self.seed)
         q = len(self.estimator.directions(0))
         if q < self.scheme.min_queries:
@@ -224,6 +223,15 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.streamer = None  # set by zotune.streamed.StreamedWeights
 
     # ------------------------------------------------------------------ public API
+    def add_param_group(self, param_group: dict) -> None:
+        """Only during construction: leaves are bound to the estimator (names, chunks, seeds) once."""
+        if getattr(self, "_constructed", False):
+            raise ValueError(
+                "add_param_group is not supported after construction: the estimator has bound every leaf's "
+                "name and seeds; pass all groups to the constructor at once"
+            )
+        super().add_param_group(param_group)
+
     @property
     def forward_passes_per_step(self) -> int:
         """Forward passes one step costs (JVP passes count as one)."""
