@@ -11,6 +11,9 @@
     zotune memory --model M --method X [--seq-len N ...] predicted peak memory (ZO-Bench Table 5)
     zotune study NAME [--dry-run | --report-only] [...] a paper's ablation: runs, table, figure
 
+Overrides (``section.field=value``) may come anywhere on the line, before or after options:
+``zotune eval RECIPE.yaml --checkpoint DIR task.test=100``.
+
 Every error is one line on stderr naming what to fix, with a non-zero exit status.
 """
 
@@ -21,6 +24,9 @@ import json
 import os
 import sys
 from pathlib import Path
+
+#: subcommands whose positional ``items`` are a recipe and overrides (anywhere on the line)
+_WITH_CONFIG = ("train", "eval", "validate")
 
 
 def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
@@ -150,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     def with_config(name, help_text, fn):
         sp = sub.add_parser(name, help=help_text)
         sp.add_argument("items", nargs="*", metavar="RECIPE|section.field=value",
-                        help="a YAML recipe (optional) and overrides such as optim.lr=1e-5")
+                        help="a YAML recipe (optional) and overrides such as optim.lr=1e-5, "
+                             "anywhere on the line (also after options)")
         sp.set_defaults(fn=fn)
         return sp
 
@@ -188,12 +195,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv``; a recipe or an override after an option joins the command's ``items``."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command in _WITH_CONFIG:
+        # argparse fills a nargs="*" positional from one run of positionals only: collect the
+        # runs that follow an option (`eval R.yaml --checkpoint D task.test=8`) in their order
+        args.items = list(args.items) + [a for a in extra if not a.startswith("-")]
+        extra = [a for a in extra if a.startswith("-")]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["memory"]:  # its own option parser (zotune.bench.memory_model.main)
         args = argparse.Namespace(fn=cmd_memory, rest=argv[1:])
     else:
-        args = build_parser().parse_args(argv)
+        args = parse_args(argv)
     try:
         return args.fn(args)
     except KeyboardInterrupt:
