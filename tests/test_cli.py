@@ -1,4 +1,4 @@
-"""The command line: overrides anywhere on the line."""
+"""The command line: overrides anywhere on the line; one-line user errors, tracebacks for bugs."""
 
 from __future__ import annotations
 
@@ -6,7 +6,10 @@ from pathlib import Path
 
 import pytest
 
+import zotune
+import zotune.config
 from zotune import cli
+from zotune.errors import ZotuneError
 
 
 @pytest.fixture
@@ -32,7 +35,7 @@ def ran(monkeypatch):
 
 @pytest.mark.parametrize("command", ["train", "eval", "validate"])
 def test_overrides_may_follow_options_and_come_in_any_order(command, recipe, tmp_path, ran):
-    argv = [command, "optim.lr=1e-5", str(recipe), "train.steps=7", "optim.lr=2e-5"]
+    argv = [command, "optim.lr=1e-5", "--debug", str(recipe), "train.steps=7", "optim.lr=2e-5"]
     if command == "eval":  # options between the recipe and the overrides, and between overrides
         argv[2:2] = ["--split", "dev"]
         argv[-1:-1] = ["--checkpoint", str(tmp_path / "ck")]
@@ -55,3 +58,99 @@ def test_an_unknown_option_is_still_refused(recipe, ran, capsys):
     assert e.value.code == 2 and "unrecognized arguments: --nope" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # commands without overrides take no stray words
         cli.main(["replay", "run", "extra"])
+
+
+PROJECT_ERRORS = {
+    "ConfigError": (zotune.config.ConfigError, ValueError),
+    "CheckpointError": ("zotune.train.checkpoint", RuntimeError),
+    "DistributedError": ("zotune.distributed", RuntimeError),
+    "UnknownTaskError": ("zotune.tasks.registry", KeyError),
+    "TemplateError": ("zotune.tasks.registry", ValueError),
+    "DataFormatError": ("zotune.tasks.formats", ValueError),
+    "ModelLoadError": ("zotune.models", OSError),
+}
+
+
+@pytest.mark.parametrize("name", list(PROJECT_ERRORS))
+def test_project_errors_derive_from_zotune_error_and_keep_their_builtin_base(name):
+    import importlib
+
+    where, builtin = PROJECT_ERRORS[name]
+    cls = where if isinstance(where, type) else getattr(importlib.import_module(where), name)
+    assert issubclass(cls, ZotuneError) and issubclass(cls, builtin)
+
+
+def failing(monkeypatch, exc):
+    def load_config(*a, **k):
+        raise exc
+    monkeypatch.setattr(zotune.config, "load_config", load_config)
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("a bug"), KeyError("a bug"), OSError("a bug"),
+                                 ValueError("a bug outside zotune")])
+def test_a_real_bug_keeps_its_traceback(monkeypatch, recipe, exc):
+    failing(monkeypatch, exc)
+    with pytest.raises(type(exc), match="a bug"):
+        cli.main(["validate", str(recipe)])
+
+
+def test_a_project_error_is_one_line_with_exit_status_2(tmp_path, capsys):
+    assert cli.main(["validate", str(tmp_path / "missing.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"zotune: error: config file not found: {tmp_path / 'missing.yaml'}\n"
+    assert cli.main(["validate", "optim.method=mezzo"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("zotune: error:") and "Did you mean 'mezo'" in err and "Traceback" not in err
+
+
+def test_a_missing_checkpoint_folder_is_one_line_before_the_model_loads(recipe, tmp_path, capsys, monkeypatch):
+    import zotune.train.loop as loop
+
+    monkeypatch.setattr(loop, "build", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert cli.main(["eval", str(recipe), "--checkpoint", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err == f"zotune: error: --checkpoint {tmp_path / 'nope'} does not exist\n"
+    assert cli.main(["eval", str(recipe), "--checkpoint", str(tmp_path)]) == 2
+    assert "is not a checkpoint (no meta.json" in capsys.readouterr().err
+
+
+def test_a_non_finite_loss_is_a_user_error(monkeypatch, recipe, capsys):
+    failing(monkeypatch, zotune.NonFiniteLossError("loss is nan: lower optim.lr"))
+    assert cli.main(["validate", str(recipe)]) == 2
+    assert capsys.readouterr().err == "zotune: error: loss is nan: lower optim.lr\n"
+
+
+@pytest.mark.parametrize("how", ["--debug", "ZOTUNE_DEBUG=1"])
+def test_debug_prints_the_traceback_of_a_project_error_too(how, tmp_path, capsys, monkeypatch):
+    argv = ["validate", str(tmp_path / "missing.yaml")]
+    if how == "--debug":
+        argv.append("--debug")
+    else:
+        monkeypatch.setenv("ZOTUNE_DEBUG", "1")
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last):") and "ConfigError" in err
+    assert err.endswith(f"zotune: error: config file not found: {tmp_path / 'missing.yaml'}\n")
+
+
+def test_only_errors_zotune_raises_on_purpose_are_user_errors():
+    # ValueError / FileNotFoundError name a bad value or a missing file when zotune raises them
+    # (the style of its argument checks); raised by Python inside zotune's code they are bugs
+    probe = compile(
+        "def on_purpose(): raise ValueError('optim.lr must be > 0, got -1')\n"
+        "def missing(): raise FileNotFoundError('grid file not found: g.yaml')\n"
+        "def unpack(): a, b = [1]\n"
+        "def opens(): open('/nonexistent/zotune-probe')\n",
+        str(Path(cli.__file__).parent / "_probe.py"), "exec")
+    ns: dict = {}
+    exec(probe, ns)
+
+    def raised(fn):
+        try:
+            fn()
+        except Exception as e:
+            return e
+        raise AssertionError("did not raise")
+
+    assert cli.user_error(raised(ns["on_purpose"])) and cli.user_error(raised(ns["missing"]))
+    assert not cli.user_error(raised(ns["unpack"])) and not cli.user_error(raised(ns["opens"]))
+    assert not cli.user_error(raised(lambda: (_ for _ in ()).throw(ValueError("outside zotune"))))

@@ -14,33 +14,42 @@
 Overrides (``section.field=value``) may come anywhere on the line, before or after options:
 ``zotune eval RECIPE.yaml --checkpoint DIR task.test=100``.
 
-Every error is one line on stderr naming what to fix, with a non-zero exit status.
+An error in what was asked for (a :class:`zotune.errors.ZotuneError`: config, recipe, checkpoint,
+data; or a ``ValueError`` / ``FileNotFoundError`` that zotune raises on purpose) is one line on
+stderr naming what to fix, with exit status 2; ``--debug`` (or ``ZOTUNE_DEBUG=1``) adds its
+traceback. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import dis
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
+
+from zotune.errors import ZotuneError
 
 #: subcommands whose positional ``items`` are a recipe and overrides (anywhere on the line)
 _WITH_CONFIG = ("train", "eval", "validate")
 
 
 def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
-    """First argument that is not ``a.b=c`` is the recipe; the rest are overrides."""
+    """The one argument that is not ``a.b=c`` is the recipe; the rest are overrides, in order."""
+    from zotune.config import ConfigError
+
     config, overrides = None, []
     for item in items:
         if "=" in item:
             overrides.append(item)
         elif not (item.endswith((".yaml", ".yml")) or Path(item).exists()):
-            raise ValueError(f"{item!r} is neither a recipe (.yaml file) nor an override section.field=value")
+            raise ConfigError(f"{item!r} is neither a recipe (.yaml file) nor an override section.field=value")
         elif config is None:
             config = item
         else:
-            raise ValueError(f"unexpected argument {item!r}: overrides look like section.field=value")
+            raise ConfigError(f"unexpected argument {item!r}: one recipe at most; overrides look like section.field=value")
     return config, overrides
 
 
@@ -64,11 +73,15 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     import torch
 
-    from zotune.train.checkpoint import load_checkpoint
+    from zotune.train.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
     from zotune.train.evaluate import evaluate
     from zotune.train.loop import build, check_compatible
 
     cfg = _config(args)
+    if args.checkpoint and find_checkpoint(args.checkpoint) is None:  # before loading the model
+        what = "is not a checkpoint (no meta.json and weights.safetensors)" if Path(args.checkpoint).is_dir() \
+            else "does not exist"
+        raise CheckpointError(f"--checkpoint {args.checkpoint} {what}")
     setup = build(cfg)
     if args.checkpoint:
         tensors, _, meta = load_checkpoint(args.checkpoint)
@@ -149,12 +162,25 @@ def cmd_study(args) -> int:
     return main_args(args)
 
 
+def _debug_option(parser: argparse.ArgumentParser, default) -> argparse.ArgumentParser:
+    parser.add_argument("--debug", action="store_true", default=default,
+                        help="print the traceback of every error, also of a config or file error "
+                             "(or set ZOTUNE_DEBUG=1)")
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zotune", description="Zeroth-order fine-tuning of language models.")
+    _debug_option(p, False)
     sub = p.add_subparsers(dest="command", required=True)
+    # --debug after the subcommand too (SUPPRESS: it does not undo one given before the subcommand)
+    debug = _debug_option(argparse.ArgumentParser(add_help=False), argparse.SUPPRESS)
+
+    def command(name, **kw):
+        return sub.add_parser(name, parents=[debug], **kw)
 
     def with_config(name, help_text, fn):
-        sp = sub.add_parser(name, help=help_text)
+        sp = command(name, help=help_text)
         sp.add_argument("items", nargs="*", metavar="RECIPE|section.field=value",
                         help="a YAML recipe (optional) and overrides such as optim.lr=1e-5, "
                              "anywhere on the line (also after options)")
@@ -165,31 +191,31 @@ def build_parser() -> argparse.ArgumentParser:
     ev = with_config("eval", "evaluate a model (zero-shot, or a checkpoint) on a task", cmd_eval)
     ev.add_argument("--checkpoint", help="a checkpoint folder (e.g. runs/x/ckpt-best)")
     ev.add_argument("--split", choices=("test", "dev", "train"), default="test")
-    rp = sub.add_parser("replay", help="rebuild a ZO run's weights from its step log and the base model")
+    rp = command("replay", help="rebuild a ZO run's weights from its step log and the base model")
     rp.add_argument("run_dir")
     rp.add_argument("--out", help="write the rebuilt trainable tensors here (safetensors)")
     rp.set_defaults(fn=cmd_replay)
-    sub.add_parser("tasks", help="list tasks and templates").set_defaults(fn=cmd_tasks)
+    command("tasks", help="list tasks and templates").set_defaults(fn=cmd_tasks)
     with_config("validate", "check a config without loading a model", cmd_validate)
-    bp = sub.add_parser("bench", help="run a grid of training runs (one process each, resumable)")
+    bp = command("bench", help="run a grid of training runs (one process each, resumable)")
     bp.add_argument("grid", help="a grid YAML file")
     bp.add_argument("--only", help="comma-separated run names")
     bp.add_argument("--timeout", type=float, help="seconds per run")
     bp.set_defaults(fn=cmd_bench)
-    rep = sub.add_parser("report", help="markdown tables from a grid's results JSONL")
+    rep = command("report", help="markdown tables from a grid's results JSONL")
     rep.add_argument("results")
     rep.add_argument("--out", help="also write the markdown here")
     rep.add_argument("--figures", help="write loss curves and accuracy against forward passes (PNG, SVG) here")
     rep.set_defaults(fn=cmd_report)
-    mem = sub.add_parser("memory", add_help=False,
-                         help="predict peak memory without loading weights (ZO-Bench Table 5); --help for options")
+    mem = command("memory", add_help=False,
+                  help="predict peak memory without loading weights (ZO-Bench Table 5); --help for options")
     mem.add_argument("rest", nargs=argparse.REMAINDER)
     mem.set_defaults(fn=cmd_memory)
     from zotune.bench.studies import STUDY_HELP, add_arguments
 
-    st = sub.add_parser("study", help="a study from the papers (alignment, queries, block, hybrid, sparsity, "
-                        "lozo-memory): its runs, then its table", description=STUDY_HELP,
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    st = command("study", help="a study from the papers (alignment, queries, block, hybrid, sparsity, "
+                 "lozo-memory): its runs, then its table", description=STUDY_HELP,
+                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(st)
     st.set_defaults(fn=cmd_study)
     return p
@@ -209,18 +235,57 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def _raised_on_purpose(e: BaseException) -> bool:
+    """``e`` was raised by a ``raise`` statement in zotune's own code (not by Python or a library
+    inside it, as an unpacking ``ValueError`` or ``open``'s ``FileNotFoundError`` would be)."""
+    tb = e.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code
+    if not Path(code.co_filename).resolve().is_relative_to(Path(__file__).resolve().parent):
+        return False
+    return any(i.offset == tb.tb_lasti and i.opname == "RAISE_VARARGS" for i in dis.get_instructions(code))
+
+
+def user_error(e: BaseException) -> bool:
+    """An error in what the user asked for (one line), rather than a bug (a traceback).
+
+    zotune's own error types (:class:`~zotune.errors.ZotuneError`), and the ``ValueError`` /
+    ``FileNotFoundError`` that zotune code raises to name a bad value or a missing file
+    (the style for argument checks). Python's and libraries' errors are bugs here.
+    """
+    from zotune.step import NonFiniteLossError  # derives from RuntimeError only (step.py)
+
+    if isinstance(e, (ZotuneError, NonFiniteLossError)):
+        return True
+    return isinstance(e, (ValueError, FileNotFoundError)) and _raised_on_purpose(e)
+
+
+def _debug_env() -> bool:
+    return os.environ.get("ZOTUNE_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = _debug_env()
     if argv[:1] == ["memory"]:  # its own option parser (zotune.bench.memory_model.main)
-        args = argparse.Namespace(fn=cmd_memory, rest=argv[1:])
+        debug = debug or "--debug" in argv
+        args = argparse.Namespace(fn=cmd_memory, rest=[a for a in argv[1:] if a != "--debug"])
     else:
         args = parse_args(argv)
+        debug = debug or args.debug
     try:
         return args.fn(args)
     except KeyboardInterrupt:
         print("zotune: interrupted; the last checkpoint is intact (resume with the same command)", file=sys.stderr)
         return 130
-    except (ValueError, KeyError, FileNotFoundError, OSError, RuntimeError) as e:
+    except Exception as e:
+        if not user_error(e):
+            raise  # a bug: its traceback is what finds it
+        if debug:
+            traceback.print_exc()
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"zotune: error: {msg}", file=sys.stderr)
         return 2

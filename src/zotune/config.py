@@ -24,9 +24,10 @@ from typing import Any
 import yaml
 
 from zotune._validate import unknown_choice
+from zotune.errors import ZotuneError
 
 
-class ConfigError(ValueError):
+class ConfigError(ZotuneError, ValueError):
     """A configuration that cannot run; the message lists every problem found."""
 
 

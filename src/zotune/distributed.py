@@ -51,6 +51,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from zotune.errors import ZotuneError
+
 DEFAULT_TIMEOUT_S = 1800.0
 BACKENDS = ("gloo", "nccl")
 ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -59,7 +61,7 @@ ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 _COMM_FAILURE_HINTS = ("gloo", "nccl", "timed out", "connection reset", "connection closed", "connection refused")
 
 
-class DistributedError(RuntimeError):
+class DistributedError(ZotuneError, RuntimeError):
     """A collective failed or timed out: another rank died or hung.
 
     Attributes: ``rank`` (this process), ``step`` (0-based, as in ``steps.jsonl``; None if

@@ -30,6 +30,7 @@ from typing import Any, Literal
 import torch
 
 from zotune._validate import unknown_choice
+from zotune.errors import ZotuneError
 
 Kind = Literal["causal", "masked"]
 KINDS = ("causal", "masked")
@@ -38,7 +39,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-class ModelLoadError(OSError):
+class ModelLoadError(ZotuneError, OSError):
     """A model or tokenizer could not be loaded; the message says what to pass instead."""
 
 

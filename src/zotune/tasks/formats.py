@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from zotune.errors import ZotuneError
+
 __all__ = [
     "DataFormatError",
     "Record",
@@ -37,7 +39,7 @@ __all__ = [
 ]
 
 
-class DataFormatError(ValueError):
+class DataFormatError(ZotuneError, ValueError):
     """A row of a data file does not have the shape its task or format needs.
 
     The message names the file, the line (or record) and the field, e.g.

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Sequence
 
 from zotune._validate import did_you_mean
+from zotune.errors import ZotuneError
 from .base import Example, TaskSpec, Template
 from .definitions import TASKS
 from .formats import DataFormatError, Record
@@ -24,14 +25,14 @@ __all__ = ["UnknownTaskError", "TemplateError", "TaskData", "get_task", "list_ta
            "load_task", "default_data_root"]
 
 
-class UnknownTaskError(KeyError):
+class UnknownTaskError(ZotuneError, KeyError):
     """No task has this name; the message suggests the closest names."""
 
     def __str__(self) -> str:  # KeyError would print the message with quotes around it
         return str(self.args[0]) if self.args else ""
 
 
-class TemplateError(ValueError):
+class TemplateError(ZotuneError, ValueError):
     """A template does not fit the data it was given (it reads a field the rows do not have)."""
 
 
