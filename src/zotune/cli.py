@@ -5,6 +5,7 @@
     zotune eval RECIPE.yaml [--checkpoint DIR] [...]     zero-shot (or checkpoint) accuracy
     zotune replay RUN_DIR [--out FILE]                   rebuild tuned weights from the step log
     zotune tasks                                         list tasks and their templates
+    zotune tune RECIPE.yaml [--steps N] [...]           pick optim.lr by a short probe on dev rows
     zotune validate RECIPE.yaml [...]                    check a config without loading a model
     zotune bench GRID.yaml [--only a,b]                  run a grid of runs, one process each, resumable
     zotune report RESULTS.jsonl [--out docs/x.md]        markdown tables from grid results
@@ -33,7 +34,7 @@ from pathlib import Path
 from zotune.errors import ZotuneError
 
 #: subcommands whose positional ``items`` are a recipe and overrides (anywhere on the line)
-_WITH_CONFIG = ("train", "eval", "validate")
+_WITH_CONFIG = ("train", "eval", "validate", "tune")
 
 
 def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
@@ -124,6 +125,23 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from zotune.train.tune import probe_lr
+
+    cfg = _config(args)
+    factors = tuple(float(x) for x in args.factors.split(",")) if args.factors else None
+    out = probe_lr(cfg, steps=args.steps, rows=args.rows, **({"factors": factors} if factors else {}))
+    print(f"{'lr':>10}  {'dev loss':>9}  status", file=sys.stderr)
+    for r in out["candidates"]:
+        loss = "-" if r["dev_loss"] is None else f"{r['dev_loss']:.4f}"
+        print(f"{r['lr']:>10.3g}  {loss:>9}  {r['status']}", file=sys.stderr)
+    print(out["reason"], file=sys.stderr)
+    if out["chosen_lr"] is not None:
+        print(f"use: optim.lr={out['chosen_lr']:.3g}", file=sys.stderr)
+    print(json.dumps(out, allow_nan=False))
+    return 0 if out["chosen_lr"] is not None else 3
+
+
 def cmd_bench(args) -> int:
     from zotune.bench.grid import load_grid, run_grid
 
@@ -197,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     rp.set_defaults(fn=cmd_replay)
     command("tasks", help="list tasks and templates").set_defaults(fn=cmd_tasks)
     with_config("validate", "check a config without loading a model", cmd_validate)
+    tn = with_config("tune", "a short probe on dev rows that picks optim.lr for this model, task and method", cmd_tune)
+    tn.add_argument("--steps", type=int, default=20, help="steps per candidate (default 20)")
+    tn.add_argument("--rows", type=int, default=64, help="dev rows the probe scores (default 64)")
+    tn.add_argument("--factors", help="comma-separated multiples of optim.lr to try (default 0.1,0.3,1,3,10)")
     bp = command("bench", help="run a grid of training runs (one process each, resumable)")
     bp.add_argument("grid", help="a grid YAML file")
     bp.add_argument("--only", help="comma-separated run names")

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from zotune.errors import ZotuneError
 from zotune._validate import check_int, check_positive, unknown_choice
 from zotune.perturb import HALF, MODES, DualPerturbation, SidePerturbation, SwapPerturbation, stochastic_round_
 from zotune.schemes import Central, Scheme, make_scheme
@@ -45,7 +46,7 @@ from zotune.rules import DenseGrad, LowRankGrad, Transform, make_rule
 Closure = Callable[[], Any]
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(ZotuneError, RuntimeError):
     """Raised after ``max_nonfinite`` steps in a row whose loss was NaN or infinite."""
 
 

@@ -57,3 +57,21 @@ def test_probe_refuses_without_dev_rows_and_bad_factors():
     cfg = load_config(None, TINY)
     with pytest.raises(ValueError, match="factors must be positive"):
         probe_lr(cfg, factors=(0.0,), steps=1, progress=False)
+
+
+def test_tune_command_prints_the_table_and_json_and_exits_by_outcome():
+    import json
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "zotune.cli", "tune", *TINY, "optim.method=mezo", "optim.lr=1e-3",
+            "--steps", "2", "--factors", "1e-9,1"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert done.returncode in (0, 3), done.stderr
+    out = json.loads(done.stdout)
+    assert [r["factor"] for r in out["candidates"]] == [1e-9, 1.0]
+    assert "dev loss" in done.stderr and out["reason"] in done.stderr
+    assert (done.returncode == 0) == (out["chosen_lr"] is not None)
+    bad = subprocess.run([sys.executable, "-m", "zotune.cli", "tune", *TINY, "task.dev=0", "--steps", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "needs dev rows" in bad.stderr and "Traceback" not in bad.stderr
