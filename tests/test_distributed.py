@@ -173,7 +173,7 @@ def job_loop(args: dict) -> None:
     import torch.distributed as dist
 
     from zotune.config import load_config
-    from zotune.distributed import run_training
+    from zotune.train.run import run_training
 
     ctx = init_from_env(timeout_s=args["timeout_s"])
     report: dict = {"runs": []}

@@ -62,7 +62,7 @@ def _config(args):
 
 
 def cmd_train(args) -> int:
-    from zotune.distributed import run_training  # plain single-process training without torchrun
+    from zotune.train.run import run_training  # plain single-process training without torchrun
 
     cfg = _config(args)
     results = run_training(cfg)
@@ -83,7 +83,7 @@ def cmd_eval(args) -> int:
         what = "is not a checkpoint (no meta.json and weights.safetensors)" if Path(args.checkpoint).is_dir() \
             else "does not exist"
         raise CheckpointError(f"--checkpoint {args.checkpoint} {what}")
-    setup = build(cfg)
+    setup = build(cfg, splits=(args.split,))  # only the split evaluated is read
     if args.checkpoint:
         tensors, _, meta = load_checkpoint(args.checkpoint)
         if meta.get("model_fingerprint") != setup.loaded.fingerprint:

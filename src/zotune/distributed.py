@@ -7,23 +7,32 @@ Launch one process per worker with torchrun; every rank builds the same model an
     torchrun --nnodes 2 --node_rank 0 --master_addr HOST --master_port 29500 \\
         --nproc_per_node 8 -m zotune.cli train recipes/x.yaml     # several machines
 
+This module provides the world a run trains in (:class:`DistContext`: rank, number of ranks,
+the collectives, timeouts); the entry point that joins it and trains is
+:func:`zotune.train.run.run_training`.
+
 Why so little is exchanged: a ZO step's directions come from the run seed, so every rank draws
 the same ones without sending them. Each rank measures its slice ``indices[rank::world_size]``
 of the global batch of step ``t``, giving the q projected gradients of its shard::
 
-    c_j^(r) = (L_r(x + eps z_j) - L_r(x - eps z_j)) / (2 eps)        (L_r: mean loss of shard r)
+    L_r     = W S_r / N              (S_r: sum of shard r's token losses, N: tokens of the batch)
+    c_j^(r) = (L_r(x + eps z_j) - L_r(x - eps z_j)) / (2 eps)
     c_j     = (1 / W) sum_r c_j^(r)                                   (all_reduce SUM, / W)
 
-and, shards being equal in size, ``c_j`` is the projected gradient of the whole batch (to
-within float rounding), so all ranks apply the same update. One all-reduce of ``q`` float64
-scalars per step, ``8 q`` bytes: :attr:`DistContext.bytes_all_reduced` counts them. No
+so ``c_j`` is the projected gradient of the whole batch's token-mean loss ``sum_r S_r / N``
+(to within float rounding) whatever the shards' token counts, and all ranks apply the same
+update. (Classification losses count examples, which every shard has equally many of.) One
+all-reduce of ``q`` float64 scalars per step, ``8 q`` bytes, plus one of the step's token
+count (8 bytes) for nll objectives: :attr:`DistContext.bytes_all_reduced` counts them. No
 parameter, gradient or direction ever crosses the wire. First-order baselines (``fo-sgd``,
 ``fo-adam``) and the FO part of the hybrid scheme backpropagate through
 :class:`torch.nn.parallel.DistributedDataParallel`, which all-reduces every gradient each step.
 
 Because seeds and the global batch order depend on neither the number of ranks nor on resumes,
 a run stopped with W ranks continues the same trajectory with any W' that divides
-``train.batch_size`` (to within float rounding: each rank's loss is a mean over its shard).
+``train.batch_size`` (to within float rounding). Every rank must find the same checkpoint to
+resume from (only rank 0 saves: on several machines put ``train.output_dir`` on a shared file
+system or copy ``ckpt-last`` to every node); ranks that find different ones refuse to start.
 
 Failures: the process group is created with a timeout (:data:`DEFAULT_TIMEOUT_S`, or
 ``ZOTUNE_DIST_TIMEOUT_S``). With gloo, ``all_reduce``, ``barrier``, ``broadcast``,
@@ -40,12 +49,10 @@ here (no GPU); torch documents that its watchdog enforces the timeout by abortin
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -75,11 +82,15 @@ class DistributedError(ZotuneError, RuntimeError):
 
 @dataclass
 class DistContext:
-    """Where this process sits in the job, and what its scalar all-reduces have sent.
+    """The world this process trains in: its rank, the number of ranks, the collectives the
+    training loop needs (:func:`scalar_reduce`, :meth:`all_reduce_sum`, :meth:`all_gather_int`),
+    and the timeout they wait for.
 
-    ``backend`` is None for a single process without a process group (no torchrun).
-    ``bytes_all_reduced`` counts the payload this rank handed to :func:`scalar_reduce`'s
-    all-reduces (``q * 8`` per step for float64 scalars); ``all_reduces`` counts the calls.
+    ``backend`` is None for a single process without a process group (no torchrun); every
+    collective is then the identity. ``step`` is the 0-based step the training loop is taking
+    (it sets it), named in error messages. ``bytes_all_reduced`` counts the payload this rank
+    handed to all-reduces (``q * 8`` per step for :func:`scalar_reduce`'s float64 scalars, plus
+    8 for the token count of an nll step); ``all_reduces`` counts the calls.
     """
 
     rank: int = 0
@@ -91,10 +102,41 @@ class DistContext:
     owns_group: bool = False  # init_from_env created the process group (shutdown destroys it)
     bytes_all_reduced: int = 0
     all_reduces: int = 0
+    step: int | None = None
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def _collective(self, what: str, run: Callable[[], None], step: int | None = None) -> None:
+        """Run one collective; a failure or timeout becomes a :class:`DistributedError`."""
+        t0 = time.monotonic()
+        try:
+            run()
+        except RuntimeError as e:
+            step = self.step if step is None else step
+            waited = time.monotonic() - t0
+            raise DistributedError(failure_message(self, what, step, e, waited),
+                                   rank=self.rank, step=step, waited_s=waited) from e
+
+    def all_reduce_sum(self, values: torch.Tensor, what: str = "an all-reduce") -> torch.Tensor:
+        """The sum over ranks of ``values`` (a new tensor; the input is left alone)."""
+        if self.backend is None:
+            return values
+        buf = values.detach().to(device=self.device, copy=True)
+        self._collective(what, lambda: dist.all_reduce(buf, op=dist.ReduceOp.SUM))
+        self.bytes_all_reduced += buf.numel() * buf.element_size()
+        self.all_reduces += 1
+        return buf.to(values.device)
+
+    def all_gather_int(self, value: int, what: str = "an all-gather") -> list[int]:
+        """Every rank's ``value``, in rank order."""
+        if self.backend is None:
+            return [int(value)]
+        mine = torch.tensor([int(value)], dtype=torch.int64, device=self.device)
+        out = [torch.zeros_like(mine) for _ in range(self.world_size)]
+        self._collective(what, lambda: dist.all_gather(out, mine))
+        return [int(t) for t in out]
 
 
 def _env_int(env, name: str) -> int:
@@ -217,26 +259,23 @@ def scalar_reduce(
     """The ``reduce`` for :class:`~zotune.step.ZOOptimizer`: the mean over ranks of the step's
     q projected-gradient scalars (shape ``(q,)``, float64), by one ``all_reduce(SUM) / W``.
 
-    ``step_of`` names the step in error messages (default: how many times this reduce ran).
-    Each call adds ``c.numel() * c.element_size()`` bytes to ``ctx.bytes_all_reduced``. Without a
-    process group it returns the scalars unchanged and counts nothing.
+    ``step_of`` names the step in error messages (default: ``ctx.step`` when the training loop
+    sets it, else how many times this reduce ran). Each call adds ``c.numel() *
+    c.element_size()`` bytes to ``ctx.bytes_all_reduced``. Without a process group it returns
+    the scalars unchanged and counts nothing.
     """
     if ctx.backend is None:
         return lambda c: c
     calls = [0]
 
     def reduce(c: torch.Tensor) -> torch.Tensor:
+        if step_of is not None:
+            step = step_of()
+        else:
+            step = ctx.step if ctx.step is not None else calls[0]
         buf = c.detach().to(device=ctx.device, copy=True)  # (q,), dtype kept: float64 from ZOOptimizer
-        t0 = time.monotonic()
-        try:
-            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-        except RuntimeError as e:
-            step = step_of() if step_of is not None else calls[0]
-            waited = time.monotonic() - t0
-            raise DistributedError(
-                failure_message(ctx, "the all-reduce of the projected-gradient scalars", step, e, waited),
-                rank=ctx.rank, step=step, waited_s=waited,
-            ) from e
+        ctx._collective("the all-reduce of the projected-gradient scalars",
+                        lambda: dist.all_reduce(buf, op=dist.ReduceOp.SUM), step)
         ctx.bytes_all_reduced += buf.numel() * buf.element_size()
         ctx.all_reduces += 1
         calls[0] += 1
@@ -276,90 +315,17 @@ def wrap_ddp(model: torch.nn.Module, ctx: DistContext) -> ZotuneDDP:
     return ZotuneDDP(model, device_ids=device_ids, forward_sync_buffers=False)
 
 
-def uses_backprop(cfg) -> bool:
-    """True when some trainable tensor is updated by backpropagation (FO methods, hybrid)."""
-    from zotune.methods import METHODS
-
-    method = METHODS.get(cfg.optim.method)
-    return (method is not None and method.family == "fo") or cfg.trainable.zo_layers is not None
-
-
-def _backend_for(device: str) -> str:
+def backend_for(device: str) -> str:
+    """The backend for a model on ``device`` (a ``model.device`` string): nccl for CUDA, else gloo."""
     text = str(device).lower()
     if text.startswith("cuda") or (text == "auto" and torch.cuda.is_available()):
         return "nccl"
     return "gloo"
 
 
-def _resume_step(cfg) -> int:
-    """The step the run will resume from (0 for a fresh run); used only in error messages."""
-    from zotune.train.checkpoint import find_checkpoint
-    from zotune.train.loop import LAST
-
-    if not cfg.train.resume:
-        return 0
-    found = find_checkpoint(Path(cfg.train.output_dir) / LAST)
-    try:
-        return int(json.loads((found / "meta.json").read_text())["step"]) if found else 0
-    except (OSError, ValueError, KeyError):
-        return 0
-
-
-def _current_step(optimizer, start: int) -> int | None:
-    """The 0-based step an optimizer is taking (for error messages)."""
-    from zotune.fo import HybridOptimizer
-    from zotune.step import ZOOptimizer
-
-    if isinstance(optimizer, ZOOptimizer):
-        return optimizer.steps_taken  # restored from the checkpoint on resume
-    if isinstance(optimizer, HybridOptimizer):
-        optimizer = optimizer.fo
-    taken = getattr(optimizer, "forward_passes", None)  # FO: steps taken in this session
-    return None if taken is None else start + taken
-
-
-def _is_comm_failure(e: BaseException) -> bool:
+def is_comm_failure(e: BaseException) -> bool:
+    """True for the errors a failed collective raises (gloo and DDP report them as RuntimeErrors)."""
     if isinstance(e, dist.DistError):
         return True
     text = str(e).lower()
     return any(h in text for h in _COMM_FAILURE_HINTS)
-
-
-def run_training(cfg, *, timeout_s: float | None = None) -> dict:
-    """``zotune train`` under torchrun: join the job, build, and train data-parallel.
-
-    Every rank builds the same model and optimizer (ZO: with :func:`scalar_reduce` as
-    ``reduce``); FO methods and the hybrid scheme train through :func:`wrap_ddp`. Rank 0 alone
-    evaluates, logs and saves (see :func:`zotune.train.loop.train`). Without ``WORLD_SIZE`` in
-    the environment this is a plain single-process run. Returns the results dict on every rank
-    (evaluations are rank 0's only).
-    """
-    from zotune.train.loop import build, train
-
-    if "WORLD_SIZE" in os.environ and str(cfg.model.device).lower().startswith("cuda:"):
-        raise ValueError(f"model.device={cfg.model.device!r} under torchrun: use model.device=cuda "
-                         "(each rank takes cuda:LOCAL_RANK)")
-    ctx = init_from_env(backend=_backend_for(cfg.model.device), timeout_s=timeout_s or timeout_from_env())
-    if ctx.backend is None:
-        return train(cfg)
-    start = _resume_step(cfg)
-    holder: dict = {}
-    reduce = scalar_reduce(ctx, step_of=lambda: _current_step(holder.get("optimizer"), start))
-    try:
-        setup = build(cfg, reduce=reduce)
-        holder["optimizer"] = setup.optimizer
-        train_model = wrap_ddp(setup.model, ctx) if uses_backprop(cfg) else None
-        return train(cfg, reduce=reduce, rank=ctx.rank, world_size=ctx.world_size, setup=setup,
-                     train_model=train_model)
-    except DistributedError:
-        raise
-    except RuntimeError as e:
-        if not _is_comm_failure(e):
-            raise
-        step = _current_step(holder.get("optimizer"), start)
-        raise DistributedError(
-            failure_message(ctx, "a collective (DDP gradient all-reduce or parameter broadcast)", step, e),
-            rank=ctx.rank, step=step,
-        ) from e
-    finally:
-        shutdown(ctx)

@@ -57,7 +57,12 @@ class HybridOptimizer:
         self.zo, self.fo = zo, fo
         for p in zo.leaves:
             p.requires_grad_(False)
-        self.param_groups = zo.param_groups + fo.param_groups
+
+    @property
+    def param_groups(self) -> list[dict]:
+        """The ZO groups then the FO ones, read live: each part's ``load_state_dict`` replaces
+        its group dicts, so a list taken once would go stale (and an lr set on it be lost)."""
+        return self.zo.param_groups + self.fo.param_groups
 
     @property
     def forward_passes_per_step(self) -> int:

@@ -1,14 +1,36 @@
 """Run logging: JSONL metrics (always), TensorBoard scalars (optional, no account needed), and
-the ZO step log that ``zotune replay`` rebuilds the tuned weights from. Only rank 0 writes."""
+the ZO step log that ``zotune replay`` rebuilds the tuned weights from. Only rank 0 writes.
+
+Every JSON file a run writes is strict JSON (:func:`to_json`): a non-finite number (a NaN
+loss, a best dev score that never was) is written as ``null``, never as ``NaN`` or
+``-Infinity``, which strict readers refuse.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
 log = logging.getLogger("zotune")
+
+
+def finite_or_none(value):
+    """``value`` with every non-finite float inside it (dicts, lists, tuples) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def to_json(value, **kwargs) -> str:
+    """Strict JSON text of ``value`` (``allow_nan=False``; non-finite floats become null)."""
+    return json.dumps(finite_or_none(value), allow_nan=False, **kwargs)
 
 
 def setup_console_logging(level: int = logging.INFO) -> None:
@@ -42,7 +64,7 @@ class RunLogger:
         if not self.enabled:
             return
         with open(self.dir / name, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(to_json(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
 

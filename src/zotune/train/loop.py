@@ -4,14 +4,16 @@ setup (data, model, trainable tensors, optimizer, resume) -> zero-shot test -> l
 (dev evaluation, best / last checkpoints, step log) -> final test -> ``results.json``.
 
 The batch of step ``t`` is a pure function of (data seed, t), the optimizer's directions of
-(optim seed, t), and the checkpoint holds the trainable tensors and the optimizer state, so a
-run resumed after ``kill -9`` ends with exactly the weights of an uninterrupted run.
+(optim seed, t), and the checkpoint holds the trainable tensors, the optimizer state and the lr
+schedule's state, so a run resumed after ``kill -9`` ends with exactly the weights of an
+uninterrupted run. Data parallel, every rank resumes from the same step or none starts.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import resource
@@ -21,17 +23,20 @@ from pathlib import Path
 
 import torch
 
+from zotune._validate import unknown_choice
 from zotune.config import Config
+from zotune.distributed import DistContext, DistributedError, scalar_reduce
 from zotune.fo import FOSGD, HybridOptimizer
-from zotune.lm import choice_loss, encode_choices, encode_pairs, pair_loss
 from zotune.methods import build_optimizer
-from zotune.schedules import lr_multiplier
+from zotune.schedules import make_schedule
 from zotune.step import ZOOptimizer
 from zotune.train.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
 from zotune.train.evaluate import evaluate, headline
-from zotune.train.logger import RunLogger, log, setup_console_logging
+from zotune.train.logger import RunLogger, finite_or_none, log, setup_console_logging, to_json
+from zotune.train.objective import make_closure, resolve_objective
 
 LAST, BEST = "ckpt-last", "ckpt-best"
+SPLITS = ("train", "dev", "test")
 
 
 @dataclass
@@ -47,13 +52,37 @@ class Setup:
 
 
 # ----------------------------------------------------------------------------- setup
-def load_data(cfg: Config):
+def load_data(cfg: Config, splits=SPLITS):
+    """The task's data, with only ``splits`` (a subset of train, dev, test) filled in.
+
+    Each split asked for holds the rows a training run's would (when the files hold the rows
+    asked for): a split's rows depend on those carved before it from the training file (test,
+    then dev, then train; test comes from ``task.eval_file`` instead when there is one), so
+    those keep their sizes and the later ones are left empty. The test split alone with an
+    eval file reads that file alone.
+    """
     from zotune.tasks import SplitSpec, load_task
 
+    wanted = set(splits)
+    for name in sorted(wanted - set(SPLITS)):
+        raise ValueError(unknown_choice("split", name, SPLITS))
     t = cfg.task
-    split = SplitSpec(train=t.train, dev=t.dev, test=t.test, seed=t.split_seed)
+    carve = ("dev", "train") if t.eval_file is not None else ("test", "dev", "train")
+    last = max((carve.index(name) for name in wanted if name in carve), default=-1)
+    sizes = {name: getattr(t, name) if name in carve[:last + 1] else 0 for name in SPLITS}
+    train_file, eval_file = t.train_file, t.eval_file
+    if eval_file is not None:
+        if "test" not in wanted:
+            eval_file = None  # test == 0: dev and train are carved as with the eval file
+        else:
+            sizes["test"] = t.test
+            if last < 0:
+                # test alone: load_task takes it as the first rows of the eval file shuffled with
+                # split_seed, which is what carving test alone from the eval file's rows gives
+                train_file, eval_file = eval_file, None
+    split = SplitSpec(train=sizes["train"], dev=sizes["dev"], test=sizes["test"], seed=t.split_seed)
     return load_task(t.name, data_root=t.data_root, split=split, template=t.template,
-                     train_file=t.train_file, eval_file=t.eval_file, hub=t.hub)
+                     train_file=train_file, eval_file=eval_file, hub=t.hub)
 
 
 def scheme_options(cfg: Config) -> dict:
@@ -66,12 +95,14 @@ def scheme_options(cfg: Config) -> dict:
     }[tr.scheme]
 
 
-def build(cfg: Config, loaded=None, data=None, reduce=None) -> Setup:
-    """Load data first (bad data fails before the slow model load), then model and optimizer."""
+def build(cfg: Config, loaded=None, data=None, reduce=None, splits=SPLITS) -> Setup:
+    """Load data first (bad data fails before the slow model load), then model and optimizer.
+
+    ``splits``: the data splits to load (see :func:`load_data`; an evaluation needs one)."""
     from zotune.models import load_model
     from zotune.params import hybrid_split, select_trainable
 
-    data = data if data is not None else load_data(cfg)
+    data = data if data is not None else load_data(cfg, splits)
     if loaded is None:
         m = cfg.model
         if m.name.startswith("tiny-"):  # random tiny models for tests and smoke runs
@@ -139,42 +170,6 @@ class BatchOrder:
         return out
 
 
-def resolve_objective(cfg: Config, examples) -> str:
-    """``classification`` when every example has the same number (> 1) of labeled candidates."""
-    if cfg.train.objective != "auto":
-        return cfg.train.objective
-    counts = {len(e.choices) for e in examples}
-    labeled = all(e.label is not None and not e.is_generation for e in examples)
-    return "classification" if labeled and len(counts) == 1 and counts.pop() > 1 else "nll"
-
-
-def make_closure(model, tokenizer, examples, cfg: Config, kind: str, device, objective: str = "nll"):
-    """Encode the batch once; the closure returns the mean loss over it, summed over
-    ``grad_accum`` micro-batches (each weighted by its share of the batch); ``closure(copies=2)``
-    returns one such loss per copy of the batch run twice over (``perturbation: dual``)."""
-    k = cfg.train.grad_accum
-    size = -(-len(examples) // k)
-    chunks = [examples[i:i + size] for i in range(0, len(examples), size)]
-    weights = [len(c) / len(examples) for c in chunks]
-    if objective == "classification":
-        batches = [encode_choices(tokenizer, [e.choices for e in c], [e.label for e in c], cfg.task.max_length,
-                                  kind=kind).to(device) for c in chunks]
-        loss_fn = choice_loss
-    else:
-        batches = [encode_pairs(tokenizer, [e.target for e in c], cfg.task.max_length, kind=kind).to(device)
-                   for c in chunks]
-        loss_fn = pair_loss
-
-    def closure(copies: int = 1):
-        total = None
-        for b, w in zip(batches, weights):
-            part = loss_fn(model, b, copies=copies) * w
-            total = part if total is None else total + part
-        return total
-
-    return closure
-
-
 # ----------------------------------------------------------------------------- helpers
 def _rss_bytes() -> int | None:
     """Current resident set size (Linux), None elsewhere."""
@@ -220,16 +215,12 @@ def _peak_rss_since_reset() -> int | None:
 
 def _write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.write_text(to_json(data, indent=2, default=str))
     os.replace(tmp, path)
 
 
-def _all_groups(optimizer):
-    return optimizer.param_groups
-
-
 def _meta(cfg: Config, setup: Setup, step: int, extra: dict | None = None) -> dict:
-    return {
+    return finite_or_none({
         "step": step,
         "config_fingerprint": cfg.fingerprint(),
         "model": setup.loaded.name,
@@ -237,7 +228,7 @@ def _meta(cfg: Config, setup: Setup, step: int, extra: dict | None = None) -> di
         "method": cfg.optim.method,
         "scheme": cfg.trainable.scheme,
         **(extra or {}),
-    }
+    })
 
 
 def check_compatible(meta: dict, cfg: Config, setup: Setup, where: Path) -> None:
@@ -256,6 +247,25 @@ def check_compatible(meta: dict, cfg: Config, setup: Setup, where: Path) -> None
         )
 
 
+def agree_on_start(world: DistContext, start: int, out: Path) -> None:
+    """Refuse to start unless every rank found the same step to resume from.
+
+    Only rank 0 saves, so on several machines without a shared file system the other nodes
+    find no checkpoint: they would start at step 0 while rank 0 continues at step k, each
+    training on another trajectory. Raised on every rank (they all see the same steps)."""
+    steps = world.all_gather_int(start, "the all-gather of the step each rank resumes from")
+    if len(set(steps)) > 1:
+        found = ", ".join(f"rank {r}: " + (f"step {k}" if k else "no checkpoint (step 0)") for r, k in enumerate(steps))
+        raise DistributedError(
+            f"rank {world.rank} of {world.world_size}: the ranks found different checkpoints in "
+            f"train.output_dir={str(out)!r} ({found}), so they would train different trajectories; "
+            "nothing was changed. Only rank 0 saves: put train.output_dir on a file system every node "
+            f"shares, or copy rank 0's {out / LAST} to the same path on every node, then run the same "
+            "command again (or start afresh on every node with another output_dir).",
+            rank=world.rank, step=None,
+        )
+
+
 def _settle(opt) -> None:
     """Apply a deferred update (streamed weights) before the weights are read."""
     flush = getattr(opt, "flush", None)
@@ -271,23 +281,24 @@ def _evaluate(setup: Setup, examples) -> dict:
 
 
 # ----------------------------------------------------------------------------- the run
-def train(cfg: Config, *, reduce=None, rank: int = 0, world_size: int = 1, setup: Setup | None = None,
+def train(cfg: Config, *, world: DistContext | None = None, setup: Setup | None = None,
           train_model=None) -> dict:
     """Run ``cfg`` to the end (or resume it) and return the results dict.
 
-    Data parallel (see :mod:`zotune.distributed`): every rank builds the same model and
-    optimizer, takes its slice ``indices[rank::world_size]`` of each global batch, and ``reduce``
-    averages the projected-gradient scalars, so all ranks apply the same update; rank 0 alone
-    evaluates, logs and saves. ``train_model`` is the module the closure runs (a DDP wrapper
-    for first-order methods); by default the model itself.
+    Data parallel (``world``: see :mod:`zotune.distributed`; None: one process): every rank
+    builds the same model and optimizer, takes its slice ``indices[rank::world_size]`` of each
+    global batch, and the optimizer's ``reduce`` averages the projected-gradient scalars, so all
+    ranks apply the same update; rank 0 alone evaluates, logs and saves. ``train_model`` is the
+    module the closure runs (a DDP wrapper for first-order methods); by default the model itself.
     """
-    setup_console_logging(logging.INFO if rank == 0 else logging.WARNING)  # rank 0 alone narrates
+    world = world if world is not None else DistContext()
+    rank, world_size, is_main = world.rank, world.world_size, world.is_main
+    setup_console_logging(logging.INFO if is_main else logging.WARNING)  # rank 0 alone narrates
     t = cfg.train
     out = Path(t.output_dir)
-    is_main = rank == 0
     if t.batch_size % world_size:
         raise ValueError(f"train.batch_size ({t.batch_size}) must be divisible by the number of ranks ({world_size})")
-    setup = setup or build(cfg, reduce=reduce)
+    setup = setup or build(cfg, reduce=scalar_reduce(world) if world.backend is not None else None)
     _page_in(setup.model)
     peak_resettable = _reset_peak_rss()
     rss_after_load = _rss_bytes()
@@ -296,17 +307,25 @@ def train(cfg: Config, *, reduce=None, rank: int = 0, world_size: int = 1, setup
     device = next(model.parameters()).device
     logger = RunLogger(out, tensorboard=t.tensorboard, enabled=is_main)
     trainable = setup.named
+    # the lr of step k is base * multiplier(k); made before any resume, from the configured lrs
+    schedule = make_schedule(opt, cfg.optim.schedule, t.steps, cfg.optim.warmup_steps)
 
     start, results = 0, {}
     found = find_checkpoint(out / LAST) if t.resume else None
     if found is not None:
         tensors, opt_state, meta = load_checkpoint(found, map_location=device)
         check_compatible(meta, cfg, setup, found)
+        start = int(meta["step"])
+    agree_on_start(world, start, out)
+    if found is not None:
         with torch.no_grad():
             for name, p in trainable.items():
                 p.copy_(tensors[name])
-        opt.load_state_dict(opt_state)
-        start = int(meta["step"])
+        opt.load_state_dict(opt_state)  # restores the groups' lr as it was scheduled: the schedule resets it
+        schedule.load_state_dict(meta.get("schedule") or {"base_lrs": schedule.base_lrs, "step": start})
+        if schedule.last_step != start:
+            raise CheckpointError(f"{found}: the lr schedule is at step {schedule.last_step}, the checkpoint "
+                                  f"at step {start} (a damaged checkpoint?)")
         results = meta.get("results", {})
         logger.truncate_after(start)
         log.info("resumed from %s at step %d", found, start)
@@ -334,9 +353,9 @@ def train(cfg: Config, *, reduce=None, rank: int = 0, world_size: int = 1, setup
     order = BatchOrder(len(setup.data.train), t.batch_size, t.data_seed)
     objective = resolve_objective(cfg, setup.data.train)
     log.info("training objective: %s", objective)
-    base_lrs = [g["lr"] for g in _all_groups(opt)]
-    mult = lr_multiplier(cfg.optim.schedule, t.steps, cfg.optim.warmup_steps)
-    best = results.get("best_dev", {"value": float("-inf"), "step": None})
+    best = results.get("best_dev") or {"value": None, "step": None}  # value None: no dev evaluation yet
+    if best["value"] is not None and not math.isfinite(best["value"]):  # -inf, written by older versions
+        best = {**best, "value": None}
     progress = None
     if is_main and t.progress:
         from tqdm.auto import tqdm
@@ -345,13 +364,13 @@ def train(cfg: Config, *, reduce=None, rank: int = 0, world_size: int = 1, setup
     run_t0, step_times = time.time(), []
     train_examples = setup.data.train
     for step in range(start, t.steps):
-        m = mult(step)
-        for g, base in zip(_all_groups(opt), base_lrs):
-            g["lr"] = base * m
+        world.step = step  # named in the errors of failed collectives
+        lr = opt.param_groups[0]["lr"]
         batch = [train_examples[i] for i in order.indices(step)[rank::world_size]]
-        closure = make_closure(forward_model, tok, batch, cfg, setup.loaded.kind, device, objective)
+        closure = make_closure(forward_model, tok, batch, cfg, setup.loaded.kind, device, objective, world)
         t0 = time.perf_counter()
         loss = float(opt.step(closure))
+        schedule.step()
         step_times.append(time.perf_counter() - t0)
         done = step + 1
         record = getattr(opt, "last_record", None)
@@ -359,7 +378,7 @@ def train(cfg: Config, *, reduce=None, rank: int = 0, world_size: int = 1, setup
             logger.step_record(record)
         if done % t.log_every == 0 or done == t.steps:
             recent = step_times[-t.log_every:]
-            logger.metrics(done, loss=loss, lr=_all_groups(opt)[0]["lr"], step_time=sum(recent) / len(recent),
+            logger.metrics(done, loss=loss, lr=lr, step_time=sum(recent) / len(recent),
                            forward_passes=getattr(opt, "forward_passes", None))
         if progress is not None:
             progress.set_postfix(loss=f"{loss:.4f}", fwd=getattr(opt, "forward_passes", "-"),
@@ -370,14 +389,15 @@ def train(cfg: Config, *, reduce=None, rank: int = 0, world_size: int = 1, setup
             key, value = headline(dev)
             logger.metrics(done, phase="dev", **{f"dev/{k}": v for k, v in dev.items()})
             log.info("step %d dev %s", done, dev)
-            if value > best["value"] and is_main:
+            if best["value"] is None or value > best["value"]:
                 best = {"value": value, "step": done, "metric": key}
                 _settle(opt)
                 save_checkpoint(out / BEST, trainable, None, _meta(cfg, setup, done, {"dev": dev}))
         if is_main and (done % t.save_every == 0 or done == t.steps):
             _settle(opt)
             results["best_dev"] = best
-            save_checkpoint(out / LAST, trainable, opt.state_dict(), _meta(cfg, setup, done, {"results": results}))
+            save_checkpoint(out / LAST, trainable, opt.state_dict(),
+                            _meta(cfg, setup, done, {"results": results, "schedule": schedule.state_dict()}))
     if progress is not None:
         progress.close()
 
@@ -397,6 +417,7 @@ def train(cfg: Config, *, reduce=None, rank: int = 0, world_size: int = 1, setup
         "tested_step": best["step"] or t.steps,
         "best_dev": best,
         "steps": t.steps,
+        "start_step": start,
         "train_seconds_this_session": round(time.time() - run_t0, 1),
         "mean_step_seconds": round(sum(step_times) / len(step_times), 4) if step_times else None,
         "forward_passes": getattr(opt, "forward_passes", None),
@@ -425,6 +446,19 @@ def train(cfg: Config, *, reduce=None, rank: int = 0, world_size: int = 1, setup
 
 
 # ----------------------------------------------------------------------------- replay
+def _nan_for_null(record: dict) -> dict:
+    """A step record as the optimizer wrote it: the log writes its non-finite numbers (the
+    coefficients and loss of a skipped step) as null."""
+    nan = float("nan")
+    out = dict(record)
+    for key in ("coeffs", "aux"):
+        if key in out:
+            out[key] = [nan if x is None else x for x in out[key]]
+    if "loss" in out and out["loss"] is None:
+        out["loss"] = nan
+    return out
+
+
 def replay(run_dir: str | Path, out_path: str | Path | None = None) -> dict:
     """Rebuild a ZO run's tuned weights from its base model and ``steps.jsonl`` alone.
 
@@ -444,7 +478,8 @@ def replay(run_dir: str | Path, out_path: str | Path | None = None) -> dict:
     opt = setup.optimizer
     if not isinstance(opt, ZOOptimizer):
         raise ValueError(f"replay needs a pure ZO run; {cfg.optim.method} with this scheme keeps no step log")
-    records = [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines() if line.strip()]
+    records = [_nan_for_null(json.loads(line)) for line in (run / "steps.jsonl").read_text().splitlines()
+               if line.strip()]
     for k, rec in enumerate(records):
         if rec["step"] != k:
             raise ValueError(f"{run / 'steps.jsonl'} line {k + 1}: step {rec['step']}, expected {k}")

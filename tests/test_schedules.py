@@ -1,0 +1,69 @@
+"""LRSchedule: a checkpointed scheduler whose lr survives the optimizer's load_state_dict."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import zotune
+from zotune.fo import FOSGD, HybridOptimizer
+from zotune.schedules import LRSchedule, lr_multiplier, make_schedule
+
+
+def _opt(lr=1.0):
+    return zotune.MeZO([torch.nn.Parameter(torch.zeros(2))], lr=lr)
+
+
+@pytest.mark.parametrize("name, warmup", [("constant", 3), ("linear", 1), ("cosine", 0)])
+def test_a_schedule_saved_and_loaded_mid_run_continues_with_the_same_lrs(name, warmup):
+    straight_opt = _opt()
+    straight = make_schedule(straight_opt, name, total_steps=8, warmup_steps=warmup)
+    lrs = []
+    for _ in range(8):
+        lrs.append(straight_opt.param_groups[0]["lr"])
+        straight.step()
+    opt = _opt()
+    sched = make_schedule(opt, name, total_steps=8, warmup_steps=warmup)
+    for _ in range(2):
+        sched.step()
+    opt_state, sched_state = opt.state_dict(), json.loads(json.dumps(sched.state_dict()))  # plain numbers
+    assert sched_state == {"base_lrs": [1.0], "step": 2}
+    # a fresh process: its optimizer's load_state_dict restores the already-scheduled lr
+    opt2 = _opt()
+    sched2 = make_schedule(opt2, name, total_steps=8, warmup_steps=warmup)
+    opt2.load_state_dict(opt_state)
+    sched2.load_state_dict(sched_state)
+    resumed = lrs[:2]
+    for _ in range(6):
+        resumed.append(opt2.param_groups[0]["lr"])
+        sched2.step()
+    assert resumed == lrs  # exactly
+    assert lrs == [lr_multiplier(name, 8, warmup)(t) for t in range(8)]
+
+
+def test_the_hybrid_optimizer_groups_follow_its_parts_load_state_dict():
+    zo_p, fo_p = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    hybrid = HybridOptimizer(zotune.MeZO([zo_p], lr=1.0), FOSGD([fo_p], lr=0.5))
+    state = hybrid.state_dict()
+    hybrid.load_state_dict(state)  # torch replaces the group dicts of each part
+    sched = make_schedule(hybrid, "linear", total_steps=4)
+    sched.step()
+    assert [g["lr"] for g in hybrid.zo.param_groups + hybrid.fo.param_groups] == [0.75, 0.375]
+    assert sched.get_last_lr() == [0.75, 0.375]
+
+
+def test_schedule_errors_name_the_value():
+    opt = _opt()
+    with pytest.raises(ValueError, match="param_groups"):
+        LRSchedule(object(), lambda t: 1.0)
+    with pytest.raises(ValueError, match="multiplier must be a callable"):
+        LRSchedule(opt, 1.0)
+    sched = make_schedule(opt, "linear", 4)
+    with pytest.raises(ValueError, match="2 base lrs but the optimizer has 1"):
+        sched.load_state_dict({"base_lrs": [1.0, 2.0], "step": 1})
+    with pytest.raises(ValueError, match="needs base_lrs and step"):
+        sched.load_state_dict({"step": 1})
+    with pytest.raises(ValueError, match="Did you mean 'cosine'"):
+        make_schedule(opt, "cosin", 4)
