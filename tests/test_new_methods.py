@@ -382,3 +382,22 @@ def test_add_param_group_after_construction_is_refused():
     with pytest.raises(ValueError, match="add_param_group is not supported after construction"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
     assert len(opt.param_groups) == 1
+
+
+def test_registries_name_a_bad_argument_but_keep_real_type_errors():
+    """Issue 9 defect 18 (registry part): any TypeError used to become 'bad kwargs'."""
+    with pytest.raises(ValueError, match="rule 'momentum': .*unexpected keyword argument 'bta'"):
+        zotune.make_rule("momentum", bta=0.9)
+    with pytest.raises(ValueError, match="estimator 'lowrank': .*'rnak'"):
+        zotune.make_estimator("lowrank", rnak=2)
+    from zotune import rules
+
+    def broken(beta=0.9):
+        return None + 1  # a bug inside the builder
+
+    rules.RULES["broken"] = broken
+    try:
+        with pytest.raises(TypeError, match="unsupported operand"):
+            zotune.make_rule("broken")
+    finally:
+        del rules.RULES["broken"]

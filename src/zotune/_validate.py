@@ -55,3 +55,17 @@ def unknown_choice(kind: str, value: str, choices: Iterable[str]) -> str:
     """The message for an unknown registry name: 'Did you mean ...? Available: ...'."""
     choices = sorted(choices)
     return f"Unknown {kind} '{value}'.{did_you_mean(str(value), choices)} Available: {', '.join(choices)}"
+
+
+def build_checked(kind: str, name: str, fn, kwargs: dict):
+    """``fn(**kwargs)`` for a registry entry, refusing arguments ``fn`` does not take with a
+    ValueError naming them; a TypeError raised inside ``fn`` is a bug and keeps its trace."""
+    import inspect
+
+    try:
+        inspect.signature(fn).bind(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"{kind} '{name}': {e}") from None
+    except ValueError:  # no signature to inspect (a builtin): let the call decide
+        pass
+    return fn(**kwargs)

@@ -7,7 +7,7 @@ Registry names: ``gaussian`` (MeZO), ``rademacher``, ``lowrank`` (LOZO), ``block
 
 from __future__ import annotations
 
-from zotune._validate import unknown_choice
+from zotune._validate import build_checked, unknown_choice
 from zotune.estimators.base import (
     Dense,
     Direction,
@@ -57,10 +57,7 @@ def make_estimator(name: str, **kwargs) -> Estimator:
     """Build an estimator by registry name, e.g. ``make_estimator("lowrank", rank=4)``."""
     if name not in ESTIMATORS:
         raise ValueError(unknown_choice("estimator", name, ESTIMATORS))
-    try:
-        return ESTIMATORS[name](**kwargs)
-    except TypeError as e:
-        raise ValueError(f"estimator '{name}': {e}") from None
+    return build_checked("estimator", name, ESTIMATORS[name], kwargs)
 
 
 __all__ = [

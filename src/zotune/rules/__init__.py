@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from zotune._validate import unknown_choice
+from zotune._validate import build_checked, unknown_choice
 from zotune.rules.adam import adam
 from zotune.rules.base import DenseGrad, Grad, LowRankGrad, Transform, chain
 from zotune.rules.momentum import lowrank_momentum, momentum
@@ -23,10 +23,7 @@ def make_rule(name: str, **kwargs) -> Transform:
     """Build a rule by registry name, e.g. ``make_rule("momentum", beta=0.9)``."""
     if name not in RULES:
         raise ValueError(unknown_choice("rule", name, RULES))
-    try:
-        return RULES[name](**kwargs)
-    except TypeError as e:
-        raise ValueError(f"rule '{name}': {e}") from None
+    return build_checked("rule", name, RULES[name], kwargs)
 
 
 __all__ = [
