@@ -30,6 +30,8 @@ TINY = [
     "train.progress=false", "train.tensorboard=false", "train.eval_batch_size=16",
     "train.eval_at_start=false",
 ]
+# an nll task: the answers' token counts differ from shard to shard
+NLL = TINY + ["task.name=squad", "task.max_length=96", "train.steps=3", "train.save_every=3"]
 
 
 # ----------------------------------------------------------------------------- launching ranks
@@ -169,7 +171,11 @@ def test_a_hung_rank_makes_the_others_fail_within_the_timeout(mlp_ranks):
 # ----------------------------------------------------------------------------- through the training loop
 def job_loop(args: dict) -> None:
     """Run each of ``args["runs"]`` through ``run_training`` in one process group; rank
-    ``exit_rank`` dies at the ``exit_step`` ZO all-reduce of the last run."""
+    ``exit_rank`` dies at the ``exit_step`` ZO all-reduce of the last run. A run is a dict:
+    ``overrides`` (``{rank}`` replaced by this rank: one run folder per node) and ``copy``
+    ([src, dst]: rank 1 copies a checkpoint folder first, as a user copies it to another node)."""
+    import shutil
+
     import torch.distributed as dist
 
     from zotune.config import load_config
@@ -178,8 +184,9 @@ def job_loop(args: dict) -> None:
     ctx = init_from_env(timeout_s=args["timeout_s"])
     report: dict = {"runs": []}
     try:
-        for k, overrides in enumerate(args["runs"]):
-            if k == len(args["runs"]) - 1 and ctx.rank == args["exit_rank"]:
+        for k, run in enumerate(args["runs"]):
+            last = k == len(args["runs"]) - 1
+            if last and ctx.rank == args["exit_rank"]:
                 real, calls = dist.all_reduce, [0]
 
                 def dying_all_reduce(*a, **kw):
@@ -189,11 +196,18 @@ def job_loop(args: dict) -> None:
                     return real(*a, **kw)
 
                 dist.all_reduce = dying_all_reduce
-            res = run_training(load_config(None, overrides), timeout_s=args["timeout_s"])
-            report["runs"].append({"steps": res["steps"]})
+            if run.get("copy") and ctx.rank == 1:
+                shutil.copytree(*run["copy"])
+            overrides = [o.replace("{rank}", str(ctx.rank)) for o in run["overrides"]]
+            try:
+                res = run_training(load_config(None, overrides), timeout_s=args["timeout_s"])
+                report["runs"].append({"steps": res["steps"], "start_step": res["start_step"]})
+            except DistributedError as e:
+                failed = {"error": str(e), "error_rank": e.rank, "error_step": e.step, "waited_s": e.waited_s}
+                report["runs"].append(failed)
+                if last:
+                    report.update(failed)
             _write(args["out"], report)
-    except DistributedError as e:
-        report.update(error=str(e), error_rank=e.rank, error_step=e.step, waited_s=e.waited_s)
     finally:
         shutdown(ctx)
     _write(args["out"], report)
@@ -208,14 +222,24 @@ def _trained(out: Path) -> dict:
 @pytest.fixture(scope="module")
 def loop_ranks(tmp_path_factory):
     """One 2-rank launch through ``run_training``: MeZO for 3 steps, FO-SGD (DDP) for 2 steps,
-    then MeZO again with rank 1 dying at step 3 (a checkpoint was saved at step 2)."""
+    streamed MeZO, MeZO on an nll task (SQuAD: answers of uneven token counts), two "nodes" with
+    a run folder each (2 steps; 4 steps with rank 0's checkpoint alone; 4 steps after copying it
+    to rank 1's folder), then MeZO again with rank 1 dying at step 3 (a checkpoint was saved at
+    step 2)."""
     tmp = tmp_path_factory.mktemp("loop")
     zo = TINY + ["train.steps=3", "train.save_every=2", f"train.output_dir={tmp / 'zo'}"]
     fo = TINY + ["optim.method=fo-sgd", "optim.lr=1e-2", "train.steps=2", f"train.output_dir={tmp / 'fo'}"]
     dies = TINY + ["train.steps=6", "train.save_every=2", f"train.output_dir={tmp / 'dies'}"]
     streamed = TINY + ["train.steps=3", "model.offload=mmap", f"train.output_dir={tmp / 'streamed'}"]
-    args = {"runs": [zo, fo, streamed, dies], "timeout_s": 30, "exit_rank": 1, "exit_step": 3}
-    reports = launch(tmp, "loop", args, wait_for=(0,), timeout=120)
+    nll = NLL + [f"train.output_dir={tmp / 'nll'}"]
+    nodes = TINY + ["train.save_every=2", f"train.output_dir={tmp / 'node{rank}'}"]
+    runs = [{"overrides": zo}, {"overrides": fo}, {"overrides": streamed}, {"overrides": nll},
+            {"overrides": nodes + ["train.steps=2"]}, {"overrides": nodes + ["train.steps=4"]},
+            {"overrides": nodes + ["train.steps=4"], "copy": [str(tmp / "node0" / "ckpt-last"),
+                                                              str(tmp / "node1" / "ckpt-last")]},
+            {"overrides": dies}]
+    args = {"runs": runs, "timeout_s": 30, "exit_rank": 1, "exit_step": 3}
+    reports = launch(tmp, "loop", args, wait_for=(0,), timeout=180)
     return tmp, zo, fo, reports
 
 
@@ -225,7 +249,7 @@ def test_two_ranks_then_one_rank_from_the_checkpoint_equals_one_rank_throughout(
     from zotune.train.loop import train
 
     tmp, zo, _, reports = loop_ranks
-    assert reports[0]["runs"][:3] == [{"steps": 3}, {"steps": 2}, {"steps": 3}], reports[0]["log"]
+    assert [r.get("steps") for r in reports[0]["runs"][:3]] == [3, 2, 3], reports[0]["log"]
     # continue the 2-rank run with one process (another number of ranks) up to step 6
     train(load_config(None, [*zo, "train.steps=6"]))
     train(load_config(None, [*TINY, "train.steps=6", "train.save_every=2", f"train.output_dir={tmp_path / 'one'}"]))
@@ -244,7 +268,7 @@ def test_streamed_weights_under_two_ranks_follow_the_plain_run(loop_ranks, tmp_p
     from zotune.train.loop import train
 
     tmp, _, _, reports = loop_ranks
-    assert reports[0]["runs"][2] == {"steps": 3}, reports[0]["log"]
+    assert reports[0]["runs"][2].get("steps") == 3, reports[0]["log"]
     # each rank streamed its own copy of the tensors (no two ranks updating one file)
     assert sorted(d.name for d in (tmp / "streamed" / "offload").iterdir()) == ["rank0", "rank1"]
     train(load_config(None, [*TINY, "train.steps=3", f"train.output_dir={tmp_path / 'plain'}"]))
@@ -260,11 +284,45 @@ def test_fo_ddp_baseline_two_ranks_equals_one_rank(loop_ranks, tmp_path):
     from zotune.train.loop import train
 
     tmp, _, fo, reports = loop_ranks
-    assert reports[0]["runs"][1:2] == [{"steps": 2}], reports[0]["log"]
+    assert reports[0]["runs"][1].get("steps") == 2, reports[0]["log"]
     train(load_config(None, [*fo, f"train.output_dir={tmp_path / 'fo1'}"]))
     ddp, one = _trained(tmp / "fo"), _trained(tmp_path / "fo1")
     for name in one:  # DDP averages the two shards' gradients: the full batch's gradient
         torch.testing.assert_close(ddp[name], one[name], rtol=0, atol=1e-6)
+
+
+@needs_data
+def test_nll_losses_of_uneven_token_counts_on_two_ranks_equal_one_rank(loop_ranks, tmp_path):
+    from zotune.config import load_config
+    from zotune.train.loop import build, train
+
+    tmp, _, _, reports = loop_ranks
+    assert reports[0]["runs"][3].get("steps") == 3, reports[0]["log"]
+    cfg = load_config(None, NLL + [f"train.output_dir={tmp_path / 'nll1'}"])
+    setup = build(cfg)
+    start = {n: p.detach().clone() for n, p in setup.named.items()}
+    train(cfg, setup=setup)
+    two, one = _trained(tmp / "nll"), _trained(tmp_path / "nll1")
+    assert any(not torch.equal(one[n], start[n]) for n in one)  # the weights did move
+    for name in one:  # both train on the token mean of the whole batch: equal to float rounding
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=2e-6)
+
+
+@needs_data
+def test_ranks_with_different_checkpoints_refuse_and_with_the_same_one_resume_at_its_step(loop_ranks):
+    tmp, _, _, reports = loop_ranks
+    for r, report in enumerate(reports):
+        first, refused, resumed = report["runs"][4:7]
+        assert first == {"steps": 2, "start_step": 0}, report["log"]
+        # rank 0 found its checkpoint of step 2, rank 1 (another node) none: both refuse
+        assert refused["error_rank"] == r and refused["error_step"] is None, refused
+        msg = refused["error"]
+        assert msg.startswith(f"rank {r} of 2: the ranks found different checkpoints")
+        assert "rank 0: step 2, rank 1: no checkpoint (step 0)" in msg and "copy rank 0's" in msg
+        assert resumed == {"steps": 4, "start_step": 2}, report["log"]
+    steps = [json.loads(line)["step"] for line in (tmp / "node0" / "steps.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3]  # the refused run left rank 0's log alone
+    assert not (tmp / "node1" / "steps.jsonl").exists()  # only rank 0 writes
 
 
 @needs_data
