@@ -64,7 +64,9 @@ def test_cb(data_root):
     row, ex = first("cb", data_root)
     assert row["label"] == "entailment" and ex.label == 0
     assert [c for _, c in ex.choices] == ["Yes", "No", "Maybe"]
-    assert ex.choices[0][0].endswith('Does this mean that "the language was peeled down" is true? Yes or No?\n')
+    # the MeZO appendix's CB prompt (zotune used RTE's until issue 9 defect 16)
+    assert ex.choices[0][0].startswith("Suppose It was a complex language. Not written down")
+    assert ex.choices[0][0].endswith('Can we infer that "the language was peeled down"? Yes, No, or Maybe?\n')
 
 
 def test_boolq(data_root):
@@ -108,6 +110,19 @@ def test_copa(data_root):
     for ex in data.train:
         assert ex.choices[0][0] == ex.choices[1][0]
         assert ex.choices[0][0].endswith((" so", " because")) and not ex.choices[0][0].endswith(". so")
+
+
+def test_copa_keeps_I_capitalised(data_root):
+    """Issue 9 defect 16: the default template lowercased "I" (" i patched the shirt.")."""
+    spec = get_task("copa")
+    rows = [r.fields for r in spec.loader(data_root / spec.train_file)]
+    ex = spec.templates[spec.default_template](rows[6])
+    assert [c for _, c in ex.choices] == [" I patched the shirt.", " I bleached the shirt."]
+    for fields in rows:
+        for _, choice in spec.templates[spec.default_template](fields).choices:
+            assert not choice.startswith((" i ", " i'")), choice
+    made_up = {**rows[6], "choice1": "I'm late.", "choice2": "The bus left."}
+    assert [c for _, c in spec.templates["zotune"](made_up).choices] == [" I'm late.", " the bus left."]
 
 
 def test_record_candidates_are_filled_queries(data_root):

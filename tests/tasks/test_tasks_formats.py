@@ -136,5 +136,5 @@ def test_record_gold_answer_must_be_an_entity(tmp_path):
     with pytest.raises(DataFormatError, match=r"record.jsonl line 1 qas\[1\]: no gold answer"):
         load_task("record", train_file=path, split=SplitSpec(train=2, dev=0, test=0))
     data = load_task("record", train_file=path, split=SplitSpec(train=1, dev=0, test=0, seed=0),
-                     template=lambda row: get_task("record").templates["mezo"](dict(row, answers=["Bob"])))
+                     template=lambda row: get_task("record").templates["zotune"](dict(row, answers=["Bob"])))
     assert [c for _, c in data.train[0].choices] in (["Anna smiled.", "Bob smiled."], ["Anna left.", "Bob left."])

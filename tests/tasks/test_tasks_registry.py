@@ -29,14 +29,14 @@ def test_every_task_has_a_none_template():
 
 def test_unknown_template(data_root):
     with pytest.raises(ValueError, match=r"Unknown template 'mezzo' for task RTE. Did you mean 'mezo'\? "
-                                         r"Available: mezo, lmbff, none"):
+                                         r"Available: zotune, mezo, lmbff, none"):
         load_task("rte", data_root=data_root, template="mezzo")
 
 
 def test_template_that_does_not_fit(data_root):
     with pytest.raises(TemplateError, match=r"task SST-2, template 'does_this_mean' does not fit .*SST-2/train.tsv line \d+: "
                                             r"field 'premise' not found \(the row has fields: sentence, label\)"):
-        load_task("sst2", data_root=data_root, template=get_task("rte").templates["mezo"],
+        load_task("sst2", data_root=data_root, template=get_task("rte").templates["zotune"],
                   split=SplitSpec(train=2, dev=0, test=0))
 
 

@@ -1,16 +1,38 @@
 """The 14 tasks of the MeZO / ZO-Bench papers, as data plus small template functions.
 
-Default templates ("mezo", or "lmbff" for SNLI/MNLI) are the prompts of the MeZO appendix,
-which follows LM-BFF (Gao et al., 2021) and PromptSource. Choice order always equals the
-Hugging Face class id (e.g. RTE: 0 = entailment -> "Yes"), so hub integer labels and file
-labels share one label table.
+Each task has up to three templates, selected with ``task.template``:
 
-The "none" template of every task is the ZO-Bench "without prompt" baseline (their Table 1): no
-instruction and no label words. Its context is the task's raw input fields joined by newlines;
-the candidates are the class indices " 0", " 1", ... For multiple-choice tasks (COPA, ReCoRD,
-WinoGrande) the options are listed in the context as "0: <option>" lines, since an index means
-nothing without them. For SQuAD and DROP the prompt is the passage and the question joined by a
-newline, without "Title:/Context:/Question:/Answer:" cues.
+- ``"zotune"`` (the default; ``"lmbff"`` for SNLI/MNLI, which MeZO's code does not have): the
+  prompts printed in the MeZO appendix (after LM-BFF, Gao et al., 2021, and PromptSource),
+  rendered by zotune: the label word follows the prompt after a space or newline as printed,
+  COPA keeps "I" capitalised, WinoGrande puts each option in the context and scores the shared
+  rest of the sentence (partial scoring: only the context differs, so only the option decides).
+- ``"mezo"``: MeZO's code (``large_models/templates.py`` and ``tasks.py``) exactly, for the
+  eleven tasks it has (SST-2, RTE, CB, BoolQ, WSC, WiC, MultiRC, COPA, ReCoRD, SQuAD, DROP),
+  and for WinoGrande the protocol the MeZO line of work uses: context up to the blank, scored
+  continuation the option plus the rest. These templates carry ``scoring = "mean"`` (MeZO's
+  ``run.py`` ranks candidates by their per-token mean log-likelihood); the ``zotune`` ones
+  ``"sum"`` (see :func:`template_scoring`).
+- ``"none"``: the ZO-Bench "without prompt" baseline (their Table 1): no instruction and no
+  label words. Its context is the task's raw input fields joined by newlines; the candidates
+  are the class indices " 0", " 1", ... For multiple-choice tasks (COPA, ReCoRD, WinoGrande)
+  the options are listed in the context as "0: <option>" lines, since an index means nothing
+  without them. For SQuAD and DROP the prompt is the passage and the question joined by a
+  newline, without "Title:/Context:/Question:/Answer:" cues.
+
+Where ``zotune`` and ``mezo`` differ (besides scoring): BoolQ (MeZO capitalises the question and
+puts the answer on a new line), WSC (MeZO lowercases the pronoun), COPA (MeZO lowercases the
+whole first word of a choice unless it is exactly "I"), ReCoRD (MeZO's context ends in "\\n-"),
+SQuAD (MeZO keeps the title's underscores) and SQuAD / DROP (MeZO's training target ends in
+a newline), WinoGrande (above). SST-2, RTE, CB, WiC and MultiRC render the same text.
+
+Choice order always equals the Hugging Face class id (e.g. RTE: 0 = entailment -> "Yes"), so hub
+integer labels and file labels share one label table.
+
+Default lengths (``TaskSpec.max_length``, used when ``task.max_length`` is not set) are the
+smallest multiple of 32 that holds at least 99 % of the rows of the shared data files whole
+(the ``zotune`` template with SmolLM2's tokenizer, the longest candidate of a row, plus 32 new
+tokens for generation), capped at 1024; each task says what its length covers.
 """
 
 from __future__ import annotations
@@ -22,7 +44,7 @@ from .base import Example, HubSource, TaskSpec, Template
 from .formats import (DataFormatError, Record, read_drop, read_json_records, read_jsonl, read_kshot_tsv,
                       read_multirc, read_record, read_squad, read_tsv)
 
-__all__ = ["TASKS"]
+__all__ = ["TASKS", "template_scoring", "SCORING"]
 
 # Raw label -> choice index. False/True are the same dict keys as 0/1, so these tables accept
 # the JSON booleans of the files and the integer class ids of the hub alike.
@@ -32,6 +54,28 @@ RTE_LABELS = {"entailment": 0, "not_entailment": 1, 0: 0, 1: 1}
 CB_LABELS = {"entailment": 0, "contradiction": 1, "neutral": 2, 0: 0, 1: 1, 2: 2}
 NLI_LABELS = {"entailment": 0, "neutral": 1, "contradiction": 2, 0: 0, 1: 1, 2: 2}
 WINOGRANDE_LABELS = {"1": 0, "2": 1}
+
+#: How candidates are compared: total log-likelihood of the continuation, or per token.
+SCORING = ("sum", "mean")
+
+
+def template_scoring(template: Template) -> str:
+    """The scoring a template was written for: ``"mean"`` for the ``mezo`` templates (MeZO's
+    ``run.py`` ranks by the per-token mean), ``"sum"`` for every other (zotune's default: the
+    candidates' log-likelihoods, the same scores the classification loss trains)."""
+    return getattr(template, "scoring", "sum")
+
+
+def _mezo(template: Template, doc: str | None = None) -> Template:
+    """A copy of ``template`` marked as MeZO's protocol (scored by the per-token mean)."""
+
+    def mezo(row):
+        return template(row)
+
+    mezo.__name__ = mezo.__qualname__ = "mezo"
+    mezo.__doc__ = doc or f"MeZO's code renders the same text as zotune's: {template.__doc__}"
+    mezo.scoring = "mean"
+    return mezo
 
 
 # ---------------------------------------------------------------- helpers
@@ -49,11 +93,11 @@ def _classify(context: str, continuations: Sequence[str], label: int, **meta) ->
     return Example(choices=tuple((context, c) for c in continuations), label=label, meta=meta)
 
 
-def _generate(prompt: str, answers: Sequence[str], **meta) -> Example:
-    """A generation request; its one choice (prompt, " " + first answer) is the training target."""
+def _generate(prompt: str, answers: Sequence[str], ending: str = "", **meta) -> Example:
+    """A generation request; its one choice (prompt, " " + first answer + ending) is the training target."""
     if not answers:
         raise DataFormatError("field 'answers' is empty: a generation example needs a gold answer")
-    return Example(choices=((prompt, " " + answers[0]),), label=0, prompt=prompt,
+    return Example(choices=((prompt, " " + answers[0] + ending),), label=0, prompt=prompt,
                    answers=tuple(answers), meta=meta)
 
 
@@ -128,16 +172,38 @@ def _lmbff_nli(a: str, b: str, labels: Mapping[Any, int], words: Sequence[str]) 
 
 
 def boolq(row):
-    """'<passage> <question>?' + ' No' / ' Yes'."""
+    """'<passage> <question>?' + ' No' / ' Yes' (the MeZO appendix's prompt)."""
     return _classify(f"{row['passage']} {row['question']}?", (" No", " Yes"), BINARY[row["label"]])
+
+
+def boolq_mezo(row):
+    """MeZO's code (BoolQTemplateV3, its default): '<passage> <Question>?\\n' + 'No' / 'Yes'; the
+    question's first letter capitalised, '?' added only when missing."""
+    question = row["question"] if row["question"].endswith("?") else row["question"] + "?"
+    question = question[:1].upper() + question[1:]
+    return _classify(f"{row['passage']} {question}\n", ("No", "Yes"), BINARY[row["label"]])
+
+
+def cb(row):
+    """'Suppose <premise> Can we infer that "<hypothesis>"? Yes, No, or Maybe?\\n' + Yes / No / Maybe."""
+    context = f'Suppose {row["premise"]} Can we infer that "{row["hypothesis"]}"? Yes, No, or Maybe?\n'
+    return _classify(context, ("Yes", "No", "Maybe"), CB_LABELS[row["label"]])
+
+
+def _wsc(row, pronoun: str) -> Example:
+    context = (f'{row["text"]}\nIn the previous sentence, does the pronoun "{pronoun}" '
+               f'refer to {row["target"]["span1_text"]}? Yes or No?\n')
+    return _classify(context, ("No", "Yes"), BINARY[row["label"]])
 
 
 def wsc(row):
     """'<text>\\nIn the previous sentence, does the pronoun "<span2>" refer to <span1>? Yes or No?\\n' + No / Yes."""
-    target = row["target"]
-    context = (f'{row["text"]}\nIn the previous sentence, does the pronoun "{target["span2_text"]}" '
-               f'refer to {target["span1_text"]}? Yes or No?\n')
-    return _classify(context, ("No", "Yes"), BINARY[row["label"]])
+    return _wsc(row, row["target"]["span2_text"])
+
+
+def wsc_mezo(row):
+    """MeZO's code: as ``wsc`` with the pronoun lowercased ('"he"', not '"He"')."""
+    return _wsc(row, row["target"]["span2_text"].lower())
 
 
 def wic(row):
@@ -165,14 +231,36 @@ def multirc_none(row):
 COPA_CONNECTORS = {"cause": " because", "effect": " so"}
 
 
-def copa(row):
-    """'<premise without final period> because' (cause) or ' so' (effect) + ' <choice, first letter lowercased>'."""
+def _copa(row, premise: str, lower: Callable[[str], str]) -> Example:
     if row["question"] not in COPA_CONNECTORS:
         raise DataFormatError(f"bad value {row['question']!r} for field 'question' (expected 'cause' or 'effect')")
-    premise = row["premise"].strip()
     context = (premise[:-1] if premise.endswith(".") else premise) + COPA_CONNECTORS[row["question"]]
-    choices = tuple((context, " " + c[:1].lower() + c[1:]) for c in (row["choice1"], row["choice2"]))
+    choices = tuple((context, " " + lower(c)) for c in (row["choice1"], row["choice2"]))
     return Example(choices=choices, label=BINARY[row["label"]])
+
+
+def _lower_first_letter(choice: str) -> str:
+    """'The sun rose.' -> 'the sun rose.'; 'I' and its contractions ("I'm") keep their capital."""
+    first = choice.split(" ", 1)[0]
+    return choice if first == "I" or first.startswith("I'") else choice[:1].lower() + choice[1:]
+
+
+def _lower_first_word(choice: str) -> str:
+    """MeZO's rule: the whole first word lowercased unless it is exactly 'I'."""
+    first, *rest = choice.split(" ")
+    return " ".join([first if first == "I" else first.lower(), *rest])
+
+
+def copa(row):
+    """'<premise without final period> because' (cause) or ' so' (effect) + ' <choice>', the
+    choice's first letter lowercased unless its first word is "I" (or "I'm", "I'd", ...)."""
+    return _copa(row, row["premise"].strip(), _lower_first_letter)
+
+
+def copa_mezo(row):
+    """MeZO's code: as ``copa``, but the whole first word of the choice is lowercased unless it
+    is exactly "I" (and only trailing spaces are stripped from the premise)."""
+    return _copa(row, row["premise"].rstrip(), _lower_first_word)
 
 
 def _record_gold(row) -> tuple[int, ...]:
@@ -194,6 +282,15 @@ def record(row):
     return Example(choices=choices, label=gold[0], meta={"gold_choices": gold, "idx": row.get("idx")})
 
 
+def record_mezo(row):
+    """MeZO's code (ReCoRDTemplateGPT3): context '<passage with "- " bullets>\\n-', one candidate
+    per entity: ' ' + the query with @placeholder replaced by it."""
+    gold = _record_gold(row)
+    passage = row["passage"].replace("@highlight\n", "- ") + "\n-"
+    choices = tuple((passage, " " + row["query"].replace("@placeholder", entity)) for entity in row["entities"])
+    return Example(choices=choices, label=gold[0], meta={"gold_choices": gold, "idx": row.get("idx")})
+
+
 def record_none(row):
     """No task alignment: passage, query and the entities as "i: entity" lines; candidates ' 0'..' k'."""
     gold = _record_gold(row)
@@ -203,13 +300,26 @@ def record_none(row):
                    meta={"gold_choices": gold, "idx": row.get("idx")})
 
 
-def winogrande(row):
-    """Per option: context = sentence up to '_' with the option in its place; continuation = the
-    text after '_' (the same for both, so only the context decides)."""
+def _blank(row) -> tuple[str, str]:
     if "_" not in row["sentence"]:
         raise DataFormatError("field 'sentence' has no '_' blank")
     before, after = row["sentence"].split("_", 1)
+    return before, after
+
+
+def winogrande(row):
+    """Per option: context = sentence up to '_' with the option in its place; continuation = the
+    text after '_' (the same for both, so only the context decides)."""
+    before, after = _blank(row)
     choices = tuple((before + option, after) for option in (row["option1"], row["option2"]))
+    return Example(choices=choices, label=WINOGRANDE_LABELS[row["answer"]])
+
+
+def winogrande_mezo(row):
+    """MeZO's protocol: context = the sentence up to '_' (shared); continuation = the option
+    and the rest of the sentence."""
+    before, after = _blank(row)
+    choices = tuple((before, option + after) for option in (row["option1"], row["option2"]))
     return Example(choices=choices, label=WINOGRANDE_LABELS[row["answer"]])
 
 
@@ -218,6 +328,13 @@ def squad(row):
     title = row["title"].replace("_", " ")
     prompt = f"Title: {title}\nContext: {row['context']}\nQuestion: {row['question']}\nAnswer:"
     return _generate(prompt, row["answers"], id=row.get("id"))
+
+
+def squad_mezo(row):
+    """MeZO's code: as ``squad`` with the title as written (underscores kept), the question
+    stripped, and the training target ' <answer>\\n'."""
+    prompt = f"Title: {row['title']}\nContext: {row['context']}\nQuestion: {row['question'].strip()}\nAnswer:"
+    return _generate(prompt, row["answers"], "\n", id=row.get("id"))
 
 
 def squad_none(row):
@@ -231,9 +348,18 @@ def drop(row):
     return _generate(prompt, row["answers"], query_id=row.get("query_id"))
 
 
+def drop_mezo(row):
+    """MeZO's code: as ``drop`` with the question stripped and the training target ' <answer>\\n'."""
+    prompt = f"Passage: {row['passage']}\nQuestion: {row['question'].strip()}\nAnswer:"
+    return _generate(prompt, row["answers"], "\n", query_id=row.get("query_id"))
+
+
 def drop_none(row):
     """No task alignment: '<passage>\\n<question>', generate the answer."""
     return _generate(f"{row['passage']}\n{row['question']}", row["answers"], query_id=row.get("query_id"))
+
+
+_rte = _does_this_mean(RTE_LABELS, ("Yes", "No"))
 
 
 # ---------------------------------------------------------------- hub rows -> file-shaped rows
@@ -280,52 +406,55 @@ TASKS: tuple[TaskSpec, ...] = (
     TaskSpec(
         name="SST-2", description="Binary sentiment of movie-review phrases (GLUE).",
         loader=_by_suffix(tsv=read_tsv, jsonl=read_jsonl), metric="accuracy",
-        templates={"mezo": sst2, "none": sst2_none}, default_template="mezo",
+        templates={"zotune": sst2, "mezo": _mezo(sst2), "none": sst2_none}, default_template="zotune",
         train_file="SST-2/train.tsv", eval_file="SST-2/dev.tsv",
         fields=("sentence", "label"), labels=SST2_LABELS, aliases=("sst", "glue-sst2"),
         hub=HubSource("nyu-mll/glue", "sst2")),
     TaskSpec(
         name="RTE", description="Recognizing textual entailment: does the premise entail the hypothesis? (SuperGLUE)",
         loader=_jsonl, metric="accuracy",
-        templates={"mezo": _does_this_mean(RTE_LABELS, ("Yes", "No")),
+        templates={"zotune": _rte, "mezo": _mezo(_rte),
                    "lmbff": _lmbff_nli("premise", "hypothesis", RTE_LABELS, ("Yes", "No")),
                    "none": _unaligned(("premise", "hypothesis"), RTE_LABELS)},
-        default_template="mezo", train_file="RTE/train.jsonl",
+        default_template="zotune", train_file="RTE/train.jsonl",
         fields=("premise", "hypothesis", "label"), labels=RTE_LABELS,
         hub=HubSource(_superglue, "rte")),
     TaskSpec(
         name="CB", description="CommitmentBank: three-way entailment (SuperGLUE).",
         loader=_jsonl, metric="accuracy",
-        templates={"mezo": _does_this_mean(CB_LABELS, ("Yes", "No", "Maybe")),
+        templates={"zotune": cb, "mezo": _mezo(cb),
                    "none": _unaligned(("premise", "hypothesis"), CB_LABELS)},
-        default_template="mezo", train_file="CB/train.jsonl",
+        default_template="zotune", train_file="CB/train.jsonl",
         fields=("premise", "hypothesis", "label"), labels=CB_LABELS,
         hub=HubSource(_superglue, "cb")),
     TaskSpec(
         name="BoolQ", description="Yes/no questions about a Wikipedia passage (SuperGLUE; FewGLUE 32-shot files).",
         loader=_jsonl, metric="accuracy",
-        templates={"mezo": boolq, "none": _unaligned(("passage", "question"), BINARY)},
-        default_template="mezo", train_file="BoolQ/train32.jsonl", eval_file="BoolQ/dev32.jsonl",
+        templates={"zotune": boolq, "mezo": _mezo(boolq_mezo, boolq_mezo.__doc__),
+                   "none": _unaligned(("passage", "question"), BINARY)},
+        default_template="zotune", train_file="BoolQ/train32.jsonl", eval_file="BoolQ/dev32.jsonl",
         fields=("passage", "question", "label"), labels=BINARY,
         hub=HubSource(_superglue, "boolq")),
     TaskSpec(
         name="WSC", description="Winograd schema: does the pronoun refer to the given noun phrase? (SuperGLUE)",
         loader=_jsonl, metric="accuracy",
-        templates={"mezo": wsc, "none": _unaligned(("text", "target.span2_text", "target.span1_text"), BINARY)},
-        default_template="mezo", train_file="WSC/train.jsonl",
+        templates={"zotune": wsc, "mezo": _mezo(wsc_mezo, wsc_mezo.__doc__),
+                   "none": _unaligned(("text", "target.span2_text", "target.span1_text"), BINARY)},
+        default_template="zotune", train_file="WSC/train.jsonl",
         fields=("text", "target.span1_text", "target.span2_text", "label"), labels=BINARY,
         aliases=("wsc.fixed",), hub=HubSource(_superglue, "wsc.fixed", convert=_hub_wsc)),
     TaskSpec(
         name="WiC", description="Word in context: same sense of a word in two sentences? (SuperGLUE)",
         loader=_jsonl, metric="accuracy",
-        templates={"mezo": wic, "none": _unaligned(("word", "sentence1", "sentence2"), BINARY)},
-        default_template="mezo", train_file="WiC/train.jsonl",
+        templates={"zotune": wic, "mezo": _mezo(wic),
+                   "none": _unaligned(("word", "sentence1", "sentence2"), BINARY)},
+        default_template="zotune", train_file="WiC/train.jsonl",
         fields=("word", "sentence1", "sentence2", "label"), labels=BINARY,
         hub=HubSource(_superglue, "wic")),
     TaskSpec(
         name="MultiRC", description="Multi-sentence reading comprehension; one row per answer option (SuperGLUE).",
         loader=read_multirc, metric="f1",
-        templates={"mezo": multirc, "none": multirc_none}, default_template="mezo",
+        templates={"zotune": multirc, "mezo": _mezo(multirc), "none": multirc_none}, default_template="zotune",
         train_file="MultiRC/train.jsonl",
         fields=("paragraph", "question", "answer", "label", "question_id", "passage_id"), labels=BINARY,
         # Whole passages go to one split, as in the official splits: test passages are unseen and
@@ -334,25 +463,27 @@ TASKS: tuple[TaskSpec, ...] = (
     TaskSpec(
         name="COPA", description="Choice of plausible alternatives: the cause or effect of a premise (SuperGLUE).",
         loader=_jsonl, metric="accuracy",
-        templates={"mezo": copa,
+        templates={"zotune": copa, "mezo": _mezo(copa_mezo, copa_mezo.__doc__),
                    "none": _unaligned(("premise", "question"), BINARY, options=("choice1", "choice2"))},
-        default_template="mezo", train_file="COPA/train.jsonl",
+        default_template="zotune", train_file="COPA/train.jsonl",
         fields=("premise", "choice1", "choice2", "question", "label"), labels=BINARY,
         hub=HubSource(_superglue, "copa")),
     TaskSpec(
         name="ReCoRD",
         description="Cloze-style news reading comprehension: which entity fills @placeholder? (SuperGLUE; FewGLUE files)",
         loader=_by_suffix(jsonl=read_record), metric="accuracy",
-        templates={"mezo": record, "none": record_none}, default_template="mezo",
+        templates={"zotune": record, "mezo": _mezo(record_mezo, record_mezo.__doc__), "none": record_none},
+        default_template="zotune",
         train_file="ReCoRD/train32.jsonl", eval_file="ReCoRD/dev32.jsonl",
         fields=("passage", "query", "entities", "answers"),
         hub=HubSource(_superglue, "record", convert=_hub_record)),
     TaskSpec(
         name="WinoGrande", description="Pronoun resolution as a two-way fill-in-the-blank (WinoGrande 1.1).",
         loader=_jsonl, metric="accuracy",
-        templates={"mezo": winogrande,
+        templates={"zotune": winogrande,
+                   "mezo": _mezo(winogrande_mezo, winogrande_mezo.__doc__),
                    "none": _unaligned(("sentence",), WINOGRANDE_LABELS, "answer", options=("option1", "option2"))},
-        default_template="mezo", train_file="WinoGrande/train_l.jsonl",
+        default_template="zotune", train_file="WinoGrande/train_l.jsonl",
         fields=("sentence", "option1", "option2", "answer"), labels=WINOGRANDE_LABELS, label_field="answer",
         aliases=("winogrande_l", "wino"), hub=HubSource("allenai/winogrande", "winogrande_l")),
     TaskSpec(
@@ -374,14 +505,16 @@ TASKS: tuple[TaskSpec, ...] = (
     TaskSpec(
         name="SQuAD", description="Extractive question answering on Wikipedia (SQuAD v1.1), as generation.",
         loader=_by_suffix(json=read_squad), metric="em_f1",
-        templates={"mezo": squad, "none": squad_none}, default_template="mezo",
+        templates={"zotune": squad, "mezo": _mezo(squad_mezo, squad_mezo.__doc__), "none": squad_none},
+        default_template="zotune",
         train_file="SQuAD/train-subset-v1.1.json",
         fields=("title", "context", "question", "answers"), aliases=("squad1.1", "squadv1"),
         hub=HubSource("rajpurkar/squad", None, convert=_hub_squad)),
     TaskSpec(
         name="DROP", description="Discrete reasoning over paragraphs (numbers, spans, dates), as generation.",
         loader=_by_suffix(json=read_drop), metric="em_f1",
-        templates={"mezo": drop, "none": drop_none}, default_template="mezo",
+        templates={"zotune": drop, "mezo": _mezo(drop_mezo, drop_mezo.__doc__), "none": drop_none},
+        default_template="zotune",
         train_file="DROP/contrast_set.json",
         fields=("passage", "question", "answers"),
         hub=HubSource("ucinlp/drop", None, convert=_hub_drop)),
