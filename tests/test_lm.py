@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from zotune.lm import _newline_ids, encode_pairs, generate, pair_loss, score_choices, sum_logprobs
+from zotune.lm import (Truncation, _newline_ids, choice_logprobs, choice_truncation, encode_pairs, generate,
+                       pair_loss, pair_truncation, prompt_truncation, score_choices, sum_logprobs)
 from zotune.models import tiny_model
 
 PAIRS = [
@@ -217,3 +218,57 @@ def test_losses_per_copy_run_the_batch_twice_over_in_one_forward(tiny_llama):
     handle.remove()
     with pytest.raises(ValueError, match="copies"):
         pair_loss(model, batch, copies=0)
+
+
+def test_truncation_counts_the_context_tokens_each_row_loses(tiny_llama):
+    """Issue 9 defect 15: rows were cut from the left without a word; now the tokens each row
+    loses are counted with encode_pairs' own tokenisation."""
+    tok = tiny_llama.tokenizer
+    long_ctx, cont = "one two three four five six seven eight nine ten the end", " Paris is great"
+    n_ctx = len(tok(long_ctx, add_special_tokens=False)["input_ids"])
+    n_cont = len(tok(cont, add_special_tokens=False)["input_ids"])
+    pairs = [(long_ctx, cont), ("short", " yes")]
+    lost = pair_truncation(tok, pairs, max_length=12)
+    assert lost == [1 + n_ctx + n_cont - 12, 0]  # BOS + context + continuation, less the room
+    batch = encode_pairs(tok, pairs, max_length=12)
+    assert int(batch.lengths[0]) == 1 + n_ctx + n_cont - lost[0]  # exactly what encode_pairs dropped
+    assert pair_truncation(tok, pairs, max_length=64) == [0, 0]
+    # an example counts once, with the most any of its candidates loses
+    examples = [[(long_ctx, cont), (long_ctx, " no")], [("short", " yes"), ("short", " no")],
+                [(long_ctx + " and more words", " ok"), ("x", " y")]]
+    found = choice_truncation(tok, examples, max_length=12)
+    worst = [max(pair_truncation(tok, e, max_length=12)) for e in examples]
+    assert found == Truncation(rows=3, cut=2, tokens_max=max(worst), tokens_total=worst[0] + worst[2])
+    assert found.tokens_mean == (worst[0] + worst[2]) / 2
+    assert found.metrics() == {"truncated_rows": 2, "truncated_tokens_max": max(worst),
+                               "truncated_tokens_mean": round((worst[0] + worst[2]) / 2, 2)}
+    assert found.message("BoolQ", 12) == (f"BoolQ: 2 of 3 rows cut from the left (up to {max(worst)} tokens, "
+                                          f"{found.tokens_mean:.1f} on average) at max_length=12; "
+                                          "raise task.max_length")
+    assert Truncation.of([0, 0]).metrics() == {"truncated_rows": 0, "truncated_tokens_max": 0,
+                                               "truncated_tokens_mean": 0.0}
+
+
+def test_prompt_truncation_counts_what_generate_cuts(tiny_llama):
+    tok = tiny_llama.tokenizer
+    prompts = ["one two three four five six seven eight nine ten", "short"]
+    n = len(tok(prompts[0])["input_ids"])  # with BOS
+    found = prompt_truncation(tok, prompts, max_length=10, max_new_tokens=4)
+    assert found == Truncation(rows=2, cut=1, tokens_max=n - 6, tokens_total=n - 6)
+    with pytest.raises(ValueError, match="max_length=4"):
+        prompt_truncation(tok, prompts, max_length=4, max_new_tokens=4)
+
+
+def test_mean_scoring_is_the_per_token_mean_in_every_batching_path(tiny_llama):
+    """Issue 9 defect 16: MeZO ranks by the per-token mean; both scorings agree with
+    sum_logprobs whether examples are batched whole (equal choice counts) or pair by pair."""
+    tok, model = tiny_llama.tokenizer, tiny_llama.model
+    equal = [[("It was", " great fun"), ("It was", " bad")], [("So", " yes"), ("So", " no it was not")]]
+    unequal = equal[:1] + [[("So", " yes"), ("So", " no"), ("So", " maybe not")]]
+    for examples in (equal, unequal):
+        for normalize in ("sum", "mean"):
+            got = choice_logprobs(model, tok, examples, batch_size=2, max_length=32, normalize=normalize)
+            with torch.no_grad():
+                want = [getattr(sum_logprobs(model, encode_pairs(tok, c, 32)), normalize).tolist() for c in examples]
+            for g, w in zip(got, want):
+                torch.testing.assert_close(torch.tensor(g), torch.tensor(w))

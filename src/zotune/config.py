@@ -47,7 +47,8 @@ class ModelConfig:
 @dataclass
 class TaskConfig:
     name: str = "sst2"
-    template: str | None = None  # None: the papers' prompt ("task alignment"); "none": no prompt
+    template: str | None = None  # None: the task's default ("zotune": the papers' prompt); "mezo": MeZO's
+    #   code exactly; "none": no prompt (no task alignment). `zotune tasks` lists them.
     data_root: str | None = None  # folder with the shared data layout (default: $ZOTUNE_DATA or ../shared/data)
     train_file: str | None = None
     eval_file: str | None = None  # a labeled validation file: test comes from it
@@ -55,7 +56,10 @@ class TaskConfig:
     dev: int = 500
     test: int = 1000
     split_seed: int = 0
-    max_length: int = 256  # tokens per example (context truncated from the left)
+    max_length: int | None = None  # tokens per example (context cut from the left, with a warning);
+    #   None: the task's default (TaskSpec.max_length, e.g. SST-2 64, BoolQ 384)
+    scoring: str | None = None  # sum | mean: candidates ranked by summed or per-token mean log-likelihood;
+    #   None: the template's (mean for "mezo", as MeZO's run.py; sum otherwise, as the loss trains)
     hub: bool = False  # load the data set from the Hugging Face hub (needs `datasets` and network)
 
 
@@ -180,9 +184,29 @@ def from_dict(data: dict, errors: list[str] | None = None) -> Config:
                 errors.append(f"{section}: " + unknown_choice("field", key, names))
                 continue
             setattr(target, key, _coerce(section, key, value, getattr(target, key), errors))
+    _task_defaults(cfg.task)
     if own and errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
     return cfg
+
+
+def _task_defaults(task: TaskConfig) -> None:
+    """Fill ``max_length`` and ``scoring`` left unset with the task's and template's defaults
+    (an unknown task or template is left for :func:`validate` to report)."""
+    from zotune.tasks import get_task
+    from zotune.tasks.definitions import template_scoring
+
+    if not isinstance(task.name, str):
+        return
+    try:
+        spec = get_task(task.name)
+    except KeyError:
+        return
+    if task.max_length is None:
+        task.max_length = spec.max_length
+    template = spec.templates.get(task.template or spec.default_template)
+    if task.scoring is None and template is not None:
+        task.scoring = template_scoring(template)
 
 
 def parse_overrides(overrides: list[str]) -> dict:
@@ -269,7 +293,7 @@ def validate(cfg: Config) -> list[str]:
     for section, obj, names in (
         ("optim", o, ("queries", "rank", "interval", "max_nonfinite")),
         ("train", t, ("steps", "batch_size", "grad_accum", "eval_batch_size", "save_every", "log_every")),
-        ("task", k, ("max_length",)),
+        ("task", k, ("max_length",) if k.max_length is not None else ()),  # None: the task's
     ):
         for name in names:
             v = getattr(obj, name)
@@ -336,4 +360,6 @@ def validate(cfg: Config) -> list[str]:
             errors.append("task.template: " + unknown_choice(f"template of {spec.name}", k.template, spec.templates))
     except KeyError as e:
         errors.append(f"task.name: {e.args[0] if e.args else e}")
+    if k.scoring not in (None, "sum", "mean"):
+        errors.append("task.scoring: " + unknown_choice("scoring", str(k.scoring), ("sum", "mean")))
     return errors

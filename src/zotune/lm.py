@@ -10,11 +10,17 @@ with a large vocabulary (SmolLM2: 49k x 576 head) is about a fifth of a forward 
 (batch, length, vocab) logits tensor is never materialised. Position ids are derived from the
 attention mask, so a padded row scores exactly as it would alone.
 
+Truncation: a row longer than ``max_length`` loses tokens from the left of its context (the
+continuation is always kept whole). :func:`choice_truncation` and :func:`prompt_truncation`
+count, with the same tokenisation as the scoring, how many rows are cut and by how much
+(a :class:`Truncation`), so callers can say so instead of scoring cut rows silently.
+
 Example::
 
     batch = encode_pairs(tok, [("The capital of France is", " Paris")], max_length=64)
     loss = pair_loss(model, batch)                       # mean NLL of the continuation tokens
     preds = score_choices(model, tok, [[("It was", " great"), ("It was", " terrible")]])
+    cut = choice_truncation(tok, [[("It was", " great"), ("It was", " terrible")]], max_length=64)
 """
 
 from __future__ import annotations
@@ -63,6 +69,40 @@ class Batch:
                         for k, v in fields.items()})
 
 
+class Truncation(NamedTuple):
+    """How many of ``rows`` lost tokens from the left at a ``max_length``, and how many tokens.
+
+    A row is one example (all its candidates: the most any of them lost) or one prompt.
+    """
+
+    rows: int = 0  # rows looked at
+    cut: int = 0  # rows that lost at least one token
+    tokens_max: int = 0  # the most tokens one row lost
+    tokens_total: int = 0  # tokens lost over all rows
+
+    @classmethod
+    def of(cls, lost: Sequence[int]) -> Truncation:
+        """From the tokens each row lost (0: kept whole)."""
+        cut = [n for n in lost if n > 0]
+        return cls(len(lost), len(cut), max(cut, default=0), sum(cut))
+
+    @property
+    def tokens_mean(self) -> float:
+        """Mean tokens lost per cut row (0.0 when none was cut)."""
+        return self.tokens_total / self.cut if self.cut else 0.0
+
+    def metrics(self) -> dict[str, float]:
+        """``truncated_rows``, ``truncated_tokens_max``, ``truncated_tokens_mean`` (for a metrics dict)."""
+        return {"truncated_rows": self.cut, "truncated_tokens_max": self.tokens_max,
+                "truncated_tokens_mean": round(self.tokens_mean, 2)}
+
+    def message(self, name: str, max_length: int) -> str:
+        """E.g. 'BoolQ: 13 of 200 rows cut from the left (up to 140 tokens, 52.3 on average) at
+        max_length=256; raise task.max_length'."""
+        return (f"{name}: {self.cut} of {self.rows} rows cut from the left (up to {self.tokens_max} tokens, "
+                f"{self.tokens_mean:.1f} on average) at max_length={max_length}; raise task.max_length")
+
+
 class LogLikelihood(NamedTuple):
     """Per-row log-likelihood of the continuation: summed over its tokens, and per-token mean."""
 
@@ -97,21 +137,10 @@ def _split_space(context: str, continuation: str) -> tuple[str, str]:
     return stripped, context[len(stripped) :] + continuation
 
 
-def encode_pairs(
-    tokenizer,
-    pairs: Sequence[Pair],
-    max_length: int,
-    *,
-    kind: Literal["causal", "masked"] = "causal",
-) -> Batch:
-    """Tokenize (context, continuation) pairs into one padded batch.
-
-    Causal: ``[specials] context continuation``, left padded; the continuation is split off
-    the tokenization of the joined text, so tokens merged across the boundary stay as in
-    running text. Masked: ``[specials] context <mask> [specials]``, right padded, and the
-    continuation must be a single token (the label word scored at the mask). Too long a row
-    loses tokens from the left of its context; the continuation is always kept whole.
-    """
+def _encode_rows(tokenizer, pairs: Sequence[Pair], max_length: int,
+                 kind: str) -> tuple[list[list[int]], list[tuple[int, list[int]]], list[int]]:
+    """Token ids of each row (specials, context cut from the left, target), where its
+    continuation starts and its ids, and how many context tokens it lost to ``max_length``."""
     if kind not in KINDS:
         raise ValueError(unknown_choice("kind", str(kind), KINDS))
     max_length = check_int("max_length", max_length, minimum=2)
@@ -140,7 +169,7 @@ def encode_pairs(
             raise ValueError("the tokenizer has no mask token, so it cannot score a masked LM")
         conts = tokenizer([x for _, x in split], add_special_tokens=False)["input_ids"]
         lead = []
-    rows, labels = [], []
+    rows, labels, lost = [], [], []
     room = max_length - len(prefix) - len(suffix)
     for i, (c, x) in enumerate(zip(ctx_ids, conts)):
         if len(x) == 0:
@@ -158,9 +187,30 @@ def encode_pairs(
                 f"max_length={max_length} allows with {len(prefix) + len(suffix) + len(lead)} other tokens"
             )
         c = c or lead
-        c = c[max(0, len(c) + len(target) - room) :]  # left truncation of the context
+        lost.append(max(0, len(c) + len(target) - room))
+        c = c[lost[-1] :]  # left truncation of the context
         rows.append(prefix + c + target + suffix)
         labels.append((len(prefix) + len(c), x))
+    return rows, labels, lost
+
+
+def encode_pairs(
+    tokenizer,
+    pairs: Sequence[Pair],
+    max_length: int,
+    *,
+    kind: Literal["causal", "masked"] = "causal",
+) -> Batch:
+    """Tokenize (context, continuation) pairs into one padded batch.
+
+    Causal: ``[specials] context continuation``, left padded; the continuation is split off
+    the tokenization of the joined text, so tokens merged across the boundary stay as in
+    running text. Masked: ``[specials] context <mask> [specials]``, right padded, and the
+    continuation must be a single token (the label word scored at the mask). Too long a row
+    loses tokens from the left of its context; the continuation is always kept whole
+    (:func:`pair_truncation` says how many tokens each row loses).
+    """
+    rows, labels, _ = _encode_rows(tokenizer, pairs, max_length, kind)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     width = max(len(r) for r in rows)
     n = len(rows)
@@ -174,6 +224,45 @@ def encode_pairs(
         label_ids[i, offset + start : offset + start + len(x)] = torch.tensor(x)
     lengths = attention_mask.sum(1)
     return Batch(input_ids, attention_mask, label_ids != -100, label_ids, lengths, kind)
+
+
+def pair_truncation(tokenizer, pairs: Sequence[Pair], max_length: int, *,
+                    kind: Literal["causal", "masked"] = "causal") -> list[int]:
+    """Context tokens each pair loses from the left when encoded at ``max_length`` (0: none),
+    with exactly :func:`encode_pairs`'s tokenisation."""
+    return _encode_rows(tokenizer, pairs, max_length, kind)[2]
+
+
+def choice_truncation(tokenizer, examples_choices: Sequence[Sequence[Pair]], max_length: int, *,
+                      kind: Literal["causal", "masked"] = "causal") -> Truncation:
+    """How many examples lose context tokens at ``max_length`` (an example: the most any of its
+    candidates loses), as scoring or training on their (context, continuation) pairs would."""
+    flat = [(e, tuple(pair)) for e, choices in enumerate(examples_choices) for pair in choices]
+    if not flat:
+        return Truncation()
+    lost = [0] * len(examples_choices)
+    for (e, _), n in zip(flat, pair_truncation(tokenizer, [p for _, p in flat], max_length, kind=kind)):
+        lost[e] = max(lost[e], n)
+    return Truncation.of(lost)
+
+
+def _cut_prompt(ids: list[int], room: int, prefix: list[int]) -> tuple[list[int], int]:
+    """A prompt's ids cut from the left (its leading special tokens kept) to ``room``, and the tokens lost."""
+    if len(ids) <= room:
+        return ids, 0
+    return prefix + ids[len(ids) - room + len(prefix) :], len(ids) - room
+
+
+def prompt_truncation(tokenizer, prompts: Sequence[str], max_length: int, max_new_tokens: int = 32) -> Truncation:
+    """How many generation prompts lose tokens from the left, as :func:`generate` cuts them to
+    leave ``max_new_tokens`` of ``max_length``."""
+    if not prompts:
+        return Truncation()
+    room = check_int("max_length", max_length) - check_int("max_new_tokens", max_new_tokens)
+    if room < 1:
+        raise ValueError(f"max_length={max_length} leaves no room for the prompt with max_new_tokens={max_new_tokens}")
+    prefix, _ = _special_affixes(tokenizer)
+    return Truncation.of([_cut_prompt(ids, room, prefix)[1] for ids in tokenizer(list(prompts))["input_ids"]])
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -287,7 +376,8 @@ def choice_logprobs(
     *,
     normalize: Literal["sum", "mean"] = "sum",
 ) -> list[list[float]]:
-    """Log-likelihood of every candidate of every example, batched across examples.
+    """Log-likelihood of every candidate of every example, batched across examples: summed over
+    the continuation's tokens (``normalize="sum"``) or their per-token mean (``"mean"``).
 
     Pairs are sorted by length before batching so that little padding is computed.
     """
@@ -304,7 +394,7 @@ def choice_logprobs(
     device = next(model.parameters()).device
     scores = [[0.0] * len(choices) for choices in examples_choices]
     sizes = {len(c) for c in examples_choices}
-    if normalize == "sum" and len(sizes) == 1:
+    if len(sizes) == 1:
         # equal numbers of choices: score whole examples; when the candidates are single tokens
         # after a shared context, one forward row per example scores all of them
         n_choices = sizes.pop()
@@ -317,7 +407,7 @@ def choice_logprobs(
                 if not cb.shared and len(idx) * n_choices > batch_size:
                     idx = idx[: max(1, batch_size // n_choices)]
                     cb = encode_choices(tokenizer, [examples_choices[e] for e in idx], None, max_length, kind=kind)
-                for e, row in zip(idx, choice_scores(model, cb.to(device)).tolist()):
+                for e, row in zip(idx, choice_scores(model, cb.to(device), normalize=normalize).tolist()):
                     scores[e] = row
                 start += len(idx)
         return scores
@@ -343,10 +433,12 @@ def score_choices(
 ) -> list[int]:
     """The predicted choice of each example: argmax of continuation log-likelihood (first on ties).
 
-    ``normalize="sum"`` (default) compares total log-likelihood, as MeZO does for its prompts,
-    whose label words are mostly one token, where sum and mean agree. ``"mean"`` divides by the
-    number of tokens, which stops long candidates (e.g. COPA's sentences) being penalised for
-    their length.
+    ``normalize="sum"`` (zotune's default) compares the candidates' total log-likelihoods: the
+    probability of each continuation, and the same scores :func:`choice_loss` trains with.
+    ``"mean"`` divides by the number of tokens, as MeZO's ``large_models/run.py`` does by
+    default (its scores are ``log_probs.mean()``); it stops long candidates (COPA's sentences,
+    ReCoRD's queries) being penalised for their length. For one-token label words (SST-2, RTE,
+    BoolQ, ...) the two agree.
     """
     scores = choice_logprobs(model, tokenizer, examples_choices, batch_size, max_length, normalize=normalize)
     return [max(range(len(s)), key=s.__getitem__) for s in scores]
@@ -406,7 +498,7 @@ def generate(
     if max_length is not None:
         room = max_length - max_new_tokens
         prefix, _ = _special_affixes(tokenizer)
-        encoded = [ids if len(ids) <= room else prefix + ids[len(ids) - room + len(prefix) :] for ids in encoded]
+        encoded = [_cut_prompt(ids, room, prefix)[0] for ids in encoded]
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     device = next(model.parameters()).device
     outputs: list[str] = [""] * len(encoded)
@@ -485,18 +577,25 @@ def encode_choices(tokenizer, examples_choices: Sequence[Sequence[Pair]], labels
         if same_slot and bool((context == context[:, :1]).all()):
             cand = enc.labels[enc.cont_mask].view(n, n_choices)
             rows = torch.arange(0, n * n_choices, n_choices)
-            first = Batch(*(getattr(enc, f.name)[rows] for f in dataclasses.fields(Batch) if f.name != "kind"), kind=enc.kind)
+            first = dataclasses.replace(enc, **{f.name: getattr(enc, f.name)[rows] for f in dataclasses.fields(Batch)
+                                                if isinstance(getattr(enc, f.name), torch.Tensor)})
             return ChoiceBatch(first, n_choices, cand, gold)
     return ChoiceBatch(enc, n_choices, None, gold)
 
 
-def choice_scores(model, cb: ChoiceBatch) -> torch.Tensor:
-    """(n, C) summed log-likelihood of each candidate (one forward when candidates share a context)."""
+def choice_scores(model, cb: ChoiceBatch, *, normalize: Literal["sum", "mean"] = "sum") -> torch.Tensor:
+    """(n, C) log-likelihood of each candidate, summed over its tokens or (``normalize="mean"``)
+    per token (one forward when candidates share a context; they are then one token each, so
+    sum and mean agree)."""
+    if normalize not in NORMALIZE:
+        raise ValueError(unknown_choice("normalize", str(normalize), NORMALIZE))
     if cb.shared:
         selected, _, _ = _continuation_logits(model, cb.batch)
         return torch.log_softmax(selected, dim=-1).gather(1, cb.candidates)
     logp, rows = _target_logprobs(model, cb.batch)
     total = torch.zeros(len(cb.batch), dtype=logp.dtype, device=logp.device).index_add(0, rows, logp)
+    if normalize == "mean":
+        total = total / cb.batch.cont_mask.sum(1).to(total.dtype)
     return total.view(-1, cb.n_choices)
 
 

@@ -102,6 +102,9 @@ class TaskSpec:
         group_field: rows sharing this value stay in one split (MultiRC: one passage).
         aliases: more names for the registry.
         hub: the Hugging Face dataset, for ``load_task(..., hub=True)``.
+        max_length: tokens per example when the config does not set ``task.max_length``: long
+            enough that nearly every row of the task's data is scored whole (each task's
+            definition says which percentile it covers); longer rows lose context from the left.
     """
 
     name: str
@@ -118,8 +121,11 @@ class TaskSpec:
     group_field: str | None = None
     aliases: tuple[str, ...] = ()
     hub: HubSource | None = None
+    max_length: int = 256
 
     def __post_init__(self):
+        if not isinstance(self.max_length, int) or isinstance(self.max_length, bool) or self.max_length < 2:
+            raise ValueError(f"TaskSpec {self.name}: max_length must be an integer >= 2, got {self.max_length!r}")
         if self.default_template not in self.templates:
             raise ValueError(f"TaskSpec {self.name}: default_template={self.default_template!r} "
                              f"is not one of its templates {sorted(self.templates)}")

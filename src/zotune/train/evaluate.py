@@ -1,31 +1,77 @@
-"""Evaluation: answer a task's requests with the model and score them with the task's metric."""
+"""Evaluation: answer a task's requests with the model and score them with the task's metric.
+
+Rows longer than ``max_length`` lose context from the left; :func:`evaluate` counts them (the
+``truncated_*`` keys of its metrics) and logs a warning, and :func:`check_truncation` does the
+same once for a training set::
+
+    check_truncation(tokenizer, data.train, cfg.task.max_length, name=data.spec.name)
+    # WARNING BoolQ train: 13 of 200 rows cut from the left (up to 140 tokens, ...); raise task.max_length
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
 
-from zotune.lm import generate, score_choices
+from zotune._validate import unknown_choice
+from zotune.lm import NORMALIZE, Truncation, choice_truncation, generate, prompt_truncation, score_choices
+from zotune.models import infer_kind
 from zotune.tasks import Example
 from zotune.tasks.metrics import compute_metric
+
+log = logging.getLogger("zotune.evaluate")
+
+
+def check_truncation(tokenizer, examples: Sequence[Example], max_length: int, *, name: str = "examples",
+                     kind: str = "causal", max_new_tokens: int = 32, logger: logging.Logger = log) -> Truncation:
+    """How many of ``examples`` lose context tokens at ``max_length`` (with the tokenisation of
+    scoring and training), and a warning on ``logger`` when any does.
+
+    Generation examples (SQuAD, DROP) are counted as :func:`zotune.lm.generate` cuts their
+    prompts (room for ``max_new_tokens``); the others over all their (context, continuation)
+    candidates, the most any candidate loses. Call it once per data set, not per step.
+    """
+    if not examples:
+        return Truncation()
+    if examples[0].is_generation:
+        found = prompt_truncation(tokenizer, [e.prompt for e in examples], max_length, max_new_tokens)
+    else:
+        found = choice_truncation(tokenizer, [e.choices for e in examples], max_length, kind=kind)
+    if found.cut:
+        logger.warning(found.message(name, max_length))
+    return found
 
 
 @torch.no_grad()
 def evaluate(model, tokenizer, examples: Sequence[Example], metric: str, *, batch_size: int = 32,
-             max_length: int = 256, max_new_tokens: int = 32) -> dict[str, float]:
+             max_length: int = 256, max_new_tokens: int = 32, scoring: str = "sum",
+             name: str = "evaluation") -> dict[str, float]:
     """Score ``examples``: log-likelihood ranking of choices, or greedy generation for tasks
-    with gold answers (SQuAD, DROP). Returns the metric dict plus ``n`` (examples scored)."""
+    with gold answers (SQuAD, DROP).
+
+    ``scoring`` ranks candidates by their summed log-likelihood (``"sum"``, zotune's default)
+    or per-token mean (``"mean"``, MeZO's); see :func:`zotune.lm.score_choices`. Returns the
+    metric dict plus ``n`` (examples scored) and ``truncated_rows``, ``truncated_tokens_max``,
+    ``truncated_tokens_mean`` (rows that lost context to ``max_length``, which a warning naming
+    ``name`` also reports).
+    """
+    if scoring not in NORMALIZE:
+        raise ValueError(unknown_choice("scoring", str(scoring), NORMALIZE))
     if not examples:
         return {"n": 0}
+    cut = check_truncation(tokenizer, examples, max_length, name=name, kind=infer_kind(model),
+                           max_new_tokens=max_new_tokens)
     if examples[0].is_generation:
         preds = generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens=max_new_tokens,
                          batch_size=batch_size, max_length=max_length)
     else:
         preds = score_choices(model, tokenizer, [list(e.choices) for e in examples], batch_size=batch_size,
-                              max_length=max_length)
+                              max_length=max_length, normalize=scoring)
     out = compute_metric(metric, preds, examples)
     out["n"] = len(examples)
+    out.update(cut.metrics())
     return out
 
 
