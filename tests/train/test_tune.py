@@ -75,3 +75,21 @@ def test_tune_command_prints_the_table_and_json_and_exits_by_outcome():
     bad = subprocess.run([sys.executable, "-m", "zotune.cli", "tune", *TINY, "task.dev=0", "--steps", "1"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "needs dev rows" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_runs_score_with_the_configured_scoring(monkeypatch, tmp_path):
+    """task.scoring reaches the evaluation of a run (it was read only by zotune's evaluate default)."""
+    import zotune.train.loop as loop
+
+    seen = []
+    real = loop.evaluate
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("scoring"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "evaluate", spy)
+    cfg = load_config(None, TINY + ["task.scoring=mean", "task.test=8", "train.steps=1", "train.save_every=1",
+                                    "train.eval_at_start=false", f"train.output_dir={tmp_path / 'run'}"])
+    loop.train(cfg)
+    assert seen and set(seen) == {"mean"}

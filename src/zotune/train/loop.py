@@ -273,11 +273,12 @@ def _settle(opt) -> None:
         flush()
 
 
-def _evaluate(setup: Setup, examples) -> dict:
+def _evaluate(setup: Setup, examples, split: str = "evaluation") -> dict:
     _settle(setup.optimizer)
     cfg = setup.cfg
     return evaluate(setup.model, setup.loaded.tokenizer, examples, setup.data.spec.metric,
-                    batch_size=cfg.train.eval_batch_size, max_length=cfg.task.max_length)
+                    batch_size=cfg.train.eval_batch_size, max_length=cfg.task.max_length,
+                    scoring=cfg.task.scoring, name=f"{setup.data.spec.name} {split}")
 
 
 # ----------------------------------------------------------------------------- the run
@@ -345,7 +346,7 @@ def train(cfg: Config, *, world: DistContext | None = None, setup: Setup | None 
 
     if start == 0 and t.eval_at_start and setup.data.test and is_main:
         t0 = time.time()
-        zs = _evaluate(setup, setup.data.test)
+        zs = _evaluate(setup, setup.data.test, "test")
         results["zero_shot"] = zs
         log.info("zero-shot test: %s (%.0f s)", zs, time.time() - t0)
         logger.metrics(0, phase="zero-shot", **{f"test/{k}": v for k, v in zs.items()})
@@ -385,7 +386,7 @@ def train(cfg: Config, *, world: DistContext | None = None, setup: Setup | None 
                                  s_step=f"{step_times[-1]:.2f}")
             progress.update(1)
         if t.eval_every and done % t.eval_every == 0 and setup.data.dev and is_main:
-            dev = _evaluate(setup, setup.data.dev)
+            dev = _evaluate(setup, setup.data.dev, "dev")
             key, value = headline(dev)
             logger.metrics(done, phase="dev", **{f"dev/{k}": v for k, v in dev.items()})
             log.info("step %d dev %s", done, dev)
@@ -408,7 +409,7 @@ def train(cfg: Config, *, world: DistContext | None = None, setup: Setup | None 
             for name, p in trainable.items():
                 p.copy_(tensors[name])
         log.info("testing the best dev checkpoint (step %d)", best["step"])
-    final = _evaluate(setup, setup.data.test) if setup.data.test and is_main else {}
+    final = _evaluate(setup, setup.data.test, "test") if setup.data.test and is_main else {}
     streamer = getattr(opt, "streamer", None)
     if streamer is not None:  # scratch space: the checkpoint holds the weights
         streamer.remove_files()
