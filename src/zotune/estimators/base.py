@@ -208,6 +208,40 @@ class Estimator:
         return f"{type(self).__name__}({args})"
 
 
+class DenseWrapper(Estimator):
+    """Base of estimators that reshape another dense estimator's directions entry by entry
+    (sparse masks, Sparse-MeZO's magnitude masks, HiZOO's ``H^{-1/2}``): the handles, chunks and
+    blocks are the inner estimator's; only :meth:`leaf_direction` changes the values."""
+
+    #: what the wrapper does, for the error when the inner directions are low rank
+    needs_dense_because = "it changes directions entry by entry"
+
+    def __init__(self, inner: Estimator) -> None:
+        if not isinstance(inner, Estimator) or inner.kind != "two_point":
+            raise ValueError(f"inner must be a two-point Estimator, got {inner!r}")
+        super().__init__(inner.queries, inner.chunk_size)
+        self.inner = inner
+        self.parallel_chunks = inner.parallel_chunks
+
+    def bind(self, names: Sequence[str], params: Sequence[torch.Tensor], run_seed: int) -> None:
+        super().bind(names, params, run_seed)
+        self.inner.bind(names, params, run_seed)
+        for i, n in enumerate(names):
+            if self.inner.factored(i):
+                raise ValueError(f"{self.name} needs dense directions ({self.needs_dense_because}), but "
+                                 f"{self.inner.name!r} draws a low-rank one for {n!r}")
+        self.queries = self.inner.queries
+
+    def directions(self, step: int) -> list[Direction]:
+        return self.inner.directions(step)
+
+    def touches(self, d: Direction, i: int) -> bool:
+        return self.inner.touches(d, i)
+
+    def grad_scale(self, i: int) -> float:
+        return self.inner.grad_scale(i)
+
+
 def randn_like_leaf(p: torch.Tensor, g: torch.Generator, shape=None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Standard normal draws in the leaf's dtype and device (MeZO draws in the weight dtype)."""
     if out is not None:

@@ -22,10 +22,10 @@ from collections.abc import Sequence
 import torch
 
 from zotune._validate import check_range
-from zotune.estimators.base import Dense, Direction, Estimator, for_each_chunk
+from zotune.estimators.base import Dense, DenseWrapper, Direction, Estimator, for_each_chunk
 
 
-class HessianInformed(Estimator):
+class HessianInformed(DenseWrapper):
     """Scales another estimator's dense directions by ``H^{-1/2}``, ``H`` a diagonal Hessian estimate.
 
     Args:
@@ -41,30 +41,15 @@ class HessianInformed(Estimator):
     fuses_restore = False
 
     def __init__(self, inner: Estimator, hessian_smooth: float = 1e-6) -> None:
-        if not isinstance(inner, Estimator) or inner.kind != "two_point":
-            raise ValueError(f"inner must be a two-point Estimator, got {inner!r}")
-        super().__init__(inner.queries, inner.chunk_size)
-        self.inner = inner
-        self.parallel_chunks = inner.parallel_chunks
+        super().__init__(inner)
         self.hessian_smooth = check_range("hessian_smooth", hessian_smooth, 0.0, 1.0)
         self.hessian: list[torch.Tensor] = []
 
     def bind(self, names: Sequence[str], params: Sequence[torch.Tensor], run_seed: int) -> None:
         super().bind(names, params, run_seed)
-        self.inner.bind(names, params, run_seed)
-        for n, i in zip(names, range(len(params))):
-            if self.inner.factored(i):
-                raise ValueError(f"HiZOO needs dense directions; {self.inner.name!r} draws low-rank ones for {n!r}")
-        self.queries = self.inner.queries
         # float32 whatever the weights' dtype: H z^2 would overflow float16 and lose small changes in bfloat16
         self.hessian = [torch.ones(p.shape, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32,
                                    device=p.device) for p in params]
-
-    def directions(self, step: int) -> list[Direction]:
-        return self.inner.directions(step)
-
-    def touches(self, d: Direction, i: int) -> bool:
-        return self.inner.touches(d, i)
 
     def _h(self, i: int, k: int) -> torch.Tensor:
         a, b = self.ranges[i][k]

@@ -22,7 +22,7 @@ import torch
 
 from zotune import rng
 from zotune._validate import check_range
-from zotune.estimators.base import Dense, Direction, Estimator
+from zotune.estimators.base import Dense, DenseWrapper, Direction, Estimator
 
 _SAMPLE = 1 << 20  # elements sampled per leaf to estimate its magnitude quantile
 _SHIFTS: dict[torch.device, torch.Tensor] = {}
@@ -60,7 +60,7 @@ def magnitude_threshold(p: torch.Tensor, keep: float, seed: int) -> float:
     return float(a.kthvalue(k).values)
 
 
-class MagnitudeMasked(Estimator):
+class MagnitudeMasked(DenseWrapper):
     """Masks another dense estimator's directions to the weights of small magnitude (Sparse-MeZO).
 
     Args:
@@ -72,11 +72,7 @@ class MagnitudeMasked(Estimator):
     name = "magnitude"
 
     def __init__(self, inner: Estimator, sparsity: float = 0.75, min_dim: int = 2) -> None:
-        if not isinstance(inner, Estimator) or inner.kind != "two_point":
-            raise ValueError(f"inner must be a two-point Estimator, got {inner!r}")
-        super().__init__(inner.queries, inner.chunk_size)
-        self.inner = inner
-        self.parallel_chunks = inner.parallel_chunks
+        super().__init__(inner)
         self.sparsity = check_range("sparsity", sparsity, 0.0, 1.0)
         self.min_dim = min_dim
         self.thresholds: list[float | None] = []
@@ -84,11 +80,6 @@ class MagnitudeMasked(Estimator):
 
     def bind(self, names: Sequence[str], params: Sequence[torch.Tensor], run_seed: int) -> None:
         super().bind(names, params, run_seed)
-        self.inner.bind(names, params, run_seed)
-        for n, i in zip(names, range(len(params))):
-            if self.inner.factored(i):
-                raise ValueError(f"Sparse-MeZO needs dense directions; {self.inner.name!r} draws low-rank ones for {n!r}")
-        self.queries = self.inner.queries
         keep = 1.0 - self.sparsity
         self.thresholds = [
             magnitude_threshold(p, keep, rng.derive_seed(run_seed, rng.STREAM_MASK, 0, 0, i, 0))
@@ -96,12 +87,6 @@ class MagnitudeMasked(Estimator):
             for i, p in enumerate(params)
         ]
         self._masks.clear()
-
-    def directions(self, step: int) -> list[Direction]:
-        return self.inner.directions(step)
-
-    def touches(self, d: Direction, i: int) -> bool:
-        return self.inner.touches(d, i)
 
     def mask(self, d: Direction, i: int, p: torch.Tensor, k: int) -> torch.Tensor | None:
         """Chunk ``k`` of leaf ``i``'s mask for ``d``'s step (0/1 in ``p``'s dtype), None if unmasked."""

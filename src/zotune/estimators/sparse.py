@@ -16,12 +16,12 @@ import torch
 
 from zotune import rng
 from zotune._validate import check_range
-from zotune.estimators.base import Dense, Direction, Estimator, to_dense
+from zotune.estimators.base import Dense, DenseWrapper, Direction, Estimator, to_dense
 
 _SAMPLE = 1 << 20  # elements sampled to estimate the global magnitude threshold
 
 
-class Sparse(Estimator):
+class Sparse(DenseWrapper):
     """Masks another estimator's directions with random layer-wise sparse masks.
 
     Args:
@@ -31,29 +31,16 @@ class Sparse(Estimator):
 
     name = "sparse"
 
+    needs_dense_because = "a per-entry mask of U V^T is not low rank"
+
     def __init__(self, inner: Estimator, sparsity: float = 0.2) -> None:
-        if not isinstance(inner, Estimator) or inner.kind != "two_point":
-            raise ValueError(f"inner must be a two-point Estimator, got {inner!r}")
-        super().__init__(inner.queries, inner.chunk_size)
-        self.inner = inner
-        self.parallel_chunks = inner.parallel_chunks
+        super().__init__(inner)
         self.sparsity = check_range("sparsity", sparsity, 0.0, 1.0)
         self.keep: list[float] = []
 
     def bind(self, names: Sequence[str], params: Sequence[torch.Tensor], run_seed: int) -> None:
         super().bind(names, params, run_seed)
-        self.inner.bind(names, params, run_seed)
-        for i, n in enumerate(names):
-            if self.inner.factored(i):
-                raise ValueError(
-                    f"sparse masks need dense directions, but {self.inner.name!r} draws a low-rank one for {n!r}: "
-                    "a per-entry mask of U V^T is not low rank (use sparsity with gaussian / rademacher directions)"
-                )
-        self.queries = self.inner.queries
         self.keep = layer_keep_ratios(params, self.sparsity, run_seed)
-
-    def directions(self, step: int) -> list[Direction]:
-        return self.inner.directions(step)
 
     def num_chunks(self, i: int) -> int:
         return self.inner.num_chunks(i)
@@ -63,12 +50,6 @@ class Sparse(Estimator):
 
     def factored(self, i: int) -> bool:
         return self.inner.factored(i)
-
-    def touches(self, d: Direction, i: int) -> bool:
-        return self.inner.touches(d, i)
-
-    def grad_scale(self, i: int) -> float:
-        return self.inner.grad_scale(i)
 
     def mask(self, step: int, i: int, k: int, shape, p: torch.Tensor) -> torch.Tensor:
         """Chunk ``k`` of leaf ``i``'s keep-mask at ``step`` (shared by the step's queries)."""
