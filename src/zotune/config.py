@@ -184,24 +184,31 @@ def from_dict(data: dict, errors: list[str] | None = None) -> Config:
                 errors.append(f"{section}: " + unknown_choice("field", key, names))
                 continue
             setattr(target, key, _coerce(section, key, value, getattr(target, key), errors))
-    _task_defaults(cfg.task)
+    given = (data or {}).get("task")
+    _task_defaults(cfg.task, set(given) if isinstance(given, dict) else set())
     if own and errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
     return cfg
 
 
-def _task_defaults(task: TaskConfig) -> None:
-    """Fill ``max_length`` and ``scoring`` left unset with the task's and template's defaults
-    (an unknown task or template is left for :func:`validate` to report)."""
+def _task_defaults(task: TaskConfig, given: set = frozenset()) -> None:
+    """Fill ``max_length`` and ``scoring`` left unset with the task's and template's defaults,
+    and for a task file the split sizes and eval file it sets that the recipe (``given``: the
+    ``task`` keys it has) does not (an unknown task or template is left for :func:`validate`)."""
     from zotune.tasks import get_task
     from zotune.tasks.definitions import template_scoring
+    from zotune.tasks.file_task import FileTaskSpec
 
     if not isinstance(task.name, str):
         return
     try:
         spec = get_task(task.name)
-    except KeyError:
+    except (KeyError, ZotuneError):
         return
+    if isinstance(spec, FileTaskSpec):
+        for key, value in spec.config_defaults().items():
+            if key not in given:
+                setattr(task, key, value)
     if task.max_length is None:
         task.max_length = spec.max_length
     template = spec.templates.get(task.template or spec.default_template)
@@ -353,13 +360,17 @@ def validate(cfg: Config) -> list[str]:
     if not (m.device == "cpu" or m.device == "auto" or str(m.device).startswith("cuda")):
         errors.append(f"model.device must be cpu, cuda, cuda:N or auto, got {m.device!r}")
     from zotune.tasks import get_task
+    from zotune.tasks.file_task import FileTaskSpec, check_task_data
 
     try:
         spec = get_task(k.name)
         if k.template is not None and k.template not in spec.templates:
             errors.append("task.template: " + unknown_choice(f"template of {spec.name}", k.template, spec.templates))
-    except KeyError as e:
-        errors.append(f"task.name: {e.args[0] if e.args else e}")
+        elif isinstance(spec, FileTaskSpec) and not k.hub:  # a field the data lacks, before any model loads
+            errors += [f"task.name: {e}" for e in check_task_data(spec, k.template, k.data_root, k.train_file,
+                                                                   k.eval_file)]
+    except (KeyError, ZotuneError) as e:
+        errors.append(f"task.name: {e.args[0] if isinstance(e, KeyError) and e.args else e}")
     if k.scoring not in (None, "sum", "mean"):
         errors.append("task.scoring: " + unknown_choice("scoring", str(k.scoring), ("sum", "mean")))
     return errors

@@ -66,7 +66,12 @@ def list_tasks() -> list[str]:
 
 
 def get_task(name: str) -> TaskSpec:
-    """The task called ``name`` (case and punctuation ignored: ``sst2`` = ``SST-2``) or an alias."""
+    """The task called ``name`` (case and punctuation ignored: ``sst2`` = ``SST-2``) or an alias,
+    or the task file at ``name`` when it ends in ``.yaml`` / ``.yml`` (see :mod:`zotune.tasks.file_task`)."""
+    from .file_task import is_task_file, load_task_file
+
+    if is_task_file(name):
+        return load_task_file(name)
     spec = _REGISTRY.get(_key(name))
     if spec is None:
         canonical = [_key(n) for n in list_tasks()]  # suggest a task's own name before an alias
@@ -104,7 +109,7 @@ def _resolve(spec: TaskSpec, path: str | os.PathLike, data_root: Path | None, ro
                 f"{spec.name}: no data root to find the {role} file {str(path)!r} in: pass data_root=..., "
                 "set ZOTUNE_DATA, or run from a directory with ../shared/data")
         found = Path(data_root) / found
-    if not found.is_file():
+    if not (found.is_file() or (found.is_dir() and getattr(spec.loader, "folders", False))):
         raise FileNotFoundError(f"{spec.name}: {role} file not found: {found} "
                                 "(pass data_root=..., set ZOTUNE_DATA, or give train_file=/eval_file=)")
     return found
@@ -140,7 +145,8 @@ def _check(spec: TaskSpec, records: Sequence[Record]) -> None:
     for record in records:
         for name in spec.fields:
             if _lookup(record.fields, name) is _MISSING:
-                raise DataFormatError(f"missing field {name!r}", record.source, record.where)
+                raise DataFormatError(f"missing field {name!r} (the row has fields: "
+                                      f"{', '.join(map(str, record.fields))})", record.source, record.where)
         if spec.labels is not None:
             value = _lookup(record.fields, spec.label_field)
             if value is _MISSING:
