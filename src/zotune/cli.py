@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 2 -m zotune.cli train RECIPE.yaml   the same, data parallel
     zotune eval RECIPE.yaml [--checkpoint DIR] [...]     zero-shot (or checkpoint) accuracy
     zotune replay RUN_DIR [--out FILE]                   rebuild tuned weights from the step log
-    zotune tasks                                         list tasks and their templates
+    zotune tasks [--show NAME]                           list tasks and their templates; print one as YAML
     zotune tune RECIPE.yaml [--steps N] [...]           pick optim.lr by a short probe on dev rows
     zotune validate RECIPE.yaml [...]                    check a config without loading a model
     zotune bench GRID.yaml [--only a,b]                  run a grid of runs, one process each, resumable
@@ -111,6 +111,11 @@ def cmd_replay(args) -> int:
 def cmd_tasks(args) -> int:
     from zotune.tasks import get_task, list_tasks
 
+    if args.show:  # any task (a built-in, or a task file) as a task file to start from
+        from zotune.tasks.task_yaml import task_to_yaml
+
+        sys.stdout.write(task_to_yaml(get_task(args.show)))
+        return 0
     for name in list_tasks():
         spec = get_task(name)
         templates = ", ".join(spec.templates)
@@ -213,7 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("run_dir")
     rp.add_argument("--out", help="write the rebuilt trainable tensors here (safetensors)")
     rp.set_defaults(fn=cmd_replay)
-    command("tasks", help="list tasks and templates").set_defaults(fn=cmd_tasks)
+    tk = command("tasks", help="list tasks and templates, or print one as a task file (--show)")
+    tk.add_argument("--show", metavar="NAME", help="print task NAME (a built-in or a task file) in the task-file "
+                    "YAML format (docs/tasks.md), to copy and edit")
+    tk.set_defaults(fn=cmd_tasks)
     with_config("validate", "check a config without loading a model", cmd_validate)
     tn = with_config("tune", "a short probe on dev rows that picks optim.lr for this model, task and method", cmd_tune)
     tn.add_argument("--steps", type=int, default=20, help="steps per candidate (default 20)")
