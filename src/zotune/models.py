@@ -196,7 +196,8 @@ def _resolve_alias(alias: str, cache_dir) -> Path:
     if spec.gguf_file is None:
         return folder
     gguf = folder / spec.gguf_file
-    source = {"package": spec.package, "gguf_file": spec.gguf_file, "size": gguf.stat().st_size}
+    # "format" 2: config.json without the GGUF quantization_config (format 1 folders are rebuilt)
+    source = {"package": spec.package, "gguf_file": spec.gguf_file, "size": gguf.stat().st_size, "format": 2}
 
     def build(tmp: Path) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -205,8 +206,9 @@ def _resolve_alias(alias: str, cache_dir) -> Path:
         model = AutoModelForCausalLM.from_pretrained(
             str(folder), gguf_file=spec.gguf_file, dtype=torch.float32
         )
-        # The weights are already dequantized to float32; without this, save_pretrained refuses.
-        model.hf_quantizer = None
+        # The weights are already dequantized to float32: without these, save_pretrained refuses and
+        # config.json keeps quantization_config {quant_method: gguf}, which other tools refuse.
+        forget_gguf_quantization(model)
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
 
@@ -278,6 +280,26 @@ def fingerprint(model: torch.nn.Module, kind: Kind | None = None) -> dict[str, A
         "vocab_size": getattr(config, "vocab_size", None),
         "dtype": str(dtype).removeprefix("torch."),
     }
+
+
+def _is_gguf_quantization(qc) -> bool:
+    """``qc`` (a config's ``quantization_config``: dict or object) names the GGUF method."""
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    return str(getattr(method, "value", method)).lower() == "gguf"
+
+
+def forget_gguf_quantization(model: torch.nn.Module) -> None:
+    """Drop the GGUF quantizer and ``quantization_config`` of a model loaded from a .gguf file.
+
+    transformers dequantizes GGUF tensors while loading, so the model holds plain floats; the
+    leftover quantizer makes ``save_pretrained`` refuse, and the leftover config key makes
+    other tools (lm-evaluation-harness, later reloads) treat the saved folder as quantized.
+    """
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    config = getattr(model, "config", None)
+    if config is not None and _is_gguf_quantization(getattr(config, "quantization_config", None)):
+        del config.quantization_config
 
 
 def _looks_like_path(name: str) -> bool:
@@ -359,9 +381,17 @@ def load_model(
     config = _call(AutoConfig.from_pretrained, source, is_hub, gguf_file=gguf)
     kind = kind or detect_kind(config)
     auto = AutoModelForCausalLM if kind == "causal" else AutoModelForMaskedLM
+    extra = {}
+    if gguf is None and _is_gguf_quantization(getattr(config, "quantization_config", None)):
+        # A save_pretrained folder converted from a .gguf (older zotune caches): its weights are
+        # plain floats, but the key would attach a GGUF quantizer that makes save_pretrained refuse.
+        del config.quantization_config
+        extra["config"] = config
     model, info = _call(
-        auto.from_pretrained, source, is_hub, gguf_file=gguf, dtype=torch_dtype, output_loading_info=True
+        auto.from_pretrained, source, is_hub, gguf_file=gguf, dtype=torch_dtype, output_loading_info=True, **extra
     )
+    if gguf is not None:
+        forget_gguf_quantization(model)  # transformers dequantized the GGUF tensors while loading
     if info.get("missing_keys"):
         missing = sorted(info["missing_keys"])
         warnings.warn(
