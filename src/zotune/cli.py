@@ -4,6 +4,7 @@
     torchrun --nproc_per_node 2 -m zotune.cli train RECIPE.yaml   the same, data parallel
     zotune eval RECIPE.yaml [--checkpoint DIR] [...]     zero-shot (or checkpoint) accuracy
     zotune replay RUN_DIR [--out FILE]                   rebuild tuned weights from the step log
+    zotune export RUN_OR_CHECKPOINT --out DIR [--merge]  a transformers / peft folder (no zotune needed)
     zotune tasks [--show NAME]                           list tasks and their templates; print one as YAML
     zotune tune RECIPE.yaml [--steps N] [...]           pick optim.lr by a short probe on dev rows
     zotune validate RECIPE.yaml [...]                    check a config without loading a model
@@ -105,6 +106,15 @@ def cmd_replay(args) -> int:
     from zotune.train.loop import replay
 
     print(json.dumps(replay(args.run_dir, args.out)))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from zotune.export import export
+    from zotune.train.logger import setup_console_logging
+
+    setup_console_logging()
+    print(json.dumps(export(args.source, args.out, merge=args.merge, from_log=args.from_log)))
     return 0
 
 
@@ -218,6 +228,15 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("run_dir")
     rp.add_argument("--out", help="write the rebuilt trainable tensors here (safetensors)")
     rp.set_defaults(fn=cmd_replay)
+    ex = command("export", help="write a run's tuned model as a transformers (full, merged LoRA) or peft "
+                 "(adapters) folder, safetensors only")
+    ex.add_argument("source", metavar="RUN_OR_CHECKPOINT",
+                    help="a run folder (its tested checkpoint: best dev, else last) or a checkpoint folder in it")
+    ex.add_argument("--out", required=True, help="a new (or empty) folder to write")
+    ex.add_argument("--merge", action="store_true", help="LoRA: fold the adapters into the weights (a plain model)")
+    ex.add_argument("--from-log", action="store_true",
+                    help="rebuild the weights from the run's steps.jsonl (replay) instead of a checkpoint")
+    ex.set_defaults(fn=cmd_export)
     tk = command("tasks", help="list tasks and templates, or print one as a task file (--show)")
     tk.add_argument("--show", metavar="NAME", help="print task NAME (a built-in or a task file) in the task-file "
                     "YAML format (docs/tasks.md), to copy and edit")
