@@ -22,6 +22,7 @@ from zotune.presets import (
     ZOAdam,
     ZOSGDConservative,
     ZOSGDMomentum,
+    ZOSGDBlock,
     ZOSGDSign,
 )
 from zotune.rules import make_rule
@@ -30,6 +31,6 @@ from zotune.step import NonFiniteLossError, ZOOptimizer
 
 __all__ = [
     "FOAdam", "FOSGD", "FZOO", "ForwardGrad", "HiZOO", "SparseMeZO", "HybridOptimizer", "LOZO", "MeZO", "NonFiniteLossError",
-    "PRESETS", "ZOAdam", "ZOOptimizer", "ZOSGDConservative", "ZOSGDMomentum", "ZOSGDSign",
+    "PRESETS", "ZOAdam", "ZOOptimizer", "ZOSGDConservative", "ZOSGDBlock", "ZOSGDMomentum", "ZOSGDSign",
     "lr_multiplier", "make_estimator", "make_rule",
 ]

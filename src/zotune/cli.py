@@ -6,6 +6,7 @@
     zotune replay RUN_DIR [--out FILE]                   rebuild tuned weights from the step log
     zotune export RUN_OR_CHECKPOINT --out DIR [--merge]  a transformers / peft folder (no zotune needed)
     zotune tasks [--show NAME]                           list tasks and their templates; print one as YAML
+    zotune methods                                       list methods: estimator, rule, capabilities
     zotune tune RECIPE.yaml [--steps N] [...]           pick optim.lr by a short probe on dev rows
     zotune validate RECIPE.yaml [...]                    check a config without loading a model
     zotune bench GRID.yaml [--only a,b]                  run a grid of runs, one process each, resumable
@@ -115,6 +116,16 @@ def cmd_export(args) -> int:
 
     setup_console_logging()
     print(json.dumps(export(args.source, args.out, merge=args.merge, from_log=args.from_log)))
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from zotune.methods import METHODS
+
+    for name, m in METHODS.items():
+        parts = f"{m.estimator or 'backprop'} + {m.rule}" + (f" ({m.scheme})" if m.scheme != "central" else "")
+        print(f"{name:<16} zotune.{m.preset:<18} {parts:<40} {', '.join(m.flags())}")
+        print(f"{'':<16} {m.description}")
     return 0
 
 
@@ -241,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     tk.add_argument("--show", metavar="NAME", help="print task NAME (a built-in or a task file) in the task-file "
                     "YAML format (docs/tasks.md), to copy and edit")
     tk.set_defaults(fn=cmd_tasks)
+    from zotune.methods import METHODS
+
+    command("methods", help=f"list the methods optim.method names ({', '.join(METHODS)}): their parts "
+            "and capabilities").set_defaults(fn=cmd_methods)
     with_config("validate", "check a config without loading a model", cmd_validate)
     tn = with_config("tune", "a short probe on dev rows that picks optim.lr for this model, task and method", cmd_tune)
     tn.add_argument("--steps", type=int, default=20, help="steps per candidate (default 20)")

@@ -262,10 +262,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def validate(cfg: Config) -> list[str]:
     """Every problem with ``cfg`` that can be found without loading a model or data."""
-    from zotune.methods import METHODS
+    from zotune.methods import ALL_SCHEMES, METHODS, resolve_optim
     from zotune.schedules import SCHEDULES
-
-    from zotune.methods import resolve_optim
 
     errors = []
     o, t, tr, m, k = cfg.optim, cfg.train, cfg.trainable, cfg.model, cfg.task
@@ -277,9 +275,11 @@ def validate(cfg: Config) -> list[str]:
         if isinstance(o.queries, int) and o.queries < method.min_queries:
             errors.append(f"optim.queries: {o.method} needs at least {method.min_queries} directions per step, "
                           f"got {o.queries}")
-        if o.sparsity and method.family == "zo" and not method.sparse_masks and o.method != "sparse-mezo":
+        if o.sparsity and not method.sparse_masks and "sparsity" not in method.reads:
             errors.append(f"optim.sparsity (random sparse masks) does not combine with {o.method}: "
                           "its directions are not dense per-entry draws")
+        if tr.scheme in ALL_SCHEMES and tr.scheme not in method.schemes:
+            errors.append(f"trainable.scheme {tr.scheme!r}: {o.method} supports {', '.join(method.schemes)}")
     if o.distribution not in ("gaussian", "rademacher"):
         errors.append("optim.distribution: " + unknown_choice("distribution", str(o.distribution),
                                                               ("gaussian", "rademacher")))
@@ -323,13 +323,12 @@ def validate(cfg: Config) -> list[str]:
     if o.perturbation not in ("auto", "inplace", "swap", "dual", "side"):
         errors.append("optim.perturbation: " + unknown_choice("perturbation", o.perturbation,
                                                               ("auto", "inplace", "swap", "dual", "side")))
-    schemes = ("full", "lora", "prefix", "prompt")
-    if tr.scheme not in schemes:
-        errors.append("trainable.scheme: " + unknown_choice("scheme", tr.scheme, schemes))
+    if tr.scheme not in ALL_SCHEMES:
+        errors.append("trainable.scheme: " + unknown_choice("scheme", tr.scheme, ALL_SCHEMES))
     if tr.zo_layers is not None:
         if tr.scheme != "full":
             errors.append("trainable.zo_layers (hybrid ZO/FO) needs trainable.scheme: full")
-        if o.method in METHODS and METHODS[o.method].family != "zo":
+        if method is not None and method.family != "zo":
             errors.append(f"trainable.zo_layers needs a ZO method, got {o.method!r}")
     offloads = ("none", "mmap", "host")
     if m.offload not in offloads:

@@ -1,10 +1,15 @@
-"""The methods a run can name (``optim.method``), each built from an ``OptimConfig``.
+"""The methods a run can name (``optim.method``): one spec each, read by everything that needs
+to know about methods.
 
-One registry serves the CLI, the recipes, config validation and the benchmark grid, so a method
-is added in one place: a :class:`Method` says how to build it, which ``optim`` fields it defaults
-differently (``defaults``, filled in where the config leaves a field unset) and what it can do
-(capability flags read by :func:`zotune.config.validate`). Every entry returns an object with
-``step(closure)``, ``state_dict()`` and ``load_state_dict()``.
+A :class:`Method` says what the method is made of (estimator, update rule, sampling scheme),
+which ``optim`` fields it defaults differently, which fields it reads, which ``zotune`` class is
+its preset, and what it can do (capability flags). The presets (:data:`zotune.presets.PRESETS`),
+the command line (``zotune methods``, ``zotune memory --help``), config validation
+(:func:`zotune.config.validate`), the memory model (:mod:`zotune.bench.memory_model`) and the
+studies all read :data:`METHODS`; adding a method is one entry here (plus its preset class, and
+its terms in the memory model if it brings a new estimator or rule: the table test
+``tests/test_methods.py`` says what is missing). Every built method has ``step(closure)``,
+``state_dict()`` and ``load_state_dict()``.
 """
 
 from __future__ import annotations
@@ -16,8 +21,8 @@ import torch
 
 from zotune import estimators, rules
 from zotune.fo import FOAdam, FOSGD
+from zotune.params import SCHEMES as ALL_SCHEMES  # what trainable.scheme can name
 from zotune.step import ZOOptimizer
-
 
 #: values of the optional ``optim`` fields for methods that do not set their own
 COMMON_DEFAULTS = {"queries": 1, "distribution": "gaussian", "sparsity": 0.0, "hessian_smooth": 1e-6}
@@ -25,39 +30,96 @@ COMMON_DEFAULTS = {"queries": 1, "distribution": "gaussian", "sparsity": 0.0, "h
 
 @dataclass(frozen=True)
 class Method:
-    """One method: how to build it, its own defaults, and what it supports.
+    """One method: what it is made of, its own defaults, and what it supports.
 
-    ``streamable``: evaluates both halves of a two-point estimate while a module is resident
-    (streamed weights); ``min_queries``: the fewest directions per step it is defined for.
+    Parts: ``estimator`` (a name in :data:`ESTIMATOR_BUILDERS`; None for first-order methods),
+    ``rule`` (a name in :data:`RULE_BUILDERS`), ``scheme`` (zotune.schemes: ``central``,
+    ``one_sided_normalised``, ``central_curvature``), ``conservative`` (ZO-SGD-Cons's best of
+    three). ``preset``: the name of its class in ``zotune`` (``zotune.MeZO`` ...).
+    ``defaults``: ``optim`` fields it sets differently when the config leaves them unset;
+    ``reads``: ``optim`` fields beyond lr / eps / weight_decay / seed / queries it uses.
+
+    Capabilities: ``two_point`` (one central difference of two losses per direction, the
+    estimate streamed weights and ``perturbation: dual`` evaluate), ``stateless`` (keeps no
+    optimizer state between steps: nothing model-sized to store or checkpoint),
+    ``data_parallel`` (ranks agree on every step when only scalars are reduced, or DDP for
+    first-order), ``half_precision`` (trains float16 / bfloat16 weights), ``streamable``
+    (evaluates both halves while a module is resident: ``model.offload``), ``sparse_masks``
+    (combines with random masks, ``optim.sparsity``), ``schemes`` (trainable schemes it
+    supports), ``min_queries`` (the fewest directions per step it is defined for).
     """
 
     name: str
     family: str  # "zo" (forward passes only) or "fo" (backpropagation)
+    title: str  # the name the papers' tables use (ZO-Bench's "ZO-SGD" for MeZO)
     description: str
-    build: Callable
+    preset: str
+    estimator: str | None
+    rule: str
+    scheme: str = "central"
+    conservative: bool = False
     defaults: dict = field(default_factory=dict)
+    reads: tuple[str, ...] = ()
+    two_point: bool = True
+    stateless: bool = True
+    data_parallel: bool = True
+    half_precision: bool = True
     streamable: bool = False
+    sparse_masks: bool = True
+    schemes: tuple[str, ...] = ALL_SCHEMES
     min_queries: int = 1
-    sparse_masks: bool = True  # combines with optim.sparsity (random masks, ZO-Bench)
-    half_precision: bool = True  # trains float16 / bfloat16 weights (ZO only: FO uses autograd)
+
+    def flags(self) -> list[str]:
+        """The capability flags that hold, by name (for ``zotune methods``)."""
+        names = ("two_point", "stateless", "data_parallel", "half_precision", "streamable", "sparse_masks")
+        return [n for n in names if getattr(self, n)]
 
 
-def _estimator(o, default="gaussian", module=None):
-    if default == "hessian":
-        return estimators.HessianInformed(estimators.Gaussian(queries=o.queries, distribution=o.distribution),
-                                          hessian_smooth=o.hessian_smooth)
-    if default == "magnitude":
-        return estimators.MagnitudeMasked(estimators.Gaussian(queries=o.queries, distribution=o.distribution),
-                                          sparsity=o.sparsity)
-    if default == "lowrank":
-        est = estimators.LowRankEstimator(rank=o.rank, interval=o.interval, queries=o.queries)
-    elif default == "blockwise":
-        est = estimators.Blockwise()
-    elif default == "forward":
-        est = estimators.ForwardGradient(module, queries=o.queries)
-    else:
-        est = estimators.Gaussian(queries=o.queries, distribution=o.distribution)
-    return estimators.Sparse(est, o.sparsity) if o.sparsity > 0 else est
+def _zo(name, title, description, preset, estimator, rule, **kw) -> Method:
+    return Method(name, "zo", title, description, preset, estimator, rule, **kw)
+
+
+def _fo(name, title, description, preset, rule, **kw) -> Method:
+    # autograd in the weights' dtype: first-order methods train float32 weights
+    return Method(name, "fo", title, description, preset, None, rule, two_point=False, half_precision=False,
+                  sparse_masks=False, **kw)
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in [
+        _zo("mezo", "ZO-SGD", "MeZO / ZO-SGD: two-point Gaussian estimate", "MeZO",
+            "gaussian", "sgd", streamable=True),
+        _zo("zo-sgd-sign", "ZO-SGD-Sign", "ZO-SGD-Sign: only the sign of the projected gradient", "ZOSGDSign",
+            "gaussian", "sign", reads=("sign_mode",), streamable=True),
+        _zo("zo-sgd-momentum", "ZO-SGD-MMT", "ZO-SGD-MMT (beta = optim.momentum or 0.9)", "ZOSGDMomentum",
+            "gaussian", "momentum", reads=("momentum",), stateless=False, streamable=True),
+        _zo("zo-sgd-cons", "ZO-SGD-Cons", "ZO-SGD-Cons: best of x, x -+ lr g", "ZOSGDConservative",
+            "gaussian", "sgd", conservative=True, half_precision=False),
+        _zo("zo-adam", "ZO-Adam", "ZO-Adam: AMSGrad-style Adam on the two-point estimate", "ZOAdam",
+            "gaussian", "adam", reads=("betas",), stateless=False, streamable=True),
+        _zo("zo-sgd-block", "ZO-SGD-Block", "ZO-SGD-Block: one query per layer block", "ZOSGDBlock",
+            "blockwise", "sgd", streamable=True),
+        _zo("lozo", "LOZO", "LOZO: low-rank directions U V^T (LOZO-M with optim.momentum > 0)", "LOZO",
+            "lowrank", "lowrank_momentum", reads=("rank", "interval", "momentum"), stateless=False,
+            streamable=True, sparse_masks=False),
+        _zo("fzoo", "FZOO", "FZOO: N one-sided Rademacher estimates, step normalised by the losses' spread", "FZOO",
+            "gaussian", "sgd", scheme="one_sided_normalised", defaults={"queries": 8, "distribution": "rademacher"},
+            two_point=False, min_queries=2),
+        _zo("hizoo", "HiZOO", "HiZOO: MeZO preconditioned by a diagonal Hessian estimate (optim.hessian_smooth)",
+            "HiZOO", "hessian", "sgd", scheme="central_curvature", reads=("hessian_smooth",), two_point=False,
+            stateless=False, sparse_masks=False),
+        _zo("sparse-mezo", "Sparse-MeZO",
+            "Sparse-MeZO: perturb and update only small weights (optim.sparsity of each matrix left alone)",
+            "SparseMeZO", "magnitude", "sgd", defaults={"sparsity": 0.75}, reads=("sparsity",), stateless=False,
+            sparse_masks=False),
+        _zo("forward-grad", "Forward-Grad", "Forward-Grad: forward-mode JVP, no backward", "ForwardGrad",
+            "forward", "sgd", two_point=False, sparse_masks=False),
+        _fo("fo-sgd", "FO-SGD", "first-order SGD (backprop; optim.momentum)", "FOSGD", "sgd", reads=("momentum",)),
+        _fo("fo-adam", "FO-Adam", "first-order Adam (backprop)", "FOAdam", "adam", reads=("betas",),
+            stateless=False),
+    ]
+}
 
 
 def resolve_optim(o):
@@ -70,64 +132,56 @@ def resolve_optim(o):
     return o
 
 
-def _zo(estimator: str, rule: Callable, conservative=False, scheme: str = "central"):
-    def build(o, named, module=None, reduce=None, streamed=False):
-        est = _estimator(o, estimator, module)
-        mode = o.perturbation
-        if streamed:  # streamed weights: both halves while a module is resident, updates deferred
-            mode = "dual"
-        elif mode == "auto":  # half-precision weights must not be written by the perturbation
-            half = any(p.dtype in (torch.float16, torch.bfloat16) for p in named.values())
-            mode = "swap" if half and module is not None and est.kind == "two_point" else "inplace"
-        return ZOOptimizer(
-            list(named.items()), est, rule(o), o.lr, o.eps, o.weight_decay, o.seed,
-            conservative=conservative, max_nonfinite=o.max_nonfinite, reduce=reduce,
-            module=module, perturbation=mode, defer_update=streamed, scheme=scheme,
-        )
-    return build
+# ----------------------------------------------------------------------------- building
+def _gaussian(o, module):
+    return estimators.Gaussian(queries=o.queries, distribution=o.distribution)
 
 
-def _fo(cls, **extra):
-    def build(o, named, module=None, reduce=None):
-        kwargs = {"lr": o.lr, "weight_decay": o.weight_decay}
-        if cls is FOAdam:
-            kwargs["betas"] = tuple(o.betas)
-        else:
-            kwargs["momentum"] = o.momentum
-        return cls(list(named.values()), **kwargs)
-    return build
-
-
-METHODS: dict[str, Method] = {
-    m.name: m
-    for m in [
-        Method("mezo", "zo", "MeZO / ZO-SGD: two-point Gaussian estimate", _zo("gaussian", lambda o: rules.sgd()),
-               streamable=True),
-        Method("zo-sgd-sign", "zo", "ZO-SGD-Sign", _zo("gaussian", lambda o: rules.sign(o.sign_mode)),
-               streamable=True),
-        Method("zo-sgd-momentum", "zo", "ZO-SGD-MMT (beta = optim.momentum or 0.9)",
-               _zo("gaussian", lambda o: rules.momentum(o.momentum or 0.9)), streamable=True),
-        Method("zo-sgd-cons", "zo", "ZO-SGD-Cons: best of x, x -+ lr g", _zo("gaussian", lambda o: rules.sgd(), True),
-               half_precision=False),
-        Method("zo-adam", "zo", "ZO-Adam", _zo("gaussian", lambda o: rules.adam(o.betas[0], o.betas[1])),
-               streamable=True),
-        Method("zo-sgd-block", "zo", "ZO-SGD-Block: one query per layer block", _zo("blockwise", lambda o: rules.sgd()),
-               streamable=True),
-        Method("lozo", "zo", "LOZO (LOZO-M with optim.momentum > 0)",
-               _zo("lowrank", lambda o: rules.lowrank_momentum(o.momentum) if o.momentum > 0 else rules.sgd()),
-               streamable=True, sparse_masks=False),
-        Method("fzoo", "zo", "FZOO: N one-sided Rademacher estimates, step normalised by the losses' spread",
-               _zo("gaussian", lambda o: rules.sgd(), scheme="one_sided_normalised"),
-               defaults={"queries": 8, "distribution": "rademacher"}, min_queries=2),
-        Method("hizoo", "zo", "HiZOO: MeZO preconditioned by a diagonal Hessian estimate (optim.hessian_smooth)",
-               _zo("hessian", lambda o: rules.sgd(), scheme="central_curvature"), sparse_masks=False),
-        Method("sparse-mezo", "zo", "Sparse-MeZO: perturb and update only small weights (optim.sparsity of each matrix left alone)",
-               _zo("magnitude", lambda o: rules.sgd()), defaults={"sparsity": 0.75}, sparse_masks=False),
-        Method("forward-grad", "zo", "Forward-Grad: forward-mode JVP, no backward", _zo("forward", lambda o: rules.sgd())),
-        Method("fo-sgd", "fo", "first-order SGD (backprop)", _fo(FOSGD)),
-        Method("fo-adam", "fo", "first-order Adam (backprop)", _fo(FOAdam)),
-    ]
+#: estimator name -> build(optim config, module) (random masks are added by build_optimizer)
+ESTIMATOR_BUILDERS: dict[str, Callable] = {
+    "gaussian": _gaussian,
+    "lowrank": lambda o, module: estimators.LowRankEstimator(rank=o.rank, interval=o.interval, queries=o.queries),
+    "blockwise": lambda o, module: estimators.Blockwise(),
+    "forward": lambda o, module: estimators.ForwardGradient(module, queries=o.queries),
+    "hessian": lambda o, module: estimators.HessianInformed(_gaussian(o, module), hessian_smooth=o.hessian_smooth),
+    "magnitude": lambda o, module: estimators.MagnitudeMasked(_gaussian(o, module), sparsity=o.sparsity),
 }
+
+#: rule name -> build(optim config) for ZO methods
+RULE_BUILDERS: dict[str, Callable] = {
+    "sgd": lambda o: rules.sgd(),
+    "sign": lambda o: rules.sign(o.sign_mode),
+    "momentum": lambda o: rules.momentum(o.momentum or 0.9),
+    "adam": lambda o: rules.adam(o.betas[0], o.betas[1]),
+    # LOZO: plain low-rank steps without momentum, LOZO-M's projected momentum with it
+    "lowrank_momentum": lambda o: rules.lowrank_momentum(o.momentum) if o.momentum > 0 else rules.sgd(),
+}
+
+
+def _build_zo(method: Method, o, named, module=None, reduce=None, streamed=False) -> ZOOptimizer:
+    est = ESTIMATOR_BUILDERS[method.estimator](o, module)
+    if o.sparsity > 0 and "sparsity" not in method.reads:
+        if not method.sparse_masks:
+            raise ValueError(f"optim.sparsity={o.sparsity} (random sparse masks) does not combine with {method.name}: "
+                             "its directions are not dense per-entry draws")
+        est = estimators.Sparse(est, o.sparsity)
+    mode = o.perturbation
+    if streamed:  # streamed weights: both halves while a module is resident, updates deferred
+        mode = "dual"
+    elif mode == "auto":  # half-precision weights must not be written by the perturbation
+        half = any(p.dtype in (torch.float16, torch.bfloat16) for p in named.values())
+        mode = "swap" if half and module is not None and est.kind == "two_point" else "inplace"
+    return ZOOptimizer(
+        list(named.items()), est, RULE_BUILDERS[method.rule](o), o.lr, o.eps, o.weight_decay, o.seed,
+        conservative=method.conservative, max_nonfinite=o.max_nonfinite, reduce=reduce,
+        module=module, perturbation=mode, defer_update=streamed, scheme=method.scheme,
+    )
+
+
+def _build_fo(method: Method, o, named, module=None, reduce=None, streamed=False):
+    if method.rule == "adam":
+        return FOAdam(list(named.values()), lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas))
+    return FOSGD(list(named.values()), lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum)
 
 
 def build_optimizer(o, named: dict[str, torch.Tensor], module=None, reduce=None, streamed: bool = False):
@@ -136,7 +190,10 @@ def build_optimizer(o, named: dict[str, torch.Tensor], module=None, reduce=None,
 
     if o.method not in METHODS:
         raise ValueError(unknown_choice("method", o.method, METHODS))
+    method = METHODS[o.method]
     resolve_optim(o)
-    if streamed:
-        return METHODS[o.method].build(o, named, module, reduce, streamed=True)
-    return METHODS[o.method].build(o, named, module, reduce)
+    if streamed and not method.streamable:
+        raise ValueError(f"optim.method {o.method!r} cannot train streamed weights (model.offload): "
+                         "it does not evaluate both halves of a two-point estimate while a module is resident")
+    build = _build_zo if method.family == "zo" else _build_fo
+    return build(method, o, named, module, reduce, streamed)

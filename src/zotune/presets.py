@@ -4,13 +4,18 @@ Every preset documents its update equation and what ``lr`` and ``eps`` scale. Th
 ``c = (L(x + eps z) - L(x - eps z)) / (2 eps)`` is the projected gradient (an estimate of the
 directional derivative along ``z``), so ``eps`` only sets where the losses are taken, never the
 step length; ``lr`` multiplies the whole estimate, with no hidden factor.
+
+Each class is the preset of one method of :data:`zotune.methods.METHODS` (its ``preset`` field),
+and :data:`PRESETS` is read from that registry: a method without its class here fails at import.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from zotune.estimators import ForwardGradient, Gaussian, HessianInformed, LowRankEstimator, MagnitudeMasked
+from zotune.estimators import Blockwise, ForwardGradient, Gaussian, HessianInformed, LowRankEstimator, MagnitudeMasked
+from zotune.fo import FOAdam, FOSGD
+from zotune.methods import METHODS
 from zotune.rules import adam, lowrank_momentum, momentum, sgd, sign
 from zotune.schemes import CentralWithCurvature, OneSidedNormalised
 from zotune.step import ZOOptimizer
@@ -67,6 +72,19 @@ class ZOSGDConservative(ZOOptimizer):
 
     def __init__(self, params, lr=1e-6, eps=1e-3, weight_decay=0.0, seed=0, queries=1, **kwargs):
         super().__init__(params, Gaussian(queries), sgd(), lr, eps, weight_decay, seed, conservative=True, **kwargs)
+
+
+class ZOSGDBlock(ZOOptimizer):
+    """ZO-SGD-Block (ZO-Bench Sec. 5): one query per block of parameters (by default one block
+    per transformer layer), every block covered each step:
+
+    ``c_b = (L(x + eps z_b) - L(x - eps z_b)) / (2 eps)``; ``x_b <- x_b - lr * c_b * z_b``.
+    A step costs ``2 * num_blocks`` forward passes (as q-query RGE with ``q = num_blocks``) with
+    lower variance than one direction over the whole model; ``lr`` and ``eps`` as in MeZO.
+    """
+
+    def __init__(self, params, lr=1e-6, eps=1e-3, weight_decay=0.0, seed=0, **kwargs):
+        super().__init__(params, Blockwise(), sgd(), lr, eps, weight_decay, seed, **kwargs)
 
 
 class ZOAdam(ZOOptimizer):
@@ -184,15 +202,5 @@ class SparseMeZO(ZOOptimizer):
         super().__init__(params, est, sgd(), lr, eps, weight_decay, seed, **kwargs)
 
 
-PRESETS = {
-    "mezo": MeZO,
-    "zo-sgd-sign": ZOSGDSign,
-    "zo-sgd-momentum": ZOSGDMomentum,
-    "zo-sgd-cons": ZOSGDConservative,
-    "zo-adam": ZOAdam,
-    "lozo": LOZO,
-    "forward-grad": ForwardGrad,
-    "fzoo": FZOO,
-    "hizoo": HiZOO,
-    "sparse-mezo": SparseMeZO,
-}
+#: method name -> its zotune class (first-order methods: :mod:`zotune.fo`), read from the registry
+PRESETS: dict[str, type] = {name: globals()[m.preset] for name, m in METHODS.items()}

@@ -245,6 +245,39 @@ def test_main_prints_the_table_and_reports_errors(tmp_path, capsys, synthetic):
     assert "| fo-adam |" in out and "| inference |" in out
     assert mm.main(["--model", str(tmp_path), "--method", "zo-adma"]) == 2
     assert "Did you mean 'zo-adam'" in capsys.readouterr().err
+    assert mm.main(["--model", str(tmp_path), "--method", "mezo", "--seq-len", "0"]) == 2
+    assert "seq_len must be an integer >= 1, got 0" in capsys.readouterr().err
+    assert mm.main(["--model", str(tmp_path / "absent")]) == 2  # a ModelLoadError: one line
+    assert "could not read a config" in capsys.readouterr().err
+
+
+def test_main_lets_a_bug_keep_its_traceback(tmp_path, monkeypatch):
+    """Only zotune's own errors are one line: a ValueError or OSError from a bug propagates."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=500, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4).save_pretrained(tmp_path)  # fmt: skip
+    for bug in (ValueError("a bug"), OSError("another bug")):
+        def broken(*args, **kwargs):
+            raise bug
+
+        monkeypatch.setattr(mm, "predict_table", broken)
+        with pytest.raises(type(bug), match="bug"):
+            mm.main(["--model", str(tmp_path), "--method", "mezo"])
+
+
+def test_methods_without_memory_terms_are_refused_by_name(synthetic, monkeypatch):
+    """A registered method built from an estimator the model has no terms for is refused, not
+    predicted as if it were MeZO."""
+    import dataclasses
+
+    from zotune.methods import METHODS
+
+    new = dataclasses.replace(METHODS["mezo"], name="new-zo", estimator="population")
+    monkeypatch.setitem(mm._REGISTRY, "new-zo", new)
+    monkeypatch.setitem(mm.METHODS, "new-zo", ("zo", "a new method"))
+    with pytest.raises(mm.MemoryModelError, match="no terms for 'new-zo' \\(estimator 'population'"):
+        predict(synthetic, "new-zo")
 
 
 def test_new_methods_state_fzoo_none_hizoo_one_float32_copy_sparse_mezo_bits(synthetic):

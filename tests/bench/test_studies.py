@@ -19,6 +19,7 @@ from zotune.bench.studies import (
     render,
 )
 from zotune.cli import main
+from zotune.tasks import get_task
 
 DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 TINY = Layout(layers=2, blocks=4)  # tiny-llama: embeddings, 2 layers, final norm (head tied)
@@ -47,7 +48,10 @@ def test_alignment_grid_is_methods_by_template_on_and_off_per_task():
     on, off = r["rte-zo-adam-aligned-s0"].overrides, r["rte-zo-adam-unaligned-s0"].overrides
     assert on["task.template"] is None and off["task.template"] == "none"
     assert on["optim.method"] == off["optim.method"] == "zo-adam" and on["task.name"] == "rte"
-    assert on["task.max_length"] == 160 and r["sst2-mezo-aligned-s0"].overrides["task.max_length"] == 64
+    # each task's own default length (TaskSpec.max_length, measured on its data): RTE 224, SST-2 64
+    assert on["task.max_length"] == get_task("rte").max_length == 224
+    assert r["sst2-mezo-aligned-s0"].overrides["task.max_length"] == get_task("sst2").max_length == 64
+    assert plan("alignment", max_length=48).grid.runs[0].overrides["task.max_length"] == 48  # --max-length wins
     assert r["sst2-fo-sgd-unaligned-s0"].labels == {"task": "sst2", "method": "fo-sgd", "aligned": False, "seed": 0}
     assert {k: v for k, v in on.items() if k != "task.template"} == {
         k: v for k, v in off.items() if k != "task.template"}  # the template is the only difference

@@ -52,12 +52,16 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from zotune._validate import check_int, check_range, unknown_choice
+from zotune.errors import ZotuneError
 from zotune.estimators.base import DEFAULT_CHUNK  # elements per chunk of a dense ZO direction
+from zotune.methods import METHODS as _REGISTRY
+from zotune.params import SCHEMES
 
 __all__ = [
     "Activations",
     "DTYPES",
     "METHODS",
+    "MemoryModelError",
     "ModelShape",
     "ParamTensor",
     "Prediction",
@@ -78,24 +82,21 @@ __all__ = [
 MiB = 2**20
 
 
-# method -> (family, description). "zo": forward passes only; "fo": backpropagation.
+
+class MemoryModelError(ZotuneError, ValueError):
+    """A request the memory model cannot answer (an unknown method, dtype, model type ...)."""
+
+
+# method -> (family, description): zotune's methods (zotune.methods.METHODS, whose estimator and
+# rule select the terms below) and "inference". "zo": forward passes only; "fo": backpropagation.
 METHODS: dict[str, tuple[str, str]] = {
     "inference": ("none", "one forward pass without gradients (the floor every method pays)"),
-    "mezo": ("zo", "MeZO / ZO-SGD"),
-    "zo-sgd-sign": ("zo", "ZO-SGD-Sign"),
-    "zo-sgd-cons": ("zo", "ZO-SGD-Cons"),
-    "zo-sgd-momentum": ("zo", "ZO-SGD-MMT"),
-    "zo-adam": ("zo", "ZO-Adam"),
-    "zo-sgd-block": ("zo", "ZO-SGD-Block"),
-    "lozo": ("zo", "LOZO (LOZO-M with momentum > 0)"),
-    "forward-grad": ("zo", "Forward-Grad (forward-mode JVP)"),
-    "fzoo": ("zo", "FZOO (N one-sided Rademacher queries, normalised step)"),
-    "hizoo": ("zo", "HiZOO (diagonal Hessian-informed MeZO)"),
-    "sparse-mezo": ("zo", "Sparse-MeZO (small-magnitude weights only)"),
-    "fo-sgd": ("fo", "FO-SGD (backprop)"),
-    "fo-adam": ("fo", "FO-Adam (backprop)"),
+    **{name: (m.family, m.description) for name, m in _REGISTRY.items()},
 }
-SCHEMES = ("full", "lora", "prefix", "prompt")
+# The estimators and rules whose memory this model accounts for; a method built from anything
+# else is refused (MemoryModelError) until its terms are added to _zo_state / _zeroth_order.
+ESTIMATORS = ("gaussian", "blockwise", "lowrank", "forward", "hessian", "magnitude")
+RULES = ("sgd", "sign", "momentum", "adam", "lowrank_momentum")
 VARIANTS = ("zotune", "paper")
 # dtype -> (bytes of weights, gradients and optimizer state; bytes of activations)
 DTYPES: dict[str, tuple[int, int]] = {
@@ -200,7 +201,7 @@ def load_config(model: Any):
     if isinstance(model, PretrainedConfig):
         return model
     if not isinstance(model, (str, os.PathLike)):
-        raise ValueError(f"model must be a name, a path or a transformers config, got {type(model).__name__}")
+        raise MemoryModelError(f"model must be a name, a path or a transformers config, got {type(model).__name__}")
     name = str(model)
     try:
         if name.lower() in ALIASES:
@@ -228,14 +229,14 @@ def model_shape(model: Any, *, kind: str | None = None) -> ModelShape:
 
     Parameter shapes are computed for LLaMA-style (q, k, v, o; gate/up/down MLP; RMSNorms),
     OPT and GPT-2 (biases, LayerNorms, fc1/fc2, learned positions) and BERT/RoBERTa (masked-LM
-    head) configs; other model types raise ``ValueError``.
+    head) configs; other model types raise :class:`MemoryModelError` (a ``ValueError``).
     """
     if isinstance(model, ModelShape):
         return model
     config = load_config(model)
     model_type = getattr(config, "model_type", None)
     if model_type not in _FAMILIES:
-        raise ValueError(unknown_choice("model_type (memory model)", str(model_type), _FAMILIES))
+        raise MemoryModelError(unknown_choice("model_type (memory model)", str(model_type), _FAMILIES))
     family = _FAMILIES[model_type]
     if kind is None:
         from zotune.models import detect_kind
@@ -331,7 +332,7 @@ def _opt_tensors(c, tied: bool) -> list[ParamTensor]:
 def _gpt2_tensors(c, inner: int, tied: bool) -> list[ParamTensor]:
     h = c.n_embd
     if getattr(c, "add_cross_attention", False):
-        raise ValueError("GPT-2 configs with cross-attention are not modelled")
+        raise MemoryModelError("GPT-2 configs with cross-attention are not modelled")
     ts = [ParamTensor("transformer.wte.weight", (c.vocab_size, h), "embed"),
           ParamTensor("transformer.wpe.weight", (c.n_positions, h), "embed")]
     for l in range(c.n_layer):
@@ -454,7 +455,7 @@ def activation_bytes_per_layer(shape: ModelShape, batch: int, seq_len: int, dtyp
     seq_len = check_int("seq_len", seq_len)
     b = check_int("dtype_bytes", dtype_bytes)
     if scheme not in SCHEMES:
-        raise ValueError(unknown_choice("scheme", str(scheme), SCHEMES))
+        raise MemoryModelError(unknown_choice("scheme", str(scheme), SCHEMES))
     T, n = _tokens(batch, seq_len, logits_positions)
     h, hq, i, V = shape.hidden, shape.q_dim, shape.intermediate, shape.vocab
     lse = batch * shape.heads * seq_len * _F32
@@ -573,7 +574,7 @@ class Prediction:
 def _resolve_dtype(dtype: str) -> str:
     name = _DTYPE_ALIASES.get(str(dtype).lower(), str(dtype).lower())
     if name not in DTYPES:
-        raise ValueError(unknown_choice("dtype", str(dtype), DTYPES))
+        raise MemoryModelError(unknown_choice("dtype", str(dtype), DTYPES))
     return name
 
 
@@ -596,7 +597,7 @@ def predict(
     variant: str = "zotune",
     chunk_size: int = DEFAULT_CHUNK,
     workers: int = 1,
-    queries: int = 1,
+    queries: int | None = None,
     lozo_rank: int = 2,
     momentum: float = 0.0,
     foreach: bool = True,
@@ -616,31 +617,43 @@ def predict(
         chunk_size: elements per chunk of a ZO direction (zotune variant).
         workers: threads drawing chunks at once, each with its own buffers (zotune on CPU uses
             ``ZOTUNE_THREADS``, default all cores; on CUDA chunks run in order: 1).
-        queries: directions per step (q-RGE); more than one needs a gradient buffer per chunk.
+        queries: directions per step (q-RGE); more than one needs a gradient buffer per chunk
+            (None: the method's default, e.g. FZOO's 8).
         lozo_rank: LOZO's rank ``r``. momentum: ``> 0`` makes ``lozo`` LOZO-M and gives ``fo-sgd``
             a momentum buffer (``zo-sgd-momentum`` always has one).
         foreach: FO-Adam's multi-tensor update, which needs one extra model-size temporary
             (the paper's "FO-Adam" vs "FO-Adam w/o fast foreach").
     """
     if method not in METHODS:
-        raise ValueError(unknown_choice("method", str(method), METHODS))
+        raise MemoryModelError(unknown_choice("method", str(method), METHODS))
+    spec = _REGISTRY.get(method)
+    if spec is not None and spec.family == "zo" and (spec.estimator not in ESTIMATORS or spec.rule not in RULES):
+        raise MemoryModelError(
+            f"the memory model has no terms for {method!r} (estimator {spec.estimator!r}, rule {spec.rule!r}): "
+            f"it accounts for estimators {', '.join(ESTIMATORS)} and rules {', '.join(RULES)}"
+        )
     if scheme not in SCHEMES:
-        raise ValueError(unknown_choice("scheme", str(scheme), SCHEMES))
+        raise MemoryModelError(unknown_choice("scheme", str(scheme), SCHEMES))
     if variant not in VARIANTS:
-        raise ValueError(unknown_choice("variant", str(variant), VARIANTS))
+        raise MemoryModelError(unknown_choice("variant", str(variant), VARIANTS))
+    if queries is None:
+        queries = spec.defaults.get("queries", 1) if spec is not None else 1
     dtype = _resolve_dtype(dtype)
-    seq_len = check_int("seq_len", seq_len)
-    batch = check_int("batch", batch)
-    for arg, value in (("lora_r", lora_r), ("prefix_tokens", prefix_tokens), ("prompt_tokens", prompt_tokens),
-                       ("chunk_size", chunk_size), ("workers", workers), ("queries", queries),
-                       ("lozo_rank", lozo_rank)):
-        check_int(arg, value)
-    if logits_positions is not None:
-        check_int("logits_positions", logits_positions)
-    momentum = check_range("momentum", momentum, 0.0, 1.0)
+    try:
+        seq_len = check_int("seq_len", seq_len)
+        batch = check_int("batch", batch)
+        for arg, value in (("lora_r", lora_r), ("prefix_tokens", prefix_tokens), ("prompt_tokens", prompt_tokens),
+                           ("chunk_size", chunk_size), ("workers", workers), ("queries", queries),
+                           ("lozo_rank", lozo_rank)):
+            check_int(arg, value)
+        if logits_positions is not None:
+            check_int("logits_positions", logits_positions)
+        momentum = check_range("momentum", momentum, 0.0, 1.0)
+    except ValueError as e:  # the argument checks above name the argument: a user error
+        raise MemoryModelError(str(e)) from None
     family = METHODS[method][0]
     if dtype in _MIXED and family != "fo":
-        raise ValueError(
+        raise MemoryModelError(
             f"dtype {dtype!r} (autocast mixed precision) applies to first-order methods (fo-sgd, fo-adam); "
             f"for {method!r} use 'bfloat16' or 'float16' weights (the paper's F16) or 'float32'"
         )
@@ -651,7 +664,8 @@ def predict(
     trainable = list(shape.tensors) if scheme == "full" else adapters
     n_params = shape.total_params + sum(t.numel for t in adapters)
     ctx = _Context(
-        shape=shape, method=method, scheme=scheme, dtype=dtype, variant=variant, wb=wb, ab=ab,
+        shape=shape, method=method, estimator=spec.estimator if spec else None, rule=spec.rule if spec else None,
+        scheme=scheme, dtype=dtype, variant=variant, wb=wb, ab=ab,
         batch=batch, seq=seq, logits_positions=logits_positions, trainable=trainable,
         weights=n_params * wb, chunk=chunk_size, workers=workers, queries=queries, rank=lozo_rank,
         momentum=float(momentum), foreach=bool(foreach), lora_r=lora_r,
@@ -660,7 +674,7 @@ def predict(
         parts = _inference(ctx)
     elif family == "fo":
         parts = _first_order(ctx)
-    elif method == "forward-grad":
+    elif ctx.estimator == "forward":
         parts = _forward_grad(ctx)
     else:
         parts = _zeroth_order(ctx)
@@ -677,6 +691,8 @@ def predict(
 class _Context:
     shape: ModelShape
     method: str
+    estimator: str | None  # the method's (zotune.methods.METHODS); None for inference / first order
+    rule: str | None
     scheme: str
     dtype: str
     variant: str
@@ -740,7 +756,7 @@ def _inference(ctx: _Context):
 
 def _first_order(ctx: _Context):
     shape, eps = ctx.shape, ctx.eps
-    adam = ctx.method == "fo-adam"
+    adam = ctx.rule == "adam"
     mixed = ctx.dtype in _MIXED
     state = 2 * eps if adam else (eps if ctx.momentum > 0 else 0)
     foreach_tmp = eps if adam and ctx.foreach else 0
@@ -827,20 +843,20 @@ def _forward_grad(ctx: _Context):
 
 
 def _zo_state(ctx: _Context) -> tuple[int, str]:
-    m, eps = ctx.method, ctx.eps
+    eps = ctx.eps
     numel = eps // ctx.wb
     # zotune keeps optimizer state in float32 for half-precision weights; the paper's table halves it
     state_b = 4 if ctx.half and ctx.variant == "zotune" else ctx.wb
-    if m == "zo-sgd-momentum":
+    if ctx.rule == "momentum":
         return numel * state_b, "|e|"
-    if m == "zo-adam":
+    if ctx.rule == "adam":
         return 2 * numel * state_b, "2|e|"
-    if m == "hizoo":
+    if ctx.estimator == "hessian":
         return numel * (8 if ctx.wb == 8 else 4), "|H| (float32)"
-    if m == "sparse-mezo":
+    if ctx.estimator == "magnitude":
         mats = sum(t.numel for t in ctx.trainable if len(t.shape) >= 2)
         return (mats + 7) // 8, "mask bits (|e| / 32 in float32)"
-    if m == "lozo":
+    if ctx.estimator == "lowrank":
         # V (n x r) per matrix, kept for `interval` steps; LOZO-M adds N (m x r) per matrix and a
         # dense momentum for the other tensors
         mats = [t for t in ctx.trainable if len(t.shape) == 2]
@@ -857,7 +873,7 @@ def _zeroth_order(ctx: _Context):
     state, state_text = _zo_state(ctx)
     full = ctx.scheme == "full"
     x_l = "|x_l|" if full else "|e_l|"
-    lozo = ctx.method == "lozo"
+    lozo = ctx.estimator == "lowrank"
     mats = [t for t in ctx.trainable if len(t.shape) == 2]
     vecs = [t for t in ctx.trainable if len(t.shape) != 2]
     if ctx.variant == "paper":
@@ -885,11 +901,11 @@ def _zeroth_order(ctx: _Context):
         # rounded stochastically (no whole-matrix float32 copy), so the unit stays a chunk
     if ctx.queries > 1:
         per_unit += ctx.wb  # the averaged g of several directions
-    if ctx.method == "zo-adam":
+    if ctx.rule == "adam":
         per_unit += 2 * ctx.wb  # g * scale and the bias-corrected v_{t-1}
-    if ctx.method == "hizoo":
+    if ctx.estimator == "hessian":
         per_unit += 4  # H^{-1/2} of the chunk
-    if ctx.method == "sparse-mezo":
+    if ctx.estimator == "magnitude":
         per_unit += 1 + ctx.wb  # the unpacked mask and its cast to the weights' dtype
     if ctx.half:
         # float32 work copy, stochastic rounding: nearest / other (16-bit) and float32 copies,
@@ -969,7 +985,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             logits_positions=args.logits_positions, variant=args.variant, chunk_size=args.chunk_size,
             workers=args.workers, momentum=args.momentum, foreach=args.foreach,
         )  # fmt: skip
-    except (ValueError, OSError) as e:
+    except ZotuneError as e:  # what the user asked for (a bug keeps its traceback)
         print(f"zotune memory: error: {e}", file=sys.stderr)
         return 2
     print(

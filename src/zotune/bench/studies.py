@@ -50,9 +50,6 @@ from zotune.config import ConfigError, parse_overrides
 
 DEFAULT_MODEL = "smollm2-135m"
 
-# Tokens per example for each task's prompt (context truncated from the left beyond it).
-TASK_LENGTH = {"sst2": 64, "copa": 64, "winogrande": 64, "rte": 160, "cb": 160, "boolq": 192, "wic": 96}
-
 # Hyperparameters per (method, scheme), chosen for SmolLM2-135M in short CPU runs (docs/studies.md):
 # ZO lr 1e-5 for full tuning (1e-6 barely moves the model in a few hundred steps), LoRA 5e-5 with
 # eps 1e-2; FO-SGD 1e-3, FO-Adam 1e-5 (full) / 1e-4 (LoRA). --set optim.lr=... overrides all runs.
@@ -71,8 +68,12 @@ HYPER: dict[tuple[str, str], dict] = {
 }
 FO_LR = 1e-3  # hybrid: lr of the first-order part (and of the pure FO-SGD row)
 
-NAMES = {"fo-sgd": "FO-SGD", "mezo": "ZO-SGD", "zo-adam": "ZO-Adam", "forward-grad": "Forward-Grad",
-         "zo-sgd-block": "ZO-SGD-Block", "fo-adam": "FO-Adam", "lozo": "LOZO", "zo-sgd-momentum": "ZO-SGD-MMT"}
+
+def _title(method: str) -> str:
+    """The name the papers' tables give ``method`` (zotune.methods.Method.title)."""
+    from zotune.methods import METHODS
+
+    return METHODS[method].title if method in METHODS else method
 
 
 # ----------------------------------------------------------------------------- options and plan
@@ -244,12 +245,19 @@ def _common(plan: Plan, task: str) -> dict:
     return {
         "model.name": plan.options.model,
         "task.name": task, "task.train": s["train"], "task.dev": 0, "task.test": s["test"],
-        "task.max_length": s.get("max_length") or TASK_LENGTH.get(task, 128),
+        "task.max_length": s.get("max_length") or _task_length(task),
         "train.steps": s["steps"], "train.batch_size": s["batch_size"],
         "train.eval_batch_size": s["batch_size"],  # evaluation's peak memory no larger than a step's
         "train.save_every": s["steps"], "train.log_every": max(1, min(10, s["steps"] // 10)),
         "train.eval_every": 0, "train.tensorboard": False,
     }  # fmt: skip
+
+
+def _task_length(task: str) -> int:
+    """Tokens per example: the task's own default (TaskSpec.max_length, measured on its data)."""
+    from zotune.tasks import get_task
+
+    return get_task(task).max_length
 
 
 def _hyper(method: str, scheme: str = "full") -> dict:
@@ -420,7 +428,7 @@ def _alignment_table(plan: Plan, records: list[dict]) -> str:
 
     rows = []
     for method in plan.values:
-        row = [NAMES.get(method, method)]
+        row = [_title(method)]
         for task in plan.tasks:
             row += cells(_acc(_select(records, task=task, method=method, aligned=True))[0],
                          _acc(_select(records, task=task, method=method, aligned=False))[0])
@@ -477,7 +485,7 @@ def _queries_render(plan: Plan, records: list[dict]) -> str:
     for task in plan.tasks:
         header = ["q"]
         for m in QUERY_METHODS:
-            header += [f"{NAMES[m]} acc", f"{NAMES[m]} fwd/step", f"{NAMES[m]} s/step"]
+            header += [f"{_title(m)} acc", f"{_title(m)} fwd/step", f"{_title(m)} s/step"]
         rows = []
         for q in plan.values:
             row = [str(q)]
@@ -499,7 +507,7 @@ def _queries_figure(plan: Plan, records: list[dict], out: Path) -> list[Path]:
         for m, marker in zip(QUERY_METHODS, "os"):
             pts = [(q, v) for q in plan.values if (v := _acc(_select(records, task=task, method=m, q=q))[0]) is not None]
             if pts:
-                ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker=marker, label=NAMES[m])
+                ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker=marker, label=_title(m))
         zs = _acc(_select(records, task=task), "zero_shot")[0]
         if zs is not None:
             ax.axhline(100 * zs, color="gray", linestyle="--", linewidth=1, label="zero-shot")
