@@ -32,7 +32,7 @@ from zotune.reference import mezo_step
 
 def load(name: str):
     if name.startswith("tiny-"):
-        from zotune.models import tiny_model
+        from zotune.testing import tiny_model
 
         return tiny_model(name[5:]).model
     from zotune.models import load_model

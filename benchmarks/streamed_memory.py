@@ -70,7 +70,7 @@ def child(args) -> dict:
 
     torch.manual_seed(0)
     if args.model.startswith("tiny-"):
-        from zotune.models import tiny_model
+        from zotune.testing import tiny_model
 
         model = tiny_model(args.model[5:]).model
     else:

@@ -17,7 +17,8 @@ import torch
 
 import zotune
 from zotune.lm import encode_pairs, pair_loss
-from zotune.models import load_model, tiny_model
+from zotune.models import load_model
+from zotune.testing import tiny_model
 
 REVIEWS = [
     ("a gorgeous, witty, seductive movie", " great"),

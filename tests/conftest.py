@@ -2,7 +2,7 @@
 
 The tiny_* fixtures are shared by every test of a module: do not change their weights or wrap
 them with adapters (``select_trainable`` modifies a model in place); build a fresh
-``zotune.models.tiny_model(arch)`` for that, it takes milliseconds.
+``zotune.testing.tiny_model(arch)`` for that, it takes milliseconds.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from zotune.models import tiny_model
+from zotune.testing import tiny_model
 
 
 def pytest_collection_modifyitems(config, items):

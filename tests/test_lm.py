@@ -3,7 +3,7 @@ import torch
 
 from zotune.lm import (Truncation, _newline_ids, choice_logprobs, choice_truncation, encode_pairs, generate,
                        pair_loss, pair_truncation, prompt_truncation, score_choices, sum_logprobs)
-from zotune.models import tiny_model
+from zotune.testing import tiny_model
 
 PAIRS = [
     ("The capital of France is", " Paris is great"),

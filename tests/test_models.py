@@ -13,9 +13,8 @@ from zotune.models import (
     load_model,
     resolve_device,
     resolve_dtype,
-    tiny_model,
-    tiny_tokenizer,
 )
+from zotune.testing import tiny_model, tiny_tokenizer
 
 
 # ----------------------------------------------------------------------------- tiny models

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from zotune.lm import encode_pairs, pair_loss, sum_logprobs
-from zotune.models import tiny_model
+from zotune.testing import tiny_model
 from zotune.params import hybrid_split, layer_of, num_layers, select_trainable, unique_parameters
 
 PAIRS = [("The capital of France is", " Paris is great"), ("It was", " good"), ("a b c d e f g h", " yes")]

@@ -180,7 +180,7 @@ def test_dual_errors_are_clear():
 
 def test_side_terms_give_the_inplace_lozo_trajectory_without_writing_matrices():
     from zotune.lm import encode_pairs, pair_loss
-    from zotune.models import tiny_model
+    from zotune.testing import tiny_model
 
     models = [tiny_model("llama").model for _ in range(2)]  # tied embedding + LM head: both owners hooked
     batch = encode_pairs(tiny_model("llama").tokenizer, [("the movie was", " great"), ("a bad film", " no")], 32)
@@ -214,7 +214,7 @@ def test_dual_perturbs_large_matrices_row_block_by_row_block(monkeypatch):
     import zotune.perturb as zp
     from zotune.estimators import Gaussian
     from zotune.lm import encode_pairs, pair_loss
-    from zotune.models import tiny_model
+    from zotune.testing import tiny_model
 
     lm = tiny_model("llama")
     batch = encode_pairs(lm.tokenizer, [("the movie was", " great"), ("a bad film", " no")], 32)

@@ -5,7 +5,7 @@ import torch
 
 import zotune
 from zotune.lm import encode_pairs, pair_loss
-from zotune.models import tiny_model
+from zotune.testing import tiny_model
 from zotune.streamed import StreamedWeights
 
 PAIRS = [("the movie was", " great"), ("a dull film", " bad"), ("it was fun", " yes"), ("no", " no")]

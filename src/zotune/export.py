@@ -135,7 +135,8 @@ def check_out(out: str | os.PathLike) -> Path:
 # ----------------------------------------------------------------------------- rebuilding
 def _load_base(cfg):
     """The run's base model on the CPU, in the run's dtype (as :func:`zotune.train.loop.build`)."""
-    from zotune.models import load_model, resolve_dtype, tiny_model
+    from zotune.models import load_model, resolve_dtype
+    from zotune.testing import tiny_model
 
     m = cfg.model
     if m.name.startswith("tiny-"):
@@ -170,7 +171,7 @@ def _hub_reference(cfg) -> str:
 
     name = cfg.model.name
     if name.startswith("tiny-"):
-        return name  # built in memory by zotune.models.tiny_model; save it to load it elsewhere
+        return name  # built in memory by zotune.testing.tiny_model; save it to load it elsewhere
     if name.lower() in ALIASES:
         return _resolve_source(name, None, None)[0]  # the converted offline folder
     path = Path(name).expanduser()

@@ -18,7 +18,8 @@ from zotune.bench.memory_model import (
 )
 from zotune.bench.profile import AllocationTracker
 from zotune.lm import Batch, pair_loss
-from zotune.models import ALIASES, cache_root, tiny_model
+from zotune.models import ALIASES, cache_root
+from zotune.testing import tiny_model
 
 ARCHS = ("llama", "opt", "gpt2", "roberta")
 

@@ -84,7 +84,7 @@ def test_block_count_matches_the_blockwise_estimator_and_forward_passes_are_equa
 
     from zotune.config import OptimConfig
     from zotune.methods import build_optimizer
-    from zotune.models import tiny_model
+    from zotune.testing import tiny_model
     from zotune.params import select_trainable
 
     layout = model_layout("tiny-llama")

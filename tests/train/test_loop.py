@@ -341,7 +341,8 @@ def test_device_map_run_equals_the_plain_run_and_offloading_maps_are_refused(tmp
         other = weights(tmp_path / name)
         for k in plain:
             torch.testing.assert_close(other[k], plain[k], rtol=1e-4, atol=1e-5, msg=f"{name}: {k}")
-    from zotune.models import spread_over_devices, tiny_model
+    from zotune.models import spread_over_devices
+    from zotune.testing import tiny_model
 
     with pytest.raises(ValueError, match="use model.offload"):
         spread_over_devices(tiny_model("llama").model, {"model": "cpu", "lm_head": "disk"})

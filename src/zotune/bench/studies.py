@@ -151,7 +151,7 @@ def model_layout(model: str) -> Layout:
     from zotune.params import num_layers
 
     if model.startswith("tiny-"):
-        from zotune.models import tiny_model
+        from zotune.testing import tiny_model
 
         net = tiny_model(model[len("tiny-"):]).model
     else:

@@ -106,7 +106,8 @@ def build(cfg: Config, loaded=None, data=None, reduce=None, splits=SPLITS) -> Se
     if loaded is None:
         m = cfg.model
         if m.name.startswith("tiny-"):  # random tiny models for tests and smoke runs
-            from zotune.models import resolve_device, resolve_dtype, tiny_model
+            from zotune.models import resolve_device, resolve_dtype
+            from zotune.testing import tiny_model
 
             loaded = tiny_model(m.name[len("tiny-"):])
             loaded.model.to(device=resolve_device(m.device), dtype=resolve_dtype(m.dtype))
