@@ -7,6 +7,7 @@ run takes a few steps: what is checked is exact (weights equal bit for bit), not
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,11 +15,16 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, default_da
 
 import zotune
 from zotune.config import OptimConfig
+from zotune.config import load_config
 from zotune.integrations import ZO_STATE_DIR, TrainerFacingOptimizer, ZOTrainer
+from zotune.lm import encode_pairs, pair_loss
 from zotune.methods import METHODS, build_optimizer, resolve_optim
 from zotune.testing import tiny_model
 from zotune.params import unique_parameters
 from zotune.train.checkpoint import CheckpointError, load_checkpoint
+from zotune.train.loop import BatchOrder, build, load_data, train
+
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
 ZO_METHODS = sorted(name for name, m in METHODS.items() if m.family == "zo")
 # small but real settings: LOZO's V resampled every step, LOZO-M's momentum, FZOO's spread
@@ -94,6 +100,51 @@ def test_zotrainer_equals_zotunes_own_loop(tmp_path, method):
     assert [e["learning_rate"] for e in logged] == pytest.approx([lr * m for m in (1.0, 0.5)])
     assert all("grad_norm" not in e for e in logged)
     assert [e["forward_passes"] for e in logged] == [ref_opt.forward_passes_per_step * k for k in (1, 2)]
+
+
+class PairLossTrainer(ZOTrainer):
+    """A Trainer script with its own loss, as users override ``compute_loss``: here zotune's
+    ``pair_loss`` (mean NLL of the gold continuations) on batches the collator encodes."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return pair_loss(model, inputs["pairs"])
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason="shared data not found beside the repo")
+@pytest.mark.parametrize("method,options", [("mezo", {}), ("lozo", {"momentum": 0.5, "interval": 2})])
+def test_zotrainer_equals_zotune_train(tmp_path, method, options):
+    """``zotune train`` (the library's entry point: SST-2 rows, nll objective, tiny LLaMA) and a
+    ZOTrainer fed the same data path end with the same weights, bit for bit: the Trainer reads,
+    in order (``train_sampling_strategy="sequential"``), the examples of zotune's own
+    ``BatchOrder`` for each step, its collator encodes them as zotune's closure does
+    (``encode_pairs``), its ``compute_loss`` is ``pair_loss``, and lr, seed and method match."""
+    steps, batch = 3, 4
+    cfg = load_config(None, [
+        "model.name=tiny-llama", "task.name=sst2", "task.train=16", "task.dev=0", "task.test=0",
+        f"task.data_root={DATA}", "task.max_length=48", f"train.batch_size={batch}", "train.objective=nll",
+        f"optim.method={method}", "optim.lr=3e-4", "optim.seed=5", "train.progress=false",
+        "train.tensorboard=false", "train.eval_at_start=false", f"train.steps={steps}",
+        f"train.output_dir={tmp_path / 'zotune'}", *(f"optim.{k}={v}" for k, v in options.items()),
+    ])
+    data = load_data(cfg)
+    setup = build(cfg, data=data)
+    train(cfg, setup=setup)
+
+    lm = tiny_model("llama")
+    order = BatchOrder(len(data.train), batch, cfg.train.data_seed)
+    ordered = [data.train[i] for t in range(steps) for i in order.indices(t)]
+
+    def collate(examples):
+        return {"pairs": encode_pairs(lm.tokenizer, [e.target for e in examples], cfg.task.max_length, kind=lm.kind)}
+
+    a = args(tmp_path / "trainer", max_steps=steps, per_device_train_batch_size=batch, learning_rate=3e-4, seed=5,
+             train_sampling_strategy="sequential")
+    PairLossTrainer(model=lm.model, args=a, train_dataset=ordered, data_collator=collate, method=method,
+                    method_options=options).train()
+    tuned = {n: p.detach() for n, p in unique_parameters(lm.model).items()}
+    assert_same({n: p.detach() for n, p in setup.named.items()}, tuned)
+    start = unique_parameters(tiny_model("llama").model)
+    assert any(not torch.equal(start[n], tuned[n]) for n in tuned)
 
 
 def test_a_ready_optimizer_trains_as_its_method_name(tmp_path):
