@@ -83,8 +83,6 @@ def test_fzoo_refuses_one_query_dual_evaluation_and_jvp():
     with pytest.raises(ValueError, match="needs at least 2 query directions per step, got queries=1"):
         zotune.FZOO([w], queries=1)
     m = torch.nn.Linear(3, 2)
-    with pytest.raises(ValueError, match="perturbation='inplace', 'swap' or 'side'"):
-        zotune.FZOO(m.named_parameters(), module=m, perturbation="dual")
     with pytest.raises(ValueError, match="conservative"):
         zotune.ZOOptimizer([w], "gaussian", "sgd", scheme="one_sided_normalised", conservative=True)
     with pytest.raises(ValueError, match="measures directional derivatives"):

@@ -159,9 +159,9 @@ def test_dual_errors_are_clear():
         opt.step(loss_of(model))  # a plain closure: no `copies`
     with pytest.raises(ValueError, match="must return 2 losses"):
         opt.step(lambda copies=1: dual_loss_of(model)(copies)[:1])
-    with pytest.raises(ValueError, match="halves of the rows differ"):
+    with pytest.raises(ValueError, match="2 copies of the rows differ"):
         opt.step(lambda copies=1: torch.stack([loss_of(model)()] * 2))  # forgot to double the rows
-    with pytest.raises(ValueError, match="even number of rows"):
+    with pytest.raises(ValueError, match="do not split into 2 copies"):
         opt.step(lambda copies=1: torch.stack([((model(X[:3]) - Y[:3]) ** 2).mean()] * 2))
     assert all("forward" not in m.__dict__ for m in model.modules())  # the wrappers were removed
 
@@ -190,7 +190,7 @@ def test_side_terms_give_the_inplace_lozo_trajectory_without_writing_matrices():
     inplace = zotune.LOZO(a.named_parameters(), lr=1e-3, eps=1e-2, rank=2, interval=3, momentum=0.9)
     side = zotune.LOZO(b.named_parameters(), lr=1e-3, eps=1e-2, rank=2, interval=3, momentum=0.9,
                        module=b, perturbation="side")
-    assert side.side.side and side.side.in_place  # matrices as side terms, norms in place
+    assert side.evaluation.perturbation.side and side.evaluation.perturbation.in_place  # matrices as side terms, norms in place
     matrix = b.model.layers[0].mlp.up_proj.weight
     seen = []
     b.model.layers[0].mlp.up_proj.register_forward_pre_hook(lambda m, args: seen.append(m.weight.clone()))
@@ -222,8 +222,8 @@ def test_dual_perturbs_large_matrices_row_block_by_row_block(monkeypatch):
     for m in (a, b):
         m.requires_grad_(False)
     blocked = []
-    real = zp._row_blocked_halves
-    monkeypatch.setattr(zp, "_row_blocked_halves", lambda mod, *x: blocked.append(type(mod).__name__) or real(mod, *x))
+    real = zp._row_blocked
+    monkeypatch.setattr(zp, "_row_blocked", lambda mod, *x: blocked.append(type(mod).__name__) or real(mod, *x))
     inplace = zotune.ZOOptimizer(a.named_parameters(), Gaussian(chunk_size=100), "sgd", lr=1e-3, eps=1e-2)
     dual = zotune.ZOOptimizer(b.named_parameters(), Gaussian(chunk_size=100), "sgd", lr=1e-3, eps=1e-2,
                               module=b, perturbation="dual")

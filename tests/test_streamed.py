@@ -86,3 +86,66 @@ def test_streamed_errors_are_clear(tmp_path):
         StreamedWeights(model, opt, storage="mmp")
     with pytest.raises(ValueError, match="on the CPU use storage='mmap'"):
         StreamedWeights(model, opt, storage="host")
+
+
+def small_mlp(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 1))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model.requires_grad_(False)
+
+
+X = torch.randn(16, 6, generator=torch.Generator().manual_seed(1))
+Y = torch.randn(16, 1, generator=torch.Generator().manual_seed(2))
+
+
+def copies_loss(model):
+    def closure(copies=1):
+        err = ((model(X.repeat(copies, 1)) - Y.repeat(copies, 1)) ** 2).view(copies, -1).mean(1)
+        return err[0] if copies == 1 else err
+    return closure
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["deferred", "streamed"])
+def test_state_dict_is_a_pure_read_and_a_pending_update_resumes_exactly(tmp_path, streamed):
+    import copy
+    import json
+
+    def make(model, folder):
+        opt = zotune.ZOAdam(model.named_parameters(), lr=1e-2, eps=1e-3, module=model, perturbation="dual",
+                            defer_update=True)
+        return opt, (StreamedWeights(model, opt, directory=tmp_path / folder) if streamed else None)
+
+    straight = small_mlp()
+    opt, _ = make(straight, "a")
+    for _ in range(6):
+        opt.step(copies_loss(straight))
+    opt.flush()
+
+    first = small_mlp()
+    opt1, _ = make(first, "b")
+    for _ in range(3):
+        opt1.step(copies_loss(first))
+    before = [p.detach().clone() for p in first.parameters()]
+    saved = copy.deepcopy(opt1.state_dict())
+    assert opt1.pending is not None  # saved, not applied: the weights are untouched
+    assert all(torch.equal(p, q) for p, q in zip(first.parameters(), before))
+    pending = saved["zo"]["pending"]
+    assert pending["index"] == 2 and pending["updates"] == 3 and pending["applied"] == []
+    json.dumps(pending, allow_nan=False)  # a few scalars: directions regenerate from the step
+
+    resumed = small_mlp(seed=99)
+    resumed.load_state_dict({k: v.clone() for k, v in first.state_dict().items()})
+    opt2, _ = make(resumed, "c")
+    opt2.load_state_dict(saved)
+    assert opt2.pending.index == 2
+    for _ in range(3):
+        opt2.step(copies_loss(resumed))
+    opt2.flush()
+    for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+    plain = zotune.ZOAdam(resumed.named_parameters(), lr=1e-2, eps=1e-3)
+    with pytest.raises(ValueError, match="holds a deferred update"):
+        plain.load_state_dict(saved)

@@ -1,4 +1,5 @@
-"""Two ways to evaluate the loss at ``x + s * eps * z``, and stochastic rounding for half precision.
+"""The modules behind :mod:`zotune.evaluation`: evaluating the loss at ``x + s * eps * z`` without (or with)
+writing the weights, and stochastic rounding for half precision.
 
 ``inplace`` (MeZO): add ``s * eps * z`` to the weights, run the closure, move on; the restore is
 fused into the update. Cheapest, but in float16 / bfloat16 each add rounds, so ``+eps, -2eps,
@@ -10,13 +11,16 @@ pre-hook on each module that owns trained tensors gives it a perturbed copy whil
 puts the original back after, so only one module's perturbed weights exist at a time
 (ZO-Bench's ``max_l |x_l|``), and half-precision weights stay exact.
 
-``dual`` (one batched forward for both halves): the closure runs the batch twice over, as one
-forward of twice the rows; each module that owns trained tensors gets ``x + eps z`` for the first
-copy of the rows and ``x - eps z`` for the second, built from one draw of ``z`` while the module
-runs. A step then draws each direction twice (here and in the update) instead of three times,
-the weights are never written (exact in half precision), and the rest of the model runs one
-larger batch instead of two. It needs a closure that accepts ``copies=2`` (see
-:meth:`zotune.ZOOptimizer.step`) and modules that own tensors but contain no other such module.
+``dual`` (N copies in one forward, :class:`CopiesPerturbation`): the closure runs its batch once
+per point the step needs (MeZO's ``x +- eps z``: 2 copies; ``q`` queries: ``2q``; FZOO's base point
+and ``N`` queries: ``N + 1``), as one forward; each module that owns trained tensors runs copy ``k``
+of its rows with its tensors at point ``k``, built just in time while the module runs. A pair
+``x +- eps z`` draws ``z`` once, so a MeZO step draws each direction twice (here and in the update)
+instead of three times; the weights are never written (exact in half precision), and the rest
+of the model runs one larger batch. Low-rank directions of plain ``nn.Linear`` / ``nn.Embedding``
+weights are side terms of the copy's output (no per-copy weight). It needs a closure that
+accepts ``copies`` (see :meth:`zotune.ZOOptimizer.step`) and modules that own tensors but contain
+no other such module. On a CPU, N copies in one forward cost about what N forwards cost.
 
 ``side`` (low-rank directions, LOZO): a matrix perturbed by ``eps U V^T`` is never written; each
 ``nn.Linear`` adds ``eps (x V) U^T`` to its output and each ``nn.Embedding`` adds
@@ -31,6 +35,7 @@ a spacing of ~4e-4 for bfloat16 weights near 0.05), so round-to-nearest drops th
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -110,41 +115,81 @@ class SwapPerturbation:
                     p.data = data
 
 
-class DualPerturbation:
-    """Runs the ``+eps`` and ``-eps`` evaluations of a direction as one forward on doubled rows.
+class Point(NamedTuple):
+    """One point a step evaluates: ``x + alpha * z(d)``, or ``x`` itself when ``d`` is None."""
 
-    While :meth:`active`, each module that owns trained tensors splits its input rows in two
-    halves and runs twice: on the first half with ``x + eps z``, on the second with
-    ``x - eps z``, then concatenates the outputs. ``z`` is drawn once, into the perturbed copy
-    itself (one module's tensors at a time), and the second copy is ``2 x - (x + eps z)``, so
-    the pair is symmetric about ``x`` up to one rounding, and the weights are never written.
+    d: Direction | None
+    alpha: float
+
+
+def segments(points: list[Point]) -> list[list[int]]:
+    """Consecutive copies that share a direction with opposite signs (``x +- eps z``) form a pair:
+    the second copy is built from the first (``2 x - (x + eps z)``), drawing ``z`` once."""
+    out, k = [], 0
+    while k < len(points):
+        d, alpha = points[k]
+        if d is not None and k + 1 < len(points) and points[k + 1].d == d and points[k + 1].alpha == -alpha:
+            out.append([k, k + 1])
+            k += 2
+        else:
+            out.append([k])
+            k += 1
+    return out
+
+
+class CopiesPerturbation:
+    """Runs the evaluations of ``n`` points as one forward on ``n`` copies of the rows.
+
+    While :meth:`active`, each module that owns trained tensors splits its input rows into ``n``
+    equal copies and runs once per copy ``k`` with its tensors at ``points[k]``, then concatenates
+    the outputs. A copy's perturbed tensors are built just in time, one module at a time: a
+    low-rank direction of a plain ``nn.Linear`` / ``nn.Embedding`` weight as a side term of its
+    output (no weight written or copied), a large plain matrix row block by row block, anything
+    else as a perturbed copy. A pair ``x +- eps z`` draws ``z`` once, into the first copy's
+    tensor, and makes the second as ``2 x - (x + eps z)``: symmetric about ``x`` up to one rounding.
+    The weights are never written.
     """
 
-    def __init__(self, module: nn.Module, leaves: list[torch.Tensor], names: list[str]) -> None:
-        self.owners = owners_of(module, leaves, names, "dual")
+    def __init__(self, module: nn.Module, leaves: list[torch.Tensor], names: list[str], est: Estimator,
+                 mode: str = "dual") -> None:
+        self.owners = owners_of(module, leaves, names, mode)
+        self.mode = mode
         mods = {id(m) for m, _ in self.owners}
-        for mod, _ in self.owners:
+        for mod, own in self.owners:
             inner = [n for n, sub in mod.named_modules() if sub is not mod and id(sub) in mods]
             if inner:
                 raise ValueError(
-                    f"perturbation='dual': {type(mod).__name__} owns trained tensors and contains "
-                    f"{inner[0]!r}, which owns some too; dual evaluation splits rows at modules that "
+                    f"perturbation={mode!r}: {type(mod).__name__} owns trained tensors and contains "
+                    f"{inner[0]!r}, which owns some too; the copies' rows are split at modules that "
                     "own tensors, so they must not nest. Use perturbation='inplace' or 'swap'."
                 )
+            if est.side_terms_only:
+                for i in own:
+                    if est.factored(i) and not _is_weight_of_plain_layer(mod, leaves[i]):
+                        raise ValueError(
+                            f"perturbation={mode!r} with the {est.name!r} estimator adds each copy's low-rank "
+                            f"direction to the output of a plain nn.Linear / nn.Embedding, but {names[i]!r} "
+                            f"belongs to a {type(mod).__name__}; train only plain layers' matrices, or use "
+                            "perturbation='inplace'"
+                        )
         self.leaves = leaves
-        #: Set by streamed weights: leaf i's tensor while its module runs is a disposable copy of
-        #: ``originals[i]``, so it is perturbed in place (no second copy) and rebuilt from it.
+        #: Set by streamed weights (:meth:`use_originals`): leaf i's tensor while its module runs is
+        #: a disposable copy of ``originals[i]``, so it is perturbed in place and reset from it.
         self.originals: list[torch.Tensor] | None = None
 
+    def use_originals(self, originals: list[torch.Tensor] | None) -> None:
+        """Streamed weights copied in: perturb the resident copies in place, reset them from ``originals``."""
+        self.originals = originals
+
     @contextmanager
-    def active(self, est: Estimator, d: Direction, eps: float):
-        """While active, owning modules evaluate ``x +- eps z(d)`` on the two halves of their rows."""
+    def active(self, est: Estimator, points: list[Point]):
+        """While active, owning modules evaluate ``points[k]`` on copy ``k`` of their rows."""
         patched = []
-        first_call = [True]  # the first module to run checks that its two halves are the same rows
+        first_call = [True]  # the first module to run checks that its copies are the same rows
         for mod, own in self.owners:
             had = "forward" in mod.__dict__
             patched.append((mod, had, mod.__dict__.get("forward")))
-            mod.forward = self._dual_forward(mod, mod.forward, own, est, d, eps, first_call)
+            mod.forward = self._copies_forward(mod.forward, own, est, points, first_call, mod)
         try:
             yield
         finally:
@@ -154,55 +199,62 @@ class DualPerturbation:
                 else:
                     del mod.forward
 
-    def _dual_forward(self, mod: nn.Module, forward, own, est: Estimator, d: Direction, eps: float,
-                      first_call: list):
-        leaves = self.leaves
+    def _copies_forward(self, forward, own, est: Estimator, points: list[Point], first_call: list, mod: nn.Module):
+        n, mode = len(points), self.mode
+        segs = segments(points)
 
         def run(*args, **kwargs):
-            rows = _rows(args, kwargs)
-            (args_a, args_b), (kw_a, kw_b) = _halves(args, rows), _halves(kwargs, rows)
+            rows = _rows(args, kwargs, n, mode)
+            parts_a, parts_k = _split(args, rows, n), _split(kwargs, rows, n)
             if first_call[0]:
                 first_call[0] = False
-                if not all(torch.equal(a, b) for a, b in zip((*args_a, *kw_a.values()), (*args_b, *kw_b.values()))
-                           if isinstance(a, torch.Tensor)):
-                    raise ValueError(
-                        "perturbation='dual': the two halves of the rows differ; with copies=2 the closure "
-                        "must run its batch twice over (rows 0..n-1, then the same rows again)"
-                    )
-            swapped, side, blocked = [], None, None
-            originals = self.originals
-            try:
-                for i in own:
-                    if not est.touches(d, i):
-                        continue
-                    p = leaves[i]
-                    if originals is not None:  # a disposable copy: perturb it in place
-                        swapped.append((p, originals[i]))
-                        est.perturb_(leaves, d, eps, only={i})
-                    elif _is_weight_of_plain_layer(mod, p) and est.factored(i):
-                        side = est.leaf_direction(d, i, p)  # low rank: a side term, no copy
-                    elif _is_weight_of_plain_layer(mod, p) and est.num_chunks(i) > 1 and args and not kwargs:
-                        blocked = i  # a large matrix: computed in row blocks, no copy
-                    else:
-                        swapped.append((p, p.data))
-                        p.data = _perturbed_copy(est, d, i, p, eps)
-                if blocked is not None:
-                    out_a, out_b = _row_blocked_halves(mod, est, d, blocked, eps, args_a[0], args_b[0], swapped)
-                else:
-                    out_a = forward(*args_a, **kw_a)
-                    if side is not None:
-                        out_a = _add_side_term(mod, args_a[0], out_a, side.u * eps, side.v)
-                    for p, data in swapped:
-                        p.data.lerp_(data, 2.0)  # x + eps z  ->  2 x - (x + eps z) = x - eps z
-                    out_b = forward(*args_b, **kw_b)
-                    if side is not None:
-                        out_b = _add_side_term(mod, args_b[0], out_b, side.u * -eps, side.v)
-            finally:  # (streamed: ``data`` is the stored tensor, the resident copy is dropped)
-                for p, data in swapped:
-                    p.data = data
-            return _cat(out_a, out_b)
+                _check_same_rows(parts_a, parts_k, mode, n)
+            outs = []
+            for s, seg in enumerate(segs):
+                outs += self._segment(mod, forward, own, est, [points[k] for k in seg],
+                                      [parts_a[k] for k in seg], [parts_k[k] for k in seg], s == len(segs) - 1)
+            return _cat(outs, mode)
 
         return run
+
+    def _segment(self, mod, forward, own, est: Estimator, pts: list[Point], args: list, kwargs: list, last: bool):
+        """The outputs of one copy, or of a pair ``x +- eps z`` sharing one draw."""
+        leaves, originals = self.leaves, self.originals
+        d, alpha = pts[0]
+        swapped, side, blocked = [], None, None
+        try:
+            for i in own if d is not None else ():
+                if not est.touches(d, i):
+                    continue
+                p = leaves[i]
+                if originals is not None:  # a disposable copy: perturb it in place
+                    swapped.append((p, originals[i]))
+                    est.perturb_(leaves, d, alpha, only={i})
+                elif _is_weight_of_plain_layer(mod, p) and est.factored(i):
+                    side = est.leaf_direction(d, i, p)  # low rank: a side term, no copy
+                elif _is_weight_of_plain_layer(mod, p) and est.num_chunks(i) > 1 and args[0] and not kwargs[0]:
+                    blocked = i  # a large matrix: computed in row blocks, no copy
+                else:
+                    swapped.append((p, p.data))
+                    p.data = _perturbed_copy(est, d, i, p, alpha)
+            if blocked is not None:
+                return _row_blocked(mod, est, d, blocked, alpha, [a[0] for a in args], swapped)
+            outs = []
+            for c, (a, kw) in enumerate(zip(args, kwargs)):
+                if c:  # the pair's second copy: x + eps z  ->  2 x - (x + eps z) = x - eps z
+                    for p, data in swapped:
+                        p.data.lerp_(data, 2.0)
+                out = forward(*a, **kw)
+                if side is not None:
+                    out = _add_side_term(mod, a[0], out, side.u * (alpha if c == 0 else -alpha), side.v)
+                outs.append(out)
+            return outs
+        finally:  # streamed: ``data`` is the stored tensor; the resident copy is reset, or dropped after the last
+            for p, data in swapped:
+                if originals is not None and not last:
+                    p.data.copy_(data)
+                else:
+                    p.data = data
 
 
 def _is_weight_of_plain_layer(mod: nn.Module, p: torch.Tensor) -> bool:
@@ -233,15 +285,14 @@ def _row_blocks(est: Estimator, d: Direction, i: int, w: torch.Tensor, eps: floa
         carry = z[rows * n:].clone()
 
 
-def _row_blocked_halves(mod, est, d, i, eps, x_a, x_b, swapped):
-    """Both halves of a plain Linear / Embedding whose weight is perturbed block by block."""
+def _row_blocked(mod, est, d, i, alpha, xs, swapped):
+    """One copy's output (``x + alpha z``), or a pair's (``x +- alpha z``), of a plain Linear /
+    Embedding whose weight is perturbed block by block."""
     w = mod.weight
     if isinstance(mod, nn.Linear):
-        out_a = x_a.new_empty(*x_a.shape[:-1], w.shape[0])
-        out_b = x_b.new_empty(*x_b.shape[:-1], w.shape[0])
+        outs = [x.new_empty(*x.shape[:-1], w.shape[0]) for x in xs]
     else:
-        out_a = w.new_empty(*x_a.shape, w.shape[1])
-        out_b = w.new_empty(*x_b.shape, w.shape[1])
+        outs = [w.new_empty(*x.shape, w.shape[1]) for x in xs]
 
     def fill(out, x, r0, r1, block):
         if isinstance(mod, nn.Linear):
@@ -250,16 +301,18 @@ def _row_blocked_halves(mod, est, d, i, eps, x_a, x_b, swapped):
             sel = (x >= r0) & (x < r1)
             out[sel] = block[x[sel] - r0]
 
-    for r0, r1, block in _row_blocks(est, d, i, w, eps):
-        fill(out_a, x_a, r0, r1, block)
-        block.lerp_(w[r0:r1], 2.0)
-        fill(out_b, x_b, r0, r1, block)
+    for r0, r1, block in _row_blocks(est, d, i, w, alpha):
+        for c, (out, x) in enumerate(zip(outs, xs)):
+            if c:
+                block.lerp_(w[r0:r1], 2.0)
+            fill(out, x, r0, r1, block)
     if isinstance(mod, nn.Linear) and mod.bias is not None:
-        out_a += mod.bias  # the bias as swapped in: x + eps z when trained
-        for p, data in swapped:
-            p.data.lerp_(data, 2.0)
-        out_b += mod.bias
-    return out_a, out_b
+        for c, out in enumerate(outs):
+            if c:
+                for p, data in swapped:
+                    p.data.lerp_(data, 2.0)
+            out += mod.bias  # the bias as swapped in: x + alpha z when trained
+    return outs
 
 
 class SidePerturbation:
@@ -334,34 +387,47 @@ def _perturbed_copy(est: Estimator, d: Direction, i: int, p: torch.Tensor, eps: 
     return out
 
 
-def _rows(args, kwargs) -> int:
+def _rows(args, kwargs, n: int, mode: str) -> int:
     first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.dim() > 0), None)
-    if first is None or first.shape[0] % 2:
+    if first is None or first.shape[0] % n:
         shape = None if first is None else tuple(first.shape)
         raise ValueError(
-            f"perturbation='dual': a module got inputs without an even number of rows (first input "
-            f"shape {shape}); the closure must run the batch twice over when called with copies=2"
+            f"perturbation={mode!r}: a module got inputs whose rows do not split into {n} copies (first input "
+            f"shape {shape}); the closure must run the batch {n} times over when called with copies={n}"
         )
     return first.shape[0]
 
 
-def _halves(obj, rows: int):
-    """Split every tensor of ``rows`` rows in ``obj`` (args tuple or kwargs dict) into halves."""
+def _split(obj, rows: int, n: int) -> list:
+    """Every tensor of ``rows`` rows in ``obj`` (args tuple or kwargs dict) cut into ``n`` copies."""
     def cut(x, h):
         if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == rows:
-            return x[h * rows // 2:(h + 1) * rows // 2]
+            return x[h * rows // n:(h + 1) * rows // n]
         return x
     if isinstance(obj, dict):
-        return tuple({k: cut(v, h) for k, v in obj.items()} for h in (0, 1))
-    return tuple(tuple(cut(v, h) for v in obj) for h in (0, 1))
+        return [{k: cut(v, h) for k, v in obj.items()} for h in range(n)]
+    return [tuple(cut(v, h) for v in obj) for h in range(n)]
 
 
-def _cat(a, b):
+def _check_same_rows(parts_a: list, parts_k: list, mode: str, n: int) -> None:
+    def tensors(a, kw):
+        return [x for x in (*a, *kw.values()) if isinstance(x, torch.Tensor)]
+    first = tensors(parts_a[0], parts_k[0])
+    for a, kw in zip(parts_a[1:], parts_k[1:]):
+        if not all(torch.equal(x, y) for x, y in zip(first, tensors(a, kw))):
+            raise ValueError(
+                f"perturbation={mode!r}: the {n} copies of the rows differ; with copies={n} the closure "
+                f"must run its batch {n} times over (rows 0..n-1, then the same rows again, ...)"
+            )
+
+
+def _cat(outs: list, mode: str):
+    a = outs[0]
     if isinstance(a, torch.Tensor):
-        return torch.cat([a, b])
+        return torch.cat(outs)
     if isinstance(a, (tuple, list)) and all(isinstance(x, torch.Tensor) for x in a):
-        return type(a)(torch.cat([x, y]) for x, y in zip(a, b))
-    raise ValueError(f"perturbation='dual' supports modules returning tensors, got {type(a).__name__}")
+        return type(a)(torch.cat(parts) for parts in zip(*outs))
+    raise ValueError(f"perturbation={mode!r} supports modules returning tensors, got {type(a).__name__}")
 
 
 def stochastic_round_(dst: torch.Tensor, value: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -5,10 +5,12 @@ model runs on the CPU, host memory when it runs on a GPU), and each module that 
 brought in only while it runs. A ZO step touches every weight three times (perturb, evaluate,
 update); here each crosses the link once per step:
 
-* the step evaluates both halves in one forward (``perturbation="dual"``), so a module computes
-  its ``x + eps z`` and ``x - eps z`` outputs while resident;
-* the step's update is deferred (``defer_update=True``) and applied when the module next comes in
-  (at the next step's forward, or at :meth:`ZOOptimizer.flush`), then written back.
+* the step evaluates every point as a copy of the batch in one forward (``perturbation="dual"``),
+  so a module computes its ``x + eps z`` and ``x - eps z`` outputs while resident;
+* the step's update is deferred (``defer_update=True``): the optimizer's
+  :class:`zotune.update.Deferred` is handed to this object, which applies it when the module next
+  comes in (at the next step's forward, or at :meth:`ZOOptimizer.flush`), then writes it back.
+  ``state_dict()`` saves a pending update without applying it.
 
 So the compute tier holds the frozen tensors, activations, and one module's trained tensors at
 a time (on a GPU: a copy, perturbed in place). On the CPU the mapped files are addressable
@@ -96,13 +98,14 @@ class StreamedWeights:
         for mod, own in self.owners:
             self._handles.append(mod.register_forward_pre_hook(lambda m, a, own=own: self._bring_in(own)))
             self._handles.append(mod.register_forward_hook(lambda m, a, out, own=own: self._send_back(own)))
-        optimizer.streamer = self
+        self.deferred = optimizer.deferred
+        self.deferred.stream_with(self)  # the held update is now applied as each module comes in
         # On the CPU the mapped file is already addressable memory: modules compute from it and
         # updates are written into it (no copy). On a GPU each module's tensors are copied in,
         # and the copy is perturbed in place (it is disposable).
         self.copy_in = self.device.type != "cpu" if copy_in is None else bool(copy_in)
         if self.copy_in:
-            optimizer.dual.originals = self.stored
+            optimizer.evaluation.use_originals(self.stored)
 
     # ----------------------------------------------------------------------------- storage
     def _store(self, i: int, p: torch.Tensor) -> torch.Tensor:
@@ -122,10 +125,10 @@ class StreamedWeights:
             self.bytes_in += p.numel() * p.element_size()  # copied in, or paged in from the file
             if self.copy_in:
                 p.data = self.stored[i].to(self.device, copy=True)
-        pending = self.optimizer.pending
-        if pending is not None and not set(own) <= pending["applied"]:
-            todo = [i for i in own if i not in pending["applied"]]
-            self.optimizer.apply_pending(todo)  # into the resident copy, or straight into the file
+        pending = self.deferred.pending
+        if pending is not None and not set(own) <= pending.applied:
+            todo = [i for i in own if i not in pending.applied]
+            self.deferred.apply(todo)  # into the resident copy, or straight into the file
             for i in todo:
                 if self.copy_in:
                     self.stored[i].copy_(self.leaves[i].data)
@@ -138,10 +141,10 @@ class StreamedWeights:
     def flush(self) -> None:
         """Bring in every module whose tensors still wait for the deferred update, apply it, write back."""
         for mod, own in self.owners:
-            pending = self.optimizer.pending
+            pending = self.deferred.pending
             if pending is None:
                 return
-            if not set(own) <= pending["applied"]:
+            if not set(own) <= pending.applied:
                 self._bring_in(own)
                 self._send_back(own)
 
@@ -154,16 +157,16 @@ class StreamedWeights:
     def close(self) -> None:
         """Apply pending updates, copy the tensors back into ordinary memory on the compute
         device, remove the hooks (and the temporary files)."""
-        self.optimizer.flush()
+        self.deferred.flush()
         for h in self._handles:
             h.remove()
         self._handles.clear()
         for i, p in enumerate(self.leaves):
             p.data = self.stored[i].to(self.device, copy=True)
         self.stored.clear()
-        self.optimizer.streamer = None
+        self.deferred.stream_with(None)
         if self.copy_in:
-            self.optimizer.dual.originals = None
+            self.optimizer.evaluation.use_originals(None)
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None

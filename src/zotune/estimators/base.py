@@ -86,6 +86,9 @@ class Estimator:
     #: whether the update pass may put back the last perturbation while it writes the update
     #: (false when the direction itself changes between evaluation and update, as HiZOO's)
     fuses_restore = True
+    #: evaluated as copies in one forward, a matrix's direction must be a side term of a plain
+    #: nn.Linear / nn.Embedding (a population of low-rank directions: never a per-copy weight)
+    side_terms_only = False
 
     def __init__(self, queries: int = 1, chunk_size: int = DEFAULT_CHUNK) -> None:
         from zotune._validate import check_int
