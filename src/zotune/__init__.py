@@ -19,6 +19,7 @@ from zotune.presets import (
     PRESETS,
     ForwardGrad,
     MeZO,
+    PopulationLowRank,
     ZOAdam,
     ZOSGDConservative,
     ZOSGDMomentum,
@@ -31,6 +32,6 @@ from zotune.step import NonFiniteLossError, ZOOptimizer
 
 __all__ = [
     "FOAdam", "FOSGD", "FZOO", "ForwardGrad", "HiZOO", "SparseMeZO", "HybridOptimizer", "LOZO", "MeZO", "NonFiniteLossError",
-    "PRESETS", "ZOAdam", "ZOOptimizer", "ZOSGDConservative", "ZOSGDBlock", "ZOSGDMomentum", "ZOSGDSign",
+    "PopulationLowRank", "PRESETS", "ZOAdam", "ZOOptimizer", "ZOSGDConservative", "ZOSGDBlock", "ZOSGDMomentum", "ZOSGDSign",
     "lr_multiplier", "make_estimator", "make_rule",
 ]

@@ -197,3 +197,14 @@ def build_optimizer(o, named: dict[str, torch.Tensor], module=None, reduce=None,
                          "it does not evaluate both halves of a two-point estimate while a module is resident")
     build = _build_zo if method.family == "zo" else _build_fo
     return build(method, o, named, module, reduce, streamed)
+
+
+# population low-rank (EGGROLL-style): N low-rank members per step, evaluated as copies of the
+# batch in one forward with optim.perturbation=dual (side terms, no member weight materialised)
+ESTIMATOR_BUILDERS["population_lowrank"] = lambda o, module: estimators.PopulationLowRank(
+    queries=o.queries, rank=o.rank)
+METHODS["population"] = _zo(
+    "population", "Population-LR",
+    "Population low-rank (EGGROLL-style): N members U_k V_k^T per matrix, one copy of the batch each "
+    "(optim.perturbation=dual: all in one forward)", "PopulationLowRank", "population_lowrank", "sgd",
+    defaults={"queries": 8}, reads=("rank",), sparse_masks=False)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from torch import nn
 
 from zotune.estimators import Blockwise, ForwardGradient, Gaussian, HessianInformed, LowRankEstimator, MagnitudeMasked
+from zotune.estimators import PopulationLowRank as PopulationLowRankEstimator
 from zotune.fo import FOAdam, FOSGD
 from zotune.methods import METHODS
 from zotune.rules import adam, lowrank_momentum, momentum, sgd, sign
@@ -200,6 +201,39 @@ class SparseMeZO(ZOOptimizer):
     def __init__(self, params, lr=1e-6, eps=1e-3, weight_decay=0.0, seed=0, sparsity=0.75, queries=1, **kwargs):
         est = MagnitudeMasked(Gaussian(queries), sparsity=sparsity)
         super().__init__(params, est, sgd(), lr, eps, weight_decay, seed, **kwargs)
+
+
+class PopulationLowRank(ZOOptimizer):
+    """A population of ``N = queries`` low-rank perturbations per step, each member one copy of
+    the batch in a single forward (EGGROLL, Sarkar et al. 2025, "Evolution Strategies at the
+    Hyperscale"; GRZO 2026's per-example perturbations in spirit).
+
+    Member ``k`` perturbs each matrix by ``eps U_k V_k^T`` (``U_k``: m x r, ``V_k``: n x r, both
+    fresh per step and member) and each other tensor by a dense Gaussian ``z_k``; then, with
+    ``c_k`` from the scheme (central: ``(L(x + eps E_k) - L(x - eps E_k)) / (2 eps)``, ``2N``
+    copies; ``scheme="one_sided_normalised"``, FZOO's ``(L(x + eps E_k) - L(x)) / sigma``, ``N + 1``)::
+
+        X <- X - lr * ((1/N) sum_k c_k U_k V_k^T / r + weight_decay * X)
+
+    regenerated from the seeds, never stored: no model-size buffer. With ``module`` given the
+    members are evaluated as copies in one forward (``perturbation="dual"``): copy ``k``'s
+    ``nn.Linear`` output gets ``eps (x V_k) U_k^T``, so no member's weight is ever built; the
+    closure must accept ``copies`` (``lambda copies=1: pair_loss(model, batch, copies=copies)``).
+    Without ``module`` they are evaluated in place, one after another (same result up to
+    rounding). ``lr`` scales the averaged estimate as in MeZO; ``eps`` only places the losses.
+
+    Example::
+
+        opt = zotune.PopulationLowRank(model.named_parameters(), module=model, lr=1e-5, queries=8)
+        loss = opt.step(lambda copies=1: pair_loss(model, batch, copies=copies))
+    """
+
+    def __init__(self, params, lr=1e-6, eps=1e-3, weight_decay=0.0, seed=0, queries=8, rank=2,
+                 scheme="central", module: nn.Module | None = None, perturbation: str | None = None, **kwargs):
+        if perturbation is None:
+            perturbation = "inplace" if module is None else "dual"
+        super().__init__(params, PopulationLowRankEstimator(queries, rank), sgd(), lr, eps, weight_decay, seed,
+                         scheme=scheme, module=module, perturbation=perturbation, **kwargs)
 
 
 #: method name -> its zotune class (first-order methods: :mod:`zotune.fo`), read from the registry

@@ -95,7 +95,7 @@ METHODS: dict[str, tuple[str, str]] = {
 }
 # The estimators and rules whose memory this model accounts for; a method built from anything
 # else is refused (MemoryModelError) until its terms are added to _zo_state / _zeroth_order.
-ESTIMATORS = ("gaussian", "blockwise", "lowrank", "forward", "hessian", "magnitude")
+ESTIMATORS = ("gaussian", "blockwise", "lowrank", "forward", "hessian", "magnitude", "population_lowrank")
 RULES = ("sgd", "sign", "momentum", "adam", "lowrank_momentum")
 VARIANTS = ("zotune", "paper")
 # dtype -> (bytes of weights, gradients and optimizer state; bytes of activations)

@@ -2,7 +2,8 @@
 
 Registry names: ``gaussian`` (MeZO), ``rademacher``, ``lowrank`` (LOZO), ``blockwise``
 (ZO-SGD-Block), ``sparse`` (random masks around another estimator), ``forward`` (Forward-Grad),
-``hessian`` (HiZOO's ``z / sqrt(H)``), ``magnitude`` (Sparse-MeZO's small-weight masks).
+``hessian`` (HiZOO's ``z / sqrt(H)``), ``magnitude`` (Sparse-MeZO's small-weight masks),
+``population_lowrank`` (N low-rank members per step, evaluated as copies of the batch).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from zotune.estimators.gaussian import Gaussian
 from zotune.estimators.hessian import HessianInformed
 from zotune.estimators.magnitude import MagnitudeMasked
 from zotune.estimators.lowrank import LowRankEstimator
+from zotune.estimators.population import PopulationLowRank
 from zotune.estimators.sparse import Sparse, layer_keep_ratios
 
 
@@ -50,6 +52,7 @@ ESTIMATORS = {
     "forward": ForwardGradient,
     "hessian": _wrapped(HessianInformed),
     "magnitude": _wrapped(MagnitudeMasked),
+    "population_lowrank": PopulationLowRank,
 }
 
 
@@ -72,6 +75,7 @@ __all__ = [
     "MagnitudeMasked",
     "LowRank",
     "LowRankEstimator",
+    "PopulationLowRank",
     "Sparse",
     "add_direction_",
     "layer_block_key",
