@@ -127,3 +127,22 @@ def test_copies_errors_name_the_closure_contract():
     with pytest.raises(ValueError, match="do not split into 4 copies"):
         opt.step(lambda copies=1: ((model(X[:3]) - Y[:3]) ** 2).mean().repeat(4))
     assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+@pytest.mark.parametrize("preset,kw,copies", [("FZOO", {"queries": 8, "distribution": "gaussian"}, 9),
+                                              ("HiZOO", {"hessian_smooth": 1e-2}, 3)])
+def test_any_scheme_evaluates_its_base_point_and_queries_as_copies_in_one_forward(preset, kw, copies):
+    """FZOO: L(x) and its 8 one-sided points as 9 copies; HiZOO: L(x), L(x +- eps z) as 3."""
+    a, b = mlp(), mlp()
+    make = getattr(zotune, preset)
+    inplace = make(a.named_parameters(), lr=1e-2, eps=1e-3, **kw)
+    together = make(b.named_parameters(), lr=1e-2, eps=1e-3, module=b, perturbation="dual", **kw)
+    calls = []
+    for _ in range(3):
+        la = inplace.step(closure_of(a))
+        lb = together.step(closure_of(b, calls))
+        assert float(la) == pytest.approx(float(lb), rel=1e-12)  # the base copy is x itself
+        assert together.last_record["coeffs"] == pytest.approx(inplace.last_record["coeffs"], rel=1e-6, abs=1e-9)
+    assert calls == [copies] * 3 and together.forward_passes == 3 * copies == 3 * together.forward_passes_per_step
+    for p, r in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, r, rtol=0, atol=1e-10)
