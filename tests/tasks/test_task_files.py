@@ -159,6 +159,21 @@ def test_parquet_rows(tmp_path):
     assert sorted((ex.choices[0][0], ex.label) for ex in data.train) == [("bad", 0), ("good", 1)]
 
 
+def test_an_eval_file_in_the_task_file_is_the_test_split_unless_the_recipe_names_another(csv_task):
+    from zotune.train.loop import load_data
+
+    (csv_task.parent / "held-out.csv").write_text("text,label\nSuperb.,1\nDreadful.,0\n")
+    csv_task.write_text(csv_task.read_text().replace("data: {train: rows.csv}",
+                                                     "data: {train: rows.csv, eval: held-out.csv}\nsplit: {test: 2}"))
+    cfg = load_config(None, [f"task.name={csv_task}", "model.name=tiny-llama", "task.train=3", "task.dev=1"])
+    assert cfg.task.eval_file == str(csv_task.parent / "held-out.csv") and cfg.task.test == 2
+    data = load_data(cfg)
+    assert sorted(ex.choices[0][0] for ex in data.test) == ["Review: Dreadful.\nSentiment:", "Review: Superb.\nSentiment:"]
+    assert data.sizes == {"train": 3, "dev": 1, "test": 2}
+    other = load_config(None, [f"task.name={csv_task}", "model.name=tiny-llama", f"task.eval_file={csv_task.parent / 'rows.csv'}"])
+    assert other.task.eval_file == str(csv_task.parent / "rows.csv")
+
+
 # ----------------------------------------------------------------------------- every documented error
 
 GOOD_TEMPLATE = 'template: {context: "{{ text }}", choices: {0: " no", 1: " yes"}}'
@@ -282,6 +297,11 @@ def test_loading_a_printed_builtin_gives_the_same_splits_and_prompts(name, data_
     assert cli.main(["tasks", "--show", name]) == 0
     path = tmp_path / f"{name}.yaml"
     path.write_text(capsys.readouterr().out)
+    if name == "sst2":  # its 67,349 rows take seconds to read: the first 400 lines do as well
+        (tmp_path / "SST-2").mkdir()
+        lines = (data_root / "SST-2" / "train.tsv").read_text().splitlines(keepends=True)[:400]
+        (tmp_path / "SST-2" / "train.tsv").write_text("".join(lines))
+        data_root = tmp_path
     split = SplitSpec(train=40, dev=10, test=20, seed=3)
     a = load_task(name, data_root=data_root, split=split)
     b = load_task(str(path), data_root=data_root, split=split)
@@ -309,9 +329,9 @@ def test_show_prints_a_task_file_that_loads_back_the_same(csv_task, tmp_path, ca
 
 def test_a_task_file_over_a_csv_trains_and_evaluates_a_tiny_model(tmp_path, capsys):
     out = tmp_path / "run"
-    common = [f"task.name={EXAMPLE}", "model.name=tiny-llama", "task.train=32", "task.dev=8", "task.test=16",
+    common = [f"task.name={EXAMPLE}", "model.name=tiny-llama", "task.train=32", "task.dev=0", "task.test=16",
               "train.batch_size=8", "optim.lr=1e-3", "train.progress=false", "train.tensorboard=false",
-              "train.log_every=1", "train.eval_batch_size=16"]
+              "train.log_every=1", "train.eval_batch_size=16", "train.eval_at_start=false", "task.max_length=64"]
     assert cli.main(["train", *common, "train.steps=4", "train.save_every=4", f"train.output_dir={out}"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["steps"] == 4 and 0.0 <= result["test"]["accuracy"] <= 1.0

@@ -10,11 +10,13 @@ from .metrics import accuracy, compute_metric, exact_match, f1a, multirc_em, nor
 from .registry import (TaskData, TemplateError, UnknownTaskError, default_data_root, get_task, list_tasks,
                        load_task, register_task)
 from .splits import SplitSpec, Splits, make_splits
+from .file_task import FileTaskSpec, TaskFileError, load_task_file
 
 __all__ = [
     "Example", "TaskSpec", "Template", "HubSource", "Record", "TaskData",
     "SplitSpec", "Splits", "make_splits",
     "get_task", "list_tasks", "load_task", "register_task", "default_data_root",
     "DataFormatError", "TemplateError", "UnknownTaskError",
+    "FileTaskSpec", "TaskFileError", "load_task_file",
     "accuracy", "normalize_answer", "exact_match", "token_f1", "f1a", "multirc_em", "compute_metric",
 ]
