@@ -28,7 +28,7 @@ def words_of(seed, step, query, leaf, chunk, count):
     return [int(w) & ((1 << 64) - 1) for w in torch.empty(count, dtype=torch.int64).random_(-2**63, None, generator=g)]
 
 
-@pytest.mark.parametrize("n", [1, 63, 64, 65, 200, 1000])
+@pytest.mark.parametrize("n", [0, 1, 16, 32, 63, 64, 65, 200, 1000])
 def test_each_sign_is_one_bit_of_a_random_64_bit_word(n):
     words = words_of(3, 5, 1, 2, 4, -(-n // 64))
     expected = [-1.0 if (words[e // 64] >> (e % 64)) & 1 else 1.0 for e in range(n)]

@@ -24,6 +24,7 @@ _ONE_BITS = {
     torch.float16: (torch.int16, 0x3C00),
     torch.bfloat16: (torch.int16, 0x3F80),
 }
+_WIDTHS = {t: (torch.iinfo(t).bits, torch.iinfo(t).min) for t in (torch.int16, torch.int32, torch.int64)}
 
 
 class Gaussian(Estimator):
@@ -80,19 +81,22 @@ def signs_(out: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     if fmt is None:  # another float type (float8 ...): through float32, exact for +-1
         return out.copy_(signs_(torch.empty(n, dtype=torch.float32, device=out.device), g))
     itype, one = fmt
-    width = torch.iinfo(itype).bits
+    width, top = _WIDTHS[itype]
     words = torch.empty(-(-n // 64), dtype=torch.int64, device=out.device)
     words = words.random_(-(1 << 63), None, generator=g).view(itype)  # full range: all 64 bits random
     shifts = _SHIFTS.get((itype, out.device))
     if shifts is None:  # bit j of a word goes to the top (sign) bit of element j
         shifts = _SHIFTS[(itype, out.device)] = torch.arange(width - 1, -1, -1, dtype=itype, device=out.device)
     bits = out.view(itype)
-    whole = n // width
-    if whole:
-        torch.bitwise_left_shift(words[:whole].unsqueeze(1), shifts, out=bits[: whole * width].view(whole, width))
-    if n % width:  # the last word's first bits
-        bits[whole * width:] = torch.bitwise_left_shift(words[whole], shifts[: n % width])
-    return bits.bitwise_and_(torch.iinfo(itype).min).bitwise_or_(one).view(out.dtype)
+    whole, tail = divmod(n, width)
+    if tail == 0 and whole == len(words):  # the common case (a chunk of a multiple of 64): fewest ops
+        torch.bitwise_left_shift(words.unsqueeze(1), shifts, out=bits.view(whole, width))
+    else:
+        if whole:
+            torch.bitwise_left_shift(words[:whole].unsqueeze(1), shifts, out=bits[: whole * width].view(whole, width))
+        if tail:  # the last word's first bits
+            bits[whole * width:] = torch.bitwise_left_shift(words[whole], shifts[:tail])
+    return bits.bitwise_and_(top).bitwise_or_(one).view(out.dtype)
 
 
 def draw_leaf(run_seed: int, step: int, query: int, leaf: int, p: torch.Tensor,
