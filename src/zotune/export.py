@@ -231,7 +231,8 @@ def export(path: str | os.PathLike, out: str | os.PathLike, *, merge: bool = Fal
     tmp = Path(tempfile.mkdtemp(prefix=f".{o.name}.tmp-", dir=o.parent))
     try:
         if fmt == "peft":
-            model.save_pretrained(str(tmp), safe_serialization=True)
+            # zotune's adapters never train the embedding layers: no hub lookup of the base's vocabulary
+            model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False)
         else:
             model.save_pretrained(str(tmp))
         loaded.tokenizer.save_pretrained(str(tmp))
