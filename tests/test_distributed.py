@@ -41,7 +41,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(tmp: Path, job: str, args: dict, world_size: int = 2, timeout: float = 90.0,
+def launch(tmp: Path, job: str, args: dict, world_size: int = 2, timeout: float = 300.0,
            wait_for: tuple[int, ...] | None = None) -> list[dict]:
     """Start ``world_size`` ranks of ``job``; wait for the ranks in ``wait_for`` (all by
     default), kill the others, and return each rank's JSON report ({} if it wrote none)."""
@@ -125,7 +125,7 @@ def job_mlp(args: dict) -> None:
 def mlp_ranks(tmp_path_factory):
     """One 2-rank launch: 6 ZO steps with q = 3, then a run where rank 1 hangs at step 4."""
     args = {"steps": 6, "q": 3, "timeout_s": 5, "hang": {"rank": 1, "step": 4}}
-    return args, launch(tmp_path_factory.mktemp("mlp"), "mlp", args, wait_for=(0,), timeout=60)
+    return args, launch(tmp_path_factory.mktemp("mlp"), "mlp", args, wait_for=(0,), timeout=240)
 
 
 def test_single_process_fallback_without_torchrun_env():
@@ -239,7 +239,7 @@ def loop_ranks(tmp_path_factory):
                                                               str(tmp / "node1" / "ckpt-last")]},
             {"overrides": dies}]
     args = {"runs": runs, "timeout_s": 30, "exit_rank": 1, "exit_step": 3}
-    reports = launch(tmp, "loop", args, wait_for=(0,), timeout=180)
+    reports = launch(tmp, "loop", args, wait_for=(0,), timeout=300)
     return tmp, zo, fo, reports
 
 
