@@ -44,7 +44,7 @@ def main(argv=None) -> dict:
     rows = []
     for s in range(args.batches):
         batch = [setup.data.train[i] for i in order.indices(s)]
-        closure = make_closure(model, setup.loaded.tokenizer, batch, cfg, setup.loaded.kind, device, objective)
+        closure = make_closure(setup.loaded, batch, cfg, device, objective)
         model.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
         with torch.enable_grad():

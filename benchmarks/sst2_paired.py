@@ -16,7 +16,7 @@ s = build(cfg)
 ex = s.data.test
 labels = [e.label for e in ex]
 def preds():
-    return score_choices(s.model, s.loaded.tokenizer, [list(e.choices) for e in ex], batch_size=32, max_length=64)
+    return score_choices(s.loaded, s.loaded.tokenizer, [list(e.choices) for e in ex], batch_size=32, max_length=64)
 p0 = preds()
 t, _, _ = load_checkpoint("runs/bench/smollm-results/sst2-mezo-full/ckpt-last")
 with torch.no_grad():

@@ -48,14 +48,14 @@ def main() -> None:
     opt = zotune.MeZO(model.named_parameters(), lr=lr, eps=1e-3, seed=0)
 
     with torch.no_grad():
-        print(f"step    0  loss {float(pair_loss(model, batch)):.4f}")
+        print(f"step    0  loss {float(pair_loss(loaded, batch)):.4f}")
     t0 = time.time()
     for step in range(1, steps + 1):
-        loss = opt.step(lambda: pair_loss(model, batch))
+        loss = opt.step(lambda: pair_loss(loaded, batch))
         if step % (steps // 10) == 0:
             print(f"step {step:4d}  loss {float(loss):.4f}  ({time.time() - t0:.0f} s, {opt.forward_passes} forward passes)")
     with torch.no_grad():
-        print(f"final       loss {float(pair_loss(model, batch)):.4f}")
+        print(f"final       loss {float(pair_loss(loaded, batch)):.4f}")
 
 
 if __name__ == "__main__":

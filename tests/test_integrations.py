@@ -18,6 +18,7 @@ from zotune.config import OptimConfig
 from zotune.config import load_config
 from zotune.integrations import ZO_STATE_DIR, TrainerFacingOptimizer, ZOTrainer
 from zotune.lm import encode_pairs, pair_loss
+from zotune.models import as_loaded
 from zotune.methods import METHODS, build_optimizer, resolve_optim
 from zotune.testing import tiny_model
 from zotune.params import unique_parameters
@@ -107,7 +108,7 @@ class PairLossTrainer(ZOTrainer):
     ``pair_loss`` (mean NLL of the gold continuations) on batches the collator encodes."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        return pair_loss(model, inputs["pairs"])
+        return pair_loss(as_loaded(model), inputs["pairs"])  # the Trainer hands over its module
 
 
 @pytest.mark.skipif(not DATA.is_dir(), reason="shared data not found beside the repo")

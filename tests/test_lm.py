@@ -29,8 +29,8 @@ def test_pair_loss_is_the_nll_of_the_continuation(tiny_llama):
     assert batch.cont_mask[0].sum() == 3 and batch.cont_mask[0, -3:].all()
     expected = _expected_logprobs(model, ids, 3)
     with torch.no_grad():
-        torch.testing.assert_close(pair_loss(model, batch), -expected.mean())
-        ll = sum_logprobs(model, batch)
+        torch.testing.assert_close(pair_loss(tiny_llama, batch), -expected.mean())
+        ll = sum_logprobs(tiny_llama, batch)
     torch.testing.assert_close(ll.sum, expected.sum().reshape(1))
     torch.testing.assert_close(ll.mean, expected.mean().reshape(1))
 
@@ -39,9 +39,9 @@ def test_pair_loss_is_the_nll_of_the_continuation(tiny_llama):
 def test_padding_does_not_change_scores(fixture, request):
     lm = request.getfixturevalue(fixture)
     with torch.no_grad():
-        together = sum_logprobs(lm.model, encode_pairs(lm.tokenizer, PAIRS, 64))
-        alone = [sum_logprobs(lm.model, encode_pairs(lm.tokenizer, [p], 64)).sum for p in PAIRS]
-        loss = pair_loss(lm.model, encode_pairs(lm.tokenizer, PAIRS, 64))
+        together = sum_logprobs(lm, encode_pairs(lm.tokenizer, PAIRS, 64))
+        alone = [sum_logprobs(lm, encode_pairs(lm.tokenizer, [p], 64)).sum for p in PAIRS]
+        loss = pair_loss(lm, encode_pairs(lm.tokenizer, PAIRS, 64))
     torch.testing.assert_close(together.sum, torch.cat(alone))
     n_tokens = (together.sum / together.mean).sum()
     torch.testing.assert_close(loss, -together.sum.sum() / n_tokens)  # token-weighted mean
@@ -49,9 +49,9 @@ def test_padding_does_not_change_scores(fixture, request):
 
 def test_loss_has_gradients_only_when_the_caller_wants(tiny_gpt2):
     batch = encode_pairs(tiny_gpt2.tokenizer, PAIRS, 64)
-    assert pair_loss(tiny_gpt2.model, batch).requires_grad
+    assert pair_loss(tiny_gpt2, batch).requires_grad
     with torch.no_grad():
-        assert not pair_loss(tiny_gpt2.model, batch).requires_grad
+        assert not pair_loss(tiny_gpt2, batch).requires_grad
 
 
 def test_long_context_is_cut_from_the_left(tiny_llama):
@@ -73,7 +73,7 @@ def test_long_context_is_cut_from_the_left(tiny_llama):
 def test_empty_context_without_bos_still_scores_the_first_token(tiny_gpt2):
     batch = encode_pairs(tiny_gpt2.tokenizer, [("", " yes"), ("It", " was")], 16)
     with torch.no_grad():
-        assert torch.isfinite(sum_logprobs(tiny_gpt2.model, batch).sum).all()
+        assert torch.isfinite(sum_logprobs(tiny_gpt2, batch).sum).all()
 
 
 def test_bad_pairs_are_named():
@@ -96,14 +96,14 @@ def test_masked_lm_scores_the_label_word_at_the_mask(tiny_roberta):
     great = tok.convert_tokens_to_ids("Ġgreat")
     with torch.no_grad():
         logits = model(batch.input_ids[:1, :n]).logits[0]
-        ll = sum_logprobs(model, batch)
+        ll = sum_logprobs(tiny_roberta, batch)
         expected = torch.log_softmax(logits[n - 2], -1)[great]
         torch.testing.assert_close(ll.sum[0], expected)
-        torch.testing.assert_close(pair_loss(model, batch), -ll.sum.mean())
+        torch.testing.assert_close(pair_loss(tiny_roberta, batch), -ll.sum.mean())
     with pytest.raises(ValueError, match="single-token"):
         encode_pairs(tok, [("It was", " wonderful")], 32, kind="masked")
     with pytest.raises(ValueError, match="kind='masked'"):
-        pair_loss(tiny_model("llama").model, batch)
+        pair_loss(tiny_model("llama"), batch)
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_roberta"])
@@ -116,30 +116,30 @@ def test_score_choices_picks_the_most_likely_choice(fixture, normalize, request)
         words = [" great", " terrible", " good", " bad", " the"]
     contexts = ["It was", "The film is", "I think that the movie was", "so"]
     examples = [[(c, w) for w in words[i % 2 : i % 2 + 3]] for i, c in enumerate(contexts)]
-    preds = score_choices(lm.model, lm.tokenizer, examples, batch_size=2, max_length=32, normalize=normalize)
+    preds = score_choices(lm, lm.tokenizer, examples, batch_size=2, max_length=32, normalize=normalize)
     expected = []
     with torch.no_grad():
         for choices in examples:
-            ll = sum_logprobs(lm.model, encode_pairs(lm.tokenizer, choices, 32, kind=lm.kind))
+            ll = sum_logprobs(lm, encode_pairs(lm.tokenizer, choices, 32, kind=lm.kind))
             expected.append(int(getattr(ll, normalize).argmax()))
     assert preds == expected
     with pytest.raises(ValueError, match="Did you mean 'mean'"):
-        score_choices(lm.model, lm.tokenizer, examples, normalize="meen")
+        score_choices(lm, lm.tokenizer, examples, normalize="meen")
     with pytest.raises(ValueError, match=r"examples_choices\[1\]"):
-        score_choices(lm.model, lm.tokenizer, [examples[0], []])
+        score_choices(lm, lm.tokenizer, [examples[0], []])
 
 
 def test_generate_is_greedy_deterministic_and_batch_independent(tiny_opt):
     tok, model = tiny_opt.tokenizer, tiny_opt.model
     prompts = ["The capital of France is", "Hello", "a b c d e f"]
-    out = generate(model, tok, prompts, max_new_tokens=6, batch_size=2)
-    assert out == generate(model, tok, prompts, max_new_tokens=6, batch_size=3)
-    assert out == [generate(model, tok, [p], max_new_tokens=6)[0] for p in prompts]
+    out = generate(tiny_opt, tok, prompts, max_new_tokens=6, batch_size=2)
+    assert out == generate(tiny_opt, tok, prompts, max_new_tokens=6, batch_size=3)
+    assert out == [generate(tiny_opt, tok, [p], max_new_tokens=6)[0] for p in prompts]
     # greedy: one new token is the argmax of the next-token distribution
     ids = tok(prompts[0])["input_ids"]
     with torch.no_grad():
         best = int(model(torch.tensor([ids])).logits[0, -1].argmax())
-    [first] = generate(model, tok, [prompts[0]], max_new_tokens=1)
+    [first] = generate(tiny_opt, tok, [prompts[0]], max_new_tokens=1)
     assert first == tok.decode([best], skip_special_tokens=True).split("\n")[0].strip()
     assert all("\n" not in text for text in out)
 
@@ -152,19 +152,19 @@ def test_generate_stops_at_newline_and_runs_max_new_tokens():
     lm.model.lm_head = head  # a head that always says the same token
     with torch.no_grad():
         head.bias.zero_()[tok.convert_tokens_to_ids("Ġgreat")] = 1.0
-        assert generate(lm.model, tok, ["It was", "x"], max_new_tokens=3) == ["great great great"] * 2
+        assert generate(lm, tok, ["It was", "x"], max_new_tokens=3) == ["great great great"] * 2
         newline = tok("\n", add_special_tokens=False)["input_ids"][0]
         assert newline in _newline_ids(tok)
         head.bias.zero_()[newline] = 1.0
-        assert generate(lm.model, tok, ["It was"], max_new_tokens=3) == [""]
+        assert generate(lm, tok, ["It was"], max_new_tokens=3) == [""]
     with pytest.raises(ValueError, match="masked LM"):
-        generate(tiny_model("roberta").model, tok, ["x"])
+        generate(tiny_model("roberta"), tok, ["x"])
     with pytest.raises(ValueError, match="max_length=3"):
-        generate(lm.model, tok, ["x"], max_new_tokens=3, max_length=3)
+        generate(lm, tok, ["x"], max_new_tokens=3, max_length=3)
 
 
 def test_generate_truncates_long_prompts_from_the_left(tiny_llama):
-    tok, model = tiny_llama.tokenizer, tiny_llama.model
+    tok, model = tiny_llama.tokenizer, tiny_llama
     long = "one two three four five six seven eight nine ten " * 3 + "The capital of France is"
     kept = tok(long)["input_ids"]
     tail = tok.decode(kept[len(kept) - 9 :], skip_special_tokens=True)  # 10 - BOS
@@ -178,7 +178,7 @@ def test_choice_batches_score_like_separate_pairs_and_train_as_classification(ti
 
     from zotune.lm import choice_loss, choice_scores, encode_choices, encode_pairs, sum_logprobs
 
-    model, tok = tiny_llama.model, tiny_llama.tokenizer
+    model, tok = tiny_llama, tiny_llama.tokenizer
     shared = [[("the movie was", " great"), ("the movie was", " terrible")],
               [("a bad film it was", " great"), ("a bad film it was", " terrible")]]
     differing = [[("the cause was", " rain"), ("the effect was", " sun")],
@@ -200,9 +200,9 @@ def test_choice_batches_score_like_separate_pairs_and_train_as_classification(ti
 def test_losses_per_copy_run_the_batch_twice_over_in_one_forward(tiny_llama):
     from zotune.lm import choice_loss, encode_choices
 
-    model, tok = tiny_llama.model, tiny_llama.tokenizer
+    model, tok = tiny_llama, tiny_llama.tokenizer
     rows = []
-    handle = model.register_forward_pre_hook(lambda m, args, kwargs: rows.append(kwargs["input_ids"].shape[0]),
+    handle = model.model.register_forward_pre_hook(lambda m, args, kwargs: rows.append(kwargs["input_ids"].shape[0]),
                                              with_kwargs=True)
     batch = encode_pairs(tok, PAIRS, max_length=64)
     shared = encode_choices(tok, [[("the movie was", " great"), ("the movie was", " bad")]] * 3, [0, 1, 1], 32)
@@ -262,7 +262,7 @@ def test_prompt_truncation_counts_what_generate_cuts(tiny_llama):
 def test_mean_scoring_is_the_per_token_mean_in_every_batching_path(tiny_llama):
     """Issue 9 defect 16: MeZO ranks by the per-token mean; both scorings agree with
     sum_logprobs whether examples are batched whole (equal choice counts) or pair by pair."""
-    tok, model = tiny_llama.tokenizer, tiny_llama.model
+    tok, model = tiny_llama.tokenizer, tiny_llama
     equal = [[("It was", " great fun"), ("It was", " bad")], [("So", " yes"), ("So", " no it was not")]]
     unequal = equal[:1] + [[("So", " yes"), ("So", " no"), ("So", " maybe not")]]
     for examples in (equal, unequal):
@@ -272,3 +272,43 @@ def test_mean_scoring_is_the_per_token_mean_in_every_batching_path(tiny_llama):
                 want = [getattr(sum_logprobs(model, encode_pairs(tok, c, 32)), normalize).tolist() for c in examples]
             for g, w in zip(got, want):
                 torch.testing.assert_close(torch.tensor(g), torch.tensor(w))
+
+
+def test_scoring_refuses_a_bare_module_and_reads_the_kind_from_the_loaded_model(tiny_llama, monkeypatch):
+    """The kind is decided once at load: scoring never looks at the module to find it, and a
+    module handed over without it is refused with the fix."""
+    from zotune import models
+    from zotune.lm import choice_loss, choice_scores, encode_choices
+
+    batch = encode_pairs(tiny_llama.tokenizer, PAIRS, 64)
+    cb = encode_choices(tiny_llama.tokenizer, [[("It was", " great"), ("It was", " bad")]], [0], 32)
+    for fn, args in ((pair_loss, (batch,)), (sum_logprobs, (batch,)), (choice_loss, (cb,)), (choice_scores, (cb,)),
+                     (score_choices, (tiny_llama.tokenizer, [PAIRS[:2]])), (generate, (tiny_llama.tokenizer, ["x"]))):
+        with pytest.raises(ValueError, match=f"{fn.__name__} needs a zotune.models.LoadedModel .*"
+                                             "got a bare LlamaForCausalLM"):
+            fn(tiny_llama.model, *args)
+
+    def looked(*args, **kwargs):
+        raise AssertionError("scoring inspected the module for its kind")
+
+    for name in ("infer_kind", "detect_kind", "forward_args", "as_loaded"):
+        monkeypatch.setattr(models, name, looked)
+    with torch.no_grad():
+        pair_loss(tiny_llama, batch)
+        score_choices(tiny_llama, tiny_llama.tokenizer, [PAIRS[:2]])
+        generate(tiny_llama, tiny_llama.tokenizer, ["x"], max_new_tokens=1)
+
+
+def test_as_loaded_reads_a_module_once_and_scores_as_the_loader_does(tiny_llama, tiny_roberta):
+    from zotune.models import as_loaded
+
+    for lm in (tiny_llama, tiny_roberta):
+        mine = as_loaded(lm.model, lm.tokenizer)
+        assert (mine.kind, mine.adapter, mine.prompt_learning, mine.forward_args) == (
+            lm.kind, None, False, lm.forward_args)
+        assert mine.fingerprint == lm.fingerprint and as_loaded(mine) is mine
+    batch = encode_pairs(tiny_llama.tokenizer, PAIRS, 64)
+    with torch.no_grad():
+        assert torch.equal(pair_loss(as_loaded(tiny_llama.model), batch), pair_loss(tiny_llama, batch))
+    with pytest.raises(ValueError, match="Did you mean 'masked'"):
+        as_loaded(tiny_llama.model, kind="mask")

@@ -153,3 +153,15 @@ def test_build_refuses_options_a_method_cannot_take():
     o.method = "fzoo"
     with pytest.raises(ValueError, match="cannot train streamed weights"):
         build_optimizer(o, dict(torch.nn.Linear(4, 3).named_parameters()), streamed=True)
+
+
+def test_a_method_not_safe_under_data_parallel_is_refused_before_joining_ranks(monkeypatch):
+    import dataclasses
+
+    from zotune.train import run
+
+    monkeypatch.setitem(METHODS, "mezo", dataclasses.replace(METHODS["mezo"], data_parallel=False))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(run, "init_from_env", lambda **kw: pytest.fail("joined the ranks"))
+    with pytest.raises(ConfigError, match="'mezo' is not safe under data parallel"):
+        run.run_training(load_config(None, ["optim.method=mezo"]))

@@ -192,7 +192,7 @@ def test_smollm2_loads_from_gguf_once_and_knows_paris():
     stamp = marker.stat().st_mtime_ns
     assert lm.fingerprint["num_layers"] == 30 and lm.fingerprint["vocab_size"] == 49152
     assert lm.model.lm_head.weight is lm.model.model.embed_tokens.weight  # still tied
-    [text] = generate(lm.model, lm.tokenizer, ["The capital of France is"], max_new_tokens=5)
+    [text] = generate(lm, lm.tokenizer, ["The capital of France is"], max_new_tokens=5)
     assert "Paris" in text
     t0 = time.perf_counter()
     again = load_model("smollm2-135m")

@@ -11,8 +11,9 @@ MASKED_PAIRS = [("The capital of France is a", " city"), ("It was", " good")]
 
 def test_full_counts_a_tied_head_once():
     lm = tiny_model("llama")
-    model, named = select_trainable(lm.model, "full")
-    assert model is lm.model
+    out, named = select_trainable(lm, "full")
+    model = out.model
+    assert out is lm and model is lm.model  # nothing wraps it: the same LoadedModel
     assert "model.embed_tokens.weight" in named and "lm_head.weight" not in named
     assert sum(p.numel() for p in named.values()) == lm.fingerprint["num_params"]
     assert all(p.requires_grad for p in model.parameters())
@@ -34,7 +35,12 @@ ADAPTER_CASES += [("gpt2", "lora"), ("roberta", "lora"), ("roberta", "prompt")]
 def test_adapters_train_a_small_set_that_moves_the_loss(arch, scheme):
     lm = tiny_model(arch)
     total = lm.fingerprint["num_params"]
-    model, named = select_trainable(lm.model, scheme)
+    out, named = select_trainable(lm, scheme)
+    model = out.model
+    # the adapter is decided where it is made, from its config, and carried with the model
+    assert (out.kind, out.adapter, out.prompt_learning) == (
+        lm.kind, {"lora": "LORA", "prefix": "PREFIX_TUNING", "prompt": "PROMPT_TUNING"}[scheme], scheme != "lora")
+    assert out.fingerprint == lm.fingerprint and out.forward_args == lm.forward_args
     marker = "lora_" if scheme == "lora" else "prompt_encoder"
     assert named and all(marker in name for name in named)
     if scheme == "lora":  # peft's default targets: the attention query and value projections
@@ -46,34 +52,36 @@ def test_adapters_train_a_small_set_that_moves_the_loss(arch, scheme):
     pairs = PAIRS if lm.kind == "causal" else MASKED_PAIRS
     batch = encode_pairs(lm.tokenizer, pairs, 48, kind=lm.kind)
     with torch.no_grad():
-        before = pair_loss(model, batch)
+        before = pair_loss(out, batch)
         # a padded batch scores each row as it scores alone (prefix and prompt change positions)
-        together = sum_logprobs(model, batch).sum
-        alone = torch.cat([sum_logprobs(model, encode_pairs(lm.tokenizer, [p], 48, kind=lm.kind)).sum for p in pairs])
+        together = sum_logprobs(out, batch).sum
+        alone = torch.cat([sum_logprobs(out, encode_pairs(lm.tokenizer, [p], 48, kind=lm.kind)).sum for p in pairs])
         torch.testing.assert_close(together, alone)
         gen = torch.Generator().manual_seed(0)
         name = list(named)[-1]
         named[name].add_(torch.randn(named[name].shape, generator=gen))
-        after = pair_loss(model, batch)
+        after = pair_loss(out, batch)
     assert torch.isfinite(before) and abs(float(after - before)) > 1e-4
 
-    loss = pair_loss(model, batch)  # first-order: gradients reach the adapters only
+    loss = pair_loss(out, batch)  # first-order: gradients reach the adapters only
     loss.backward()
     assert all(p.grad is not None for p in named.values())
     assert all(p.grad is None for n, p in model.named_parameters() if n not in named)
 
 
 def test_options_override_the_peft_defaults():
-    model, named = select_trainable(tiny_model("opt").model, "lora", r=4, target_modules=["k_proj"])
+    _, named = select_trainable(tiny_model("opt"), "lora", r=4, target_modules=["k_proj"])
     shapes = {n: tuple(p.shape) for n, p in named.items()}
     assert all("k_proj" in n for n in named)
     assert shapes["base_model.model.model.decoder.layers.0.self_attn.k_proj.lora_A.default.weight"] == (4, 64)
-    _, named = select_trainable(tiny_model("llama").model, "prompt", num_virtual_tokens=3)
+    _, named = select_trainable(tiny_model("llama"), "prompt", num_virtual_tokens=3)
     assert [tuple(p.shape) for p in named.values()] == [(3, 64)]
 
 
 def test_scheme_and_option_errors():
-    model = tiny_model("llama").model
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="select_trainable needs a zotune.models.LoadedModel"):
+        select_trainable(model.model, "full")  # a bare module: its kind was never decided
     with pytest.raises(ValueError, match="Did you mean 'lora'"):
         select_trainable(model, "lroa")
     with pytest.raises(ValueError, match="Did you mean 'lora_alpha'"):
@@ -129,9 +137,9 @@ def test_hybrid_split_partitions_by_depth(arch, zo_only, fo_only, request):
 
 
 def test_hybrid_split_of_adapters():
-    model, named = select_trainable(tiny_model("llama").model, "prefix")
-    zo, fo = hybrid_split(model, named, 0)
+    lm, named = select_trainable(tiny_model("llama"), "prefix")
+    zo, fo = hybrid_split(lm.model, named, 0)
     assert list(zo) == ["prompt_encoder.default.embedding.weight"] and fo == {}
-    model, named = select_trainable(tiny_model("llama").model, "lora")
-    zo, fo = hybrid_split(model, named, 1)
+    lm, named = select_trainable(tiny_model("llama"), "lora")
+    zo, fo = hybrid_split(lm.model, named, 1)
     assert len(zo) == len(fo) == 4

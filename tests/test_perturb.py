@@ -180,6 +180,7 @@ def test_dual_errors_are_clear():
 
 def test_side_terms_give_the_inplace_lozo_trajectory_without_writing_matrices():
     from zotune.lm import encode_pairs, pair_loss
+    from zotune.models import as_loaded
     from zotune.testing import tiny_model
 
     models = [tiny_model("llama").model for _ in range(2)]  # tied embedding + LM head: both owners hooked
@@ -196,8 +197,8 @@ def test_side_terms_give_the_inplace_lozo_trajectory_without_writing_matrices():
     b.model.layers[0].mlp.up_proj.register_forward_pre_hook(lambda m, args: seen.append(m.weight.clone()))
     for _ in range(7):
         before = matrix.detach().clone()
-        la = inplace.step(lambda: pair_loss(a, batch))
-        lb = side.step(lambda: pair_loss(b, batch))
+        la = inplace.step(lambda: pair_loss(as_loaded(a), batch))
+        lb = side.step(lambda: pair_loss(as_loaded(b), batch))
         assert float(la) == pytest.approx(float(lb), rel=1e-5)
         assert all(torch.equal(w, before) for w in seen[-2:])  # both evaluations ran on the unwritten matrix
     for p, q in zip(a.parameters(), b.parameters()):
@@ -214,6 +215,7 @@ def test_dual_perturbs_large_matrices_row_block_by_row_block(monkeypatch):
     import zotune.perturb as zp
     from zotune.estimators import Gaussian
     from zotune.lm import encode_pairs, pair_loss
+    from zotune.models import as_loaded
     from zotune.testing import tiny_model
 
     lm = tiny_model("llama")
@@ -228,8 +230,8 @@ def test_dual_perturbs_large_matrices_row_block_by_row_block(monkeypatch):
     dual = zotune.ZOOptimizer(b.named_parameters(), Gaussian(chunk_size=100), "sgd", lr=1e-3, eps=1e-2,
                               module=b, perturbation="dual")
     for _ in range(3):
-        la = inplace.step(lambda: pair_loss(a, batch))
-        lb = dual.step(lambda copies=1: pair_loss(b, batch, copies=copies))
+        la = inplace.step(lambda: pair_loss(as_loaded(a), batch))
+        lb = dual.step(lambda copies=1: pair_loss(as_loaded(b), batch, copies=copies))
         assert float(la) == pytest.approx(float(lb), rel=1e-5)
     assert {"Linear", "Embedding"} <= set(blocked)
     for p, q in zip(a.parameters(), b.parameters()):

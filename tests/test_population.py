@@ -70,6 +70,7 @@ def test_one_step_equals_the_population_update_formula_on_a_quadratic(scheme):
 
 def test_copies_give_the_losses_of_sequential_in_place_evaluations_on_a_tiny_causal_lm():
     from zotune.lm import encode_pairs, pair_loss
+    from zotune.models import as_loaded
     from zotune.testing import tiny_model
 
     lm = tiny_model("llama")
@@ -82,11 +83,11 @@ def test_copies_give_the_losses_of_sequential_in_place_evaluations_on_a_tiny_cau
     seen = []
     model.model.layers[0].mlp.up_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
     together = Copies(opt.estimator, opt.leaves, opt.names, model).measure(
-        Probe(lambda copies=1: pair_loss(model, batch, copies=copies)), dirs, scheme, 1e-2)
+        Probe(lambda copies=1: pair_loss(as_loaded(model), batch, copies=copies)), dirs, scheme, 1e-2)
     assert seen == [8 * 2]  # one forward of 2N = 8 copies of the 2 rows
     assert all(torch.equal(v, before[k]) for k, v in named.items())  # no weight written
     one_by_one = InPlace(opt.estimator, opt.leaves, fuse=False).measure(
-        Probe(lambda: pair_loss(model, batch)), dirs, scheme, 1e-2)
+        Probe(lambda: pair_loss(as_loaded(model), batch)), dirs, scheme, 1e-2)
     assert together.forward_passes == one_by_one.forward_passes == 8
     flat = [x for row in together.rows for x in row]
     assert flat == pytest.approx([x for row in one_by_one.rows for x in row], rel=1e-5)

@@ -5,6 +5,7 @@ import torch
 
 import zotune
 from zotune.lm import encode_pairs, pair_loss
+from zotune.models import as_loaded
 from zotune.testing import tiny_model
 from zotune.streamed import StreamedWeights
 
@@ -35,8 +36,8 @@ def test_streamed_weights_follow_the_plain_trajectory(tmp_path, preset, kw, copy
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))  # lrs must be those of each step
     sched_plain = torch.optim.lr_scheduler.LambdaLR(opt_plain, lambda s: 1.0 / (1 + s))
     for _ in range(6):
-        lp = opt_plain.step(lambda: pair_loss(plain, batch))
-        ls = opt.step(lambda copies=1: pair_loss(model, batch, copies=copies))
+        lp = opt_plain.step(lambda: pair_loss(as_loaded(plain), batch))
+        ls = opt.step(lambda copies=1: pair_loss(as_loaded(model), batch, copies=copies))
         assert float(ls) == pytest.approx(float(lp), rel=1e-5)
         sched.step()
         sched_plain.step()
@@ -63,14 +64,14 @@ def test_each_trained_tensor_crosses_once_per_step_and_stays_in_storage_between_
     tied_bytes = tied.numel() * tied.element_size()  # the tied LM head brings the embedding in twice
     for step in range(3):
         before_in, before_out = streamed.bytes_in, streamed.bytes_out
-        opt.step(lambda copies=1: pair_loss(model, batch, copies=copies))
+        opt.step(lambda copies=1: pair_loss(as_loaded(model), batch, copies=copies))
         assert streamed.bytes_in - before_in == trained_bytes + tied_bytes
         assert streamed.bytes_out - before_out == (trained_bytes if step else 0)  # the previous update
     stored = {p.data_ptr() for p in streamed.stored}
     assert all(p.data_ptr() in stored for p in opt.leaves)  # between visits: the mapped file itself
     # evaluation outside a step sees the updated weights (brought in, pending update applied)
     with torch.no_grad():
-        loss = pair_loss(model, batch)
+        loss = pair_loss(as_loaded(model), batch)
     assert opt.pending is None and torch.isfinite(loss)
 
 

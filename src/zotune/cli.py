@@ -96,7 +96,7 @@ def cmd_eval(args) -> int:
                     raise ValueError(f"checkpoint {args.checkpoint} has no tensor {name!r} (another scheme?)")
                 p.copy_(tensors[name])
     examples = getattr(setup.data, args.split)
-    metrics = evaluate(setup.model, setup.loaded.tokenizer, examples, setup.data.spec.metric,
+    metrics = evaluate(setup.loaded, setup.loaded.tokenizer, examples, setup.data.spec.metric,
                        batch_size=cfg.train.eval_batch_size, max_length=cfg.task.max_length)
     print(json.dumps({"task": cfg.task.name, "split": args.split, "model": cfg.model.name,
                       "checkpoint": args.checkpoint, **metrics}))

@@ -208,7 +208,8 @@ def export(path: str | os.PathLike, out: str | os.PathLike, *, merge: bool = Fal
     if facts.get("scheme") not in (None, scheme):
         raise ExportError(f"{source.checkpoint} holds scheme {facts['scheme']!r} tensors, but the run's "
                           f"config.json says trainable.scheme={scheme!r}")
-    model, named = select_trainable(loaded.model, scheme, **scheme_options(cfg))
+    loaded, named = select_trainable(loaded, scheme, **scheme_options(cfg))
+    model = loaded.model
     missing, extra = sorted(set(named) - set(tensors)), sorted(set(tensors) - set(named))
     if missing or extra:
         raise ExportError(f"the tensors of {source.checkpoint or 'the replay'} do not fit scheme {scheme!r} of "

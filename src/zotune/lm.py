@@ -15,19 +15,23 @@ continuation is always kept whole). :func:`choice_truncation` and :func:`prompt_
 count, with the same tokenisation as the scoring, how many rows are cut and by how much
 (a :class:`Truncation`), so callers can say so instead of scoring cut rows silently.
 
+The model is a :class:`zotune.models.LoadedModel` (``load_model``, ``zotune.testing.tiny_model``,
+or ``as_loaded(module, tokenizer)`` once for a module of your own): its kind (causal or masked,
+prompt-learning adapter) and forward arguments were decided once, where it was loaded, and
+scoring reads them from it; a bare module is refused.
+
 Example::
 
-    batch = encode_pairs(tok, [("The capital of France is", " Paris")], max_length=64)
-    loss = pair_loss(model, batch)                       # mean NLL of the continuation tokens
-    preds = score_choices(model, tok, [[("It was", " great"), ("It was", " terrible")]])
+    lm = load_model("smollm2-135m")
+    batch = encode_pairs(lm.tokenizer, [("The capital of France is", " Paris")], max_length=64)
+    loss = pair_loss(lm, batch)                          # mean NLL of the continuation tokens
+    preds = score_choices(lm, lm.tokenizer, [[("It was", " great"), ("It was", " terrible")]])
     cut = choice_truncation(tok, [[("It was", " great"), ("It was", " terrible")]], max_length=64)
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
 import warnings
 import weakref
 from collections.abc import Sequence
@@ -37,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from zotune._validate import check_int, unknown_choice
-from zotune.models import KINDS, infer_kind
+from zotune.models import KINDS, LoadedModel, require_loaded
 
 Pair = tuple[str, str]
 NORMALIZE = ("sum", "mean")
@@ -268,19 +272,6 @@ def prompt_truncation(tokenizer, prompts: Sequence[str], max_length: int, max_ne
 # ----------------------------------------------------------------------------- scoring
 
 
-@functools.lru_cache(maxsize=64)
-def _forward_params(cls: type) -> frozenset[str]:
-    return frozenset(inspect.signature(cls.forward).parameters)
-
-
-def _prompt_learning_type(model) -> str | None:
-    """The peft prompt-learning method of a peft model ('PREFIX_TUNING', 'PROMPT_TUNING', ...), else None."""
-    config = getattr(model, "active_peft_config", None)
-    if config is None or not getattr(config, "is_prompt_learning", False):
-        return None
-    return str(getattr(config.peft_type, "value", config.peft_type))
-
-
 def _right_align(batch: Batch) -> Batch:
     """Roll left-padded rows so their padding is on the right (for methods that drop position ids)."""
     width = batch.input_ids.shape[1]
@@ -290,17 +281,14 @@ def _right_align(batch: Batch) -> Batch:
     return dataclasses.replace(batch, **{n: getattr(batch, n).gather(1, index) for n in names})
 
 
-def _continuation_logits(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _continuation_logits(lm: LoadedModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits predicting each continuation token (n_tokens, vocab), its target ids, its row."""
-    kind = infer_kind(model)
+    kind, model, params = lm.kind, lm.model, lm.forward_args
     if batch.kind != kind:
         raise ValueError(f"batch was encoded with kind={batch.kind!r} but the model is a {kind} LM")
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    params = _forward_params(type(base))
-    prompt_type = _prompt_learning_type(model)
     kwargs = {}
     if kind == "causal":
-        if prompt_type is not None and prompt_type != "PREFIX_TUNING":
+        if lm.prompt_learning and lm.adapter != "PREFIX_TUNING":
             # peft drops position ids for prompt tuning; right padding keeps positions exact instead.
             batch = _right_align(batch)
         elif "position_ids" in params:
@@ -339,6 +327,7 @@ def pair_loss(model, batch: Batch, copies: int = 1) -> torch.Tensor:
     batch that many times over in one forward and returns one loss per copy (a ``(copies,)``
     tensor), as ``perturbation="dual"`` asks.
     """
+    model = require_loaded(model, "pair_loss")
     if copies == 1:
         logp, _ = _target_logprobs(model, batch)
         return -logp.mean()
@@ -360,7 +349,7 @@ def _per_copy(values: torch.Tensor, copy: torch.Tensor, copies: int, mean: bool)
 
 def sum_logprobs(model, batch: Batch) -> LogLikelihood:
     """Per-row continuation log-likelihood: ``.sum`` over its tokens and ``.mean`` per token."""
-    logp, rows = _target_logprobs(model, batch)
+    logp, rows = _target_logprobs(require_loaded(model, "sum_logprobs"), batch)
     n = len(batch)
     total = torch.zeros(n, dtype=logp.dtype, device=logp.device).index_add(0, rows, logp)
     counts = torch.zeros(n, dtype=logp.dtype, device=logp.device).index_add(0, rows, torch.ones_like(logp))
@@ -381,6 +370,7 @@ def choice_logprobs(
 
     Pairs are sorted by length before batching so that little padding is computed.
     """
+    model = require_loaded(model, "choice_logprobs")
     if normalize not in NORMALIZE:
         raise ValueError(unknown_choice("normalize", str(normalize), NORMALIZE))
     batch_size = check_int("batch_size", batch_size)
@@ -390,8 +380,8 @@ def choice_logprobs(
             raise ValueError(f"examples_choices[{e}] has no choices to score")
         flat.extend((e, k, tuple(pair)) for k, pair in enumerate(choices))
     order = sorted(range(len(flat)), key=lambda i: -len(flat[i][2][0] + flat[i][2][1]))
-    kind = infer_kind(model)
-    device = next(model.parameters()).device
+    kind = model.kind
+    device = next(model.model.parameters()).device
     scores = [[0.0] * len(choices) for choices in examples_choices]
     sizes = {len(c) for c in examples_choices}
     if len(sizes) == 1:
@@ -440,6 +430,7 @@ def score_choices(
     ReCoRD's queries) being penalised for their length. For one-token label words (SST-2, RTE,
     BoolQ, ...) the two agree.
     """
+    model = require_loaded(model, "score_choices")
     scores = choice_logprobs(model, tokenizer, examples_choices, batch_size, max_length, normalize=normalize)
     return [max(range(len(s)), key=s.__getitem__) for s in scores]
 
@@ -481,7 +472,9 @@ def generate(
     """
     from transformers import GenerationConfig
 
-    if infer_kind(model) != "causal":
+    lm = require_loaded(model, "generate")
+    model = lm.model
+    if lm.kind != "causal":
         raise ValueError("generate needs a causal LM; a masked LM can only score choices")
     max_new_tokens = check_int("max_new_tokens", max_new_tokens)
     batch_size = check_int("batch_size", batch_size)
@@ -587,6 +580,7 @@ def choice_scores(model, cb: ChoiceBatch, *, normalize: Literal["sum", "mean"] =
     """(n, C) log-likelihood of each candidate, summed over its tokens or (``normalize="mean"``)
     per token (one forward when candidates share a context; they are then one token each, so
     sum and mean agree)."""
+    model = require_loaded(model, "choice_scores")
     if normalize not in NORMALIZE:
         raise ValueError(unknown_choice("normalize", str(normalize), NORMALIZE))
     if cb.shared:
@@ -604,6 +598,7 @@ def choice_loss(model, cb: ChoiceBatch, copies: int = 1) -> torch.Tensor:
     classification and multiple-choice tasks: it trains the model to tell the candidates apart,
     not to make the label words likelier in general). ``copies > 1``: one loss per copy of the
     examples, from one forward (see :func:`pair_loss`)."""
+    model = require_loaded(model, "choice_loss")
     if cb.labels is None:
         raise ValueError("choice_loss needs labels")
     if copies == 1:

@@ -59,15 +59,77 @@ ALIASES: dict[str, Alias] = {
 }
 
 
+#: optional arguments of a transformers forward that scoring passes when the model takes them
+SCORING_ARGS = ("position_ids", "logits_to_keep", "use_cache")
+
+
 @dataclasses.dataclass
 class LoadedModel:
-    """A model with its tokenizer; ``fingerprint`` identifies the architecture for resume checks."""
+    """A model and what zotune needs to know of it, decided once (where it is loaded, and where
+    :func:`zotune.params.select_trainable` wraps it with adapters) and carried with it to every
+    user: scoring and losses (:mod:`zotune.lm`), training, evaluation, tuning, benchmarks.
+
+    ``kind``: causal or masked LM. ``adapter``: the peft type wrapping ``model`` (``"LORA"``,
+    ``"PREFIX_TUNING"``, ``"PROMPT_TUNING"``; None: no adapter); ``prompt_learning``: that adapter
+    prepends virtual tokens (prefix and prompt tuning), which changes how positions and logits
+    line up. ``forward_args``: which of :data:`SCORING_ARGS` the base model's forward takes.
+    ``fingerprint`` identifies the architecture for resume checks. A bare ``nn.Module`` of your
+    own becomes one with :func:`as_loaded`.
+    """
 
     model: torch.nn.Module
     tokenizer: Any
     kind: Kind
     name: str
     fingerprint: dict[str, Any]
+    adapter: str | None = None
+    prompt_learning: bool = False
+    forward_args: frozenset[str] = frozenset()
+
+    def with_module(self, module: torch.nn.Module) -> LoadedModel:
+        """The same model run through a wrapper (DDP): every fact carried over, ``module`` runs."""
+        return dataclasses.replace(self, model=module)
+
+
+def forward_args(module: torch.nn.Module) -> frozenset[str]:
+    """Which of :data:`SCORING_ARGS` the forward of ``module`` (under any peft wrapper) takes."""
+    import inspect
+
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module
+    return frozenset(SCORING_ARGS) & frozenset(inspect.signature(type(base).forward).parameters)
+
+
+def as_loaded(module: torch.nn.Module, tokenizer=None, *, kind: Kind | None = None,
+              name: str | None = None) -> LoadedModel:
+    """A :class:`LoadedModel` for a module built elsewhere (a transformers model, perhaps with
+    peft adapters): its kind, adapter and forward arguments read from it once, here.
+
+    Call it once and pass the result around (``pair_loss(lm, batch)``), not once per step.
+    """
+    if isinstance(module, LoadedModel):
+        return module
+    if not isinstance(module, torch.nn.Module):
+        raise ValueError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    if kind is not None and kind not in KINDS:
+        raise ValueError(unknown_choice("kind", str(kind), KINDS))
+    kind = kind or infer_kind(module)
+    config = getattr(module, "active_peft_config", None)
+    adapter = None if config is None else str(getattr(config.peft_type, "value", config.peft_type))
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module
+    return LoadedModel(module, tokenizer, kind, name or type(base).__name__, fingerprint(base, kind), adapter,
+                       bool(getattr(config, "is_prompt_learning", False)), forward_args(module))
+
+
+def require_loaded(model, caller: str) -> LoadedModel:
+    """``model`` if it is a :class:`LoadedModel`; a bare module is refused with the fix."""
+    if isinstance(model, LoadedModel):
+        return model
+    what = f"a bare {type(model).__name__}" if isinstance(model, torch.nn.Module) else repr(model)
+    raise ValueError(
+        f"{caller} needs a zotune.models.LoadedModel (from load_model, zotune.testing.tiny_model, or "
+        f"zotune.models.as_loaded(module, tokenizer) once for a module of your own), got {what}: the model's kind "
+        "(causal or masked LM, prompt-learning adapter) is decided once, where it is loaded, and carried with it"
+    )
 
 
 # ----------------------------------------------------------------------------- validation
@@ -244,7 +306,8 @@ def detect_kind(config) -> Kind:
 
 
 def infer_kind(model: torch.nn.Module) -> Kind:
-    """The kind of an already loaded model (peft wrappers included), from its class name."""
+    """The kind of a module built elsewhere (peft wrappers included), from its class name; read
+    once by :func:`as_loaded` (zotune's own loaders know the kind from the config)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "masked" if type(base).__name__.endswith("ForMaskedLM") else "causal"
 
@@ -265,7 +328,7 @@ def prepare_tokenizer(tokenizer, kind: Kind):
     return tokenizer
 
 
-def fingerprint(model: torch.nn.Module, kind: Kind | None = None) -> dict[str, Any]:
+def fingerprint(model: torch.nn.Module, kind: Kind) -> dict[str, Any]:
     """A small JSON-able description of the architecture; compute it before adding adapters."""
     config = model.config
     params = {id(p): p for p in model.parameters()}.values()  # tied tensors counted once
@@ -273,7 +336,7 @@ def fingerprint(model: torch.nn.Module, kind: Kind | None = None) -> dict[str, A
     return {
         "model_type": getattr(config, "model_type", None),
         "architecture": type(model).__name__,
-        "kind": kind or infer_kind(model),
+        "kind": kind,
         "num_params": int(sum(p.numel() for p in params)),
         "hidden_size": getattr(config, "hidden_size", None),
         "num_layers": getattr(config, "num_hidden_layers", None),
@@ -403,7 +466,8 @@ def load_model(
     prepare_tokenizer(tokenizer, kind)
     model.to(dev)
     model.eval()
-    return LoadedModel(model, tokenizer, kind, str(name_or_path), fingerprint(model, kind))
+    return LoadedModel(model, tokenizer, kind, str(name_or_path), fingerprint(model, kind),
+                       forward_args=forward_args(model))
 
 
 # ----------------------------------------------------------------------------- several devices

@@ -4,8 +4,8 @@ The optimizers work on an ordered mapping ``name -> Parameter``; this module bui
 
 Example::
 
-    model, params = select_trainable(model, "lora", r=16)      # only the LoRA tensors
-    zo, fo = hybrid_split(model, params, zo_layers=4)          # ZO-Bench Table 7 hybrid
+    lm, params = select_trainable(lm, "lora", r=16)            # lm: a LoadedModel; only the LoRA tensors
+    zo, fo = hybrid_split(lm.model, params, zo_layers=4)       # ZO-Bench Table 7 hybrid
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import torch
 
 from zotune._validate import unknown_choice
-from zotune.models import infer_kind
+from zotune.models import LoadedModel, require_loaded
 
 SCHEMES = ("full", "lora", "prefix", "prompt")
 
@@ -62,19 +62,23 @@ def unique_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 
 
 def select_trainable(
-    model: torch.nn.Module, scheme: str = "full", **options
-) -> tuple[torch.nn.Module, dict[str, torch.nn.Parameter]]:
-    """Choose what trains; returns (model to use from now on, ordered name -> trainable Parameter).
+    loaded: LoadedModel, scheme: str = "full", **options
+) -> tuple[LoadedModel, dict[str, torch.nn.Parameter]]:
+    """Choose what trains; returns (the model to use from now on, ordered name -> trainable Parameter).
 
     ``full``: every parameter, tied weights once. ``lora`` / ``prefix`` / ``prompt``: wraps the
-    model with peft (modifying it in place; use the returned wrapper) and returns only the adapter
-    tensors. ``options`` override ``SCHEME_DEFAULTS`` with any field of the peft config class
-    (``r``, ``lora_alpha``, ``target_modules``, ``num_virtual_tokens``, ...). Parameters outside
-    the mapping get ``requires_grad=False``.
+    model with peft (modifying it in place; use the returned :class:`~zotune.models.LoadedModel`,
+    whose ``model`` is the wrapper and whose ``adapter`` / ``prompt_learning`` say so: decided
+    here, from the config that made it) and returns only the adapter tensors. ``options``
+    override ``SCHEME_DEFAULTS`` with any field of the peft config class (``r``, ``lora_alpha``,
+    ``target_modules``, ``num_virtual_tokens``, ...). Parameters outside the mapping get
+    ``requires_grad=False``.
     """
+    loaded = require_loaded(loaded, "select_trainable")
+    model = loaded.model
     if scheme not in SCHEMES:
         raise ValueError(unknown_choice("scheme", str(scheme), SCHEMES))
-    if hasattr(model, "peft_config"):
+    if loaded.adapter is not None or hasattr(model, "peft_config"):
         raise ValueError("the model already has peft adapters; call select_trainable on the plain model")
     if scheme == "full":
         if options:
@@ -84,7 +88,7 @@ def select_trainable(
             p.requires_grad_(False)
         for p in named.values():
             p.requires_grad_(True)
-        return model, named
+        return loaded, named
 
     from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
 
@@ -95,7 +99,7 @@ def select_trainable(
             raise ValueError(unknown_choice(f"option for scheme '{scheme}'", key, fields))
     kwargs = {**SCHEME_DEFAULTS[scheme], **options}
     if "task_type" not in kwargs:
-        if infer_kind(model) == "causal":
+        if loaded.kind == "causal":
             kwargs["task_type"] = TaskType.CAUSAL_LM
         elif scheme != "lora":
             # peft has no masked-LM task; its feature-extraction wrapper prepends the virtual
@@ -112,7 +116,9 @@ def select_trainable(
     named = {n: p for n, p in wrapped.named_parameters() if p.requires_grad}
     if not named:
         raise ValueError(f"scheme '{scheme}' left no trainable tensors in {type(model).__name__}")
-    return wrapped, named
+    adapter = str(getattr(config.peft_type, "value", config.peft_type))
+    return dataclasses.replace(loaded, model=wrapped, adapter=adapter,
+                               prompt_learning=bool(config.is_prompt_learning)), named
 
 
 def num_layers(model: torch.nn.Module) -> int:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from zotune._validate import unknown_choice
-from zotune.models import Kind, LoadedModel, fingerprint, prepare_tokenizer
+from zotune.models import Kind, LoadedModel, fingerprint, forward_args, prepare_tokenizer
 
 TINY_ARCHS = ("llama", "opt", "gpt2", "roberta")
 
@@ -126,4 +126,5 @@ def tiny_model(arch: str, seed: int = 0) -> LoadedModel:
         model = auto.from_config(config)
     model.eval()
     prepare_tokenizer(tokenizer, kind)
-    return LoadedModel(model, tokenizer, kind, f"tiny-{arch}", fingerprint(model, kind))
+    return LoadedModel(model, tokenizer, kind, f"tiny-{arch}", fingerprint(model, kind),
+                       forward_args=forward_args(model))

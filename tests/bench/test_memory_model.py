@@ -87,7 +87,7 @@ def test_adapter_sizes_match_peft(arch):
 
     for scheme in ("lora", "prefix", "prompt"):
         lm = tiny_model(arch)  # select_trainable wraps the model in place: a fresh one each time
-        _, named = select_trainable(lm.model, scheme)
+        _, named = select_trainable(lm, scheme)
         p = predict(lm.model.config, "mezo", scheme=scheme)
         assert p.trainable_params == sum(t.numel() for t in named.values()), scheme
 
@@ -202,9 +202,9 @@ def test_fo_sgd_and_inference_predictions_match_measured_allocations(arch):
     batch, seq = 4, 48
     data = _batch(lm.kind, len(lm.tokenizer), batch, seq)
     with torch.no_grad(), AllocationTracker() as forward:
-        pair_loss(lm.model, data)
+        pair_loss(lm, data)
     with AllocationTracker() as step:  # the weights exist already: this is activations + gradients
-        pair_loss(lm.model, data).backward()
+        pair_loss(lm, data).backward()
     fo = predict(lm.model.config, "fo-sgd", seq_len=seq, batch=batch)
     paper = predict(lm.model.config, "fo-sgd", seq_len=seq, batch=batch, variant="paper")
     inference = predict(lm.model.config, "inference", seq_len=seq, batch=batch)

@@ -93,7 +93,8 @@ def test_block_count_matches_the_blockwise_estimator_and_forward_passes_are_equa
     fwd = {}
     for name in ("sst2-block-s0", f"sst2-mezo-q{layout.blocks}-s0", "sst2-mezo-q1-s0"):
         o = r[name].overrides
-        model, named = select_trainable(tiny_model("llama").model, "full")
+        lm, named = select_trainable(tiny_model("llama"), "full")
+        model = lm.model
         cfg = OptimConfig(method=o["optim.method"], queries=o.get("optim.queries", 1))
         fwd[name] = build_optimizer(cfg, named, model).forward_passes_per_step
     assert fwd["sst2-block-s0"] == fwd[f"sst2-mezo-q{layout.blocks}-s0"] == 2 * layout.blocks

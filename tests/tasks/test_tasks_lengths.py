@@ -47,7 +47,7 @@ def test_config_scoring_follows_the_template_unless_set():
 
 
 def test_evaluate_reports_and_warns_about_cut_rows(tiny_llama, caplog):
-    tok, model = tiny_llama.tokenizer, tiny_llama.model
+    tok, model = tiny_llama.tokenizer, tiny_llama
     expected = check_truncation(tok, examples(), 12, logger=logging.getLogger("unused"))
     with caplog.at_level(logging.WARNING, logger="zotune"):
         out = evaluate(model, tok, examples(), "accuracy", batch_size=4, max_length=12, name="BoolQ test")
@@ -67,13 +67,13 @@ def test_evaluate_reports_and_warns_about_cut_rows(tiny_llama, caplog):
 def test_evaluate_counts_cut_generation_prompts(tiny_llama):
     ex = [Example(choices=((LONG, " x"),), label=0, prompt=LONG, answers=("x",)),
           Example(choices=(("Q:", " y"),), label=0, prompt="Q:", answers=("y",))]
-    out = evaluate(tiny_llama.model, tiny_llama.tokenizer, ex, "em_f1", max_length=12, max_new_tokens=4)
+    out = evaluate(tiny_llama, tiny_llama.tokenizer, ex, "em_f1", max_length=12, max_new_tokens=4)
     n = len(tiny_llama.tokenizer(LONG)["input_ids"])
     assert out["truncated_rows"] == 1 and out["truncated_tokens_max"] == n - 8
 
 
 def test_evaluate_scoring_sum_or_mean(tiny_llama):
-    tok, model = tiny_llama.tokenizer, tiny_llama.model
+    tok, model = tiny_llama.tokenizer, tiny_llama
     from zotune.lm import score_choices
 
     ex = [Example(choices=(("It was", " great fun and more"), ("It was", " bad")), label=0),

@@ -104,11 +104,11 @@ def test_grad_accumulation_sums_micro_batch_losses_to_the_full_batch_loss(task, 
         tokens = encode_pairs(setup.loaded.tokenizer, [e.target for e in batch], 96, kind=kind).cont_mask.sum(1)
         assert len(set(tokens.tolist())) > 1
     with torch.no_grad():
-        whole = make_closure(setup.model, setup.loaded.tokenizer, batch, cfg, kind, "cpu", objective)()
+        whole = make_closure(setup.loaded, batch, cfg, "cpu", objective)()
         for k in (2, 3, 4):
             cfg.train.grad_accum = k
-            parts = make_closure(setup.model, setup.loaded.tokenizer, batch, cfg, kind, "cpu", objective)()
-            dual = make_closure(setup.model, setup.loaded.tokenizer, batch, cfg, kind, "cpu", objective)(copies=2)
+            parts = make_closure(setup.loaded, batch, cfg, "cpu", objective)()
+            dual = make_closure(setup.loaded, batch, cfg, "cpu", objective)(copies=2)
             assert float(parts) == pytest.approx(float(whole), rel=1e-6, abs=0), k  # float rounding
             torch.testing.assert_close(dual, whole.expand(2), rtol=1e-6, atol=0)
 
@@ -348,3 +348,57 @@ def test_device_map_run_equals_the_plain_run_and_offloading_maps_are_refused(tmp
         spread_over_devices(tiny_model("llama").model, {"model": "cpu", "lm_head": "disk"})
     with pytest.raises(ValueError, match="Did you mean 'balanced'"):
         spread_over_devices(tiny_model("llama").model, "balancd")
+
+
+@pytest.mark.parametrize("scheme", ["full", "prompt"])
+def test_one_run_decides_the_model_kind_once_at_load(tmp_path, monkeypatch, scheme):
+    """Issue 9: the kind (causal / masked, prompt-learning adapter) and the forward's arguments
+    were re-derived from the module at every call (about ten call sites); now a whole run (zero-shot
+    test, steps, dev evaluations, checkpoints, final test) reads the model's config once, at load,
+    and never looks at the module again for it."""
+    from zotune import models
+    from zotune.testing import tiny_model
+
+    folder = tmp_path / "model"
+    lm = tiny_model("llama")
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    calls = {name: 0 for name in ("detect_kind", "forward_args", "infer_kind", "as_loaded")}
+    for name in calls:
+        real = getattr(models, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(models, name, counted)
+    cfg = load_config(None, TINY + [f"model.name={folder}", f"trainable.scheme={scheme}", "train.steps=4",
+                                    "train.eval_every=2", "train.save_every=2", f"train.output_dir={tmp_path / 'run'}"])
+    results = train(cfg)
+    assert results["test"]["n"] == 16 and results["zero_shot"]["n"] == 16
+    assert calls == {"detect_kind": 1, "forward_args": 1, "infer_kind": 0, "as_loaded": 0}
+
+
+def test_the_loaded_model_carries_its_adapter_to_the_closure(monkeypatch):
+    """The closure and evaluation receive the LoadedModel that select_trainable returned (the
+    peft wrapper and its prompt-learning type), also when the closure runs a wrapper of it."""
+    import zotune.lm as lm_mod
+
+    cfg = load_config(None, TINY + ["trainable.scheme=prefix"])
+    setup = build(cfg)
+    assert setup.loaded.model is setup.model and setup.loaded.adapter == "PREFIX_TUNING"
+    assert setup.loaded.prompt_learning and setup.loaded.kind == "causal"
+    seen = []
+    real = lm_mod._continuation_logits
+    monkeypatch.setattr(lm_mod, "_continuation_logits", lambda lm, b: seen.append(lm) or real(lm, b))
+    batch = setup.data.train[:4]
+    objective = resolve_objective(cfg, batch)
+    wrapper = torch.nn.Module()  # stands for a DDP wrapper: forwards to the model
+    wrapper.forward = setup.model.forward
+    with torch.no_grad():
+        whole = make_closure(setup.loaded, batch, cfg, "cpu", objective)()
+        wrapped = make_closure(setup.loaded.with_module(wrapper), batch, cfg, "cpu", objective)()
+    assert float(whole) == float(wrapped)
+    assert [(x.adapter, x.prompt_learning) for x in seen] == [("PREFIX_TUNING", True)] * 2 and seen[1].model is wrapper
+    with pytest.raises(ValueError, match="make_closure needs a zotune.models.LoadedModel"):
+        make_closure(setup.model, batch, cfg, "cpu", objective)

@@ -17,7 +17,7 @@ import torch
 
 from zotune._validate import unknown_choice
 from zotune.lm import NORMALIZE, Truncation, choice_truncation, generate, prompt_truncation, score_choices
-from zotune.models import infer_kind
+from zotune.models import require_loaded
 from zotune.tasks import Example
 from zotune.tasks.metrics import compute_metric
 
@@ -48,8 +48,8 @@ def check_truncation(tokenizer, examples: Sequence[Example], max_length: int, *,
 def evaluate(model, tokenizer, examples: Sequence[Example], metric: str, *, batch_size: int = 32,
              max_length: int = 256, max_new_tokens: int = 32, scoring: str = "sum",
              name: str = "evaluation") -> dict[str, float]:
-    """Score ``examples``: log-likelihood ranking of choices, or greedy generation for tasks
-    with gold answers (SQuAD, DROP).
+    """Score ``examples`` with ``model`` (a :class:`zotune.models.LoadedModel`): log-likelihood
+    ranking of choices, or greedy generation for tasks with gold answers (SQuAD, DROP).
 
     ``scoring`` ranks candidates by their summed log-likelihood (``"sum"``, zotune's default)
     or per-token mean (``"mean"``, MeZO's); see :func:`zotune.lm.score_choices`. Returns the
@@ -57,11 +57,12 @@ def evaluate(model, tokenizer, examples: Sequence[Example], metric: str, *, batc
     ``truncated_tokens_mean`` (rows that lost context to ``max_length``, which a warning naming
     ``name`` also reports).
     """
+    model = require_loaded(model, "evaluate")
     if scoring not in NORMALIZE:
         raise ValueError(unknown_choice("scoring", str(scoring), NORMALIZE))
     if not examples:
         return {"n": 0}
-    cut = check_truncation(tokenizer, examples, max_length, name=name, kind=infer_kind(model),
+    cut = check_truncation(tokenizer, examples, max_length, name=name, kind=model.kind,
                            max_new_tokens=max_new_tokens)
     if examples[0].is_generation:
         preds = generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens=max_new_tokens,

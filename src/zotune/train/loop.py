@@ -27,7 +27,7 @@ from zotune._validate import unknown_choice
 from zotune.config import Config
 from zotune.distributed import DistContext, DistributedError, scalar_reduce
 from zotune.fo import FOSGD, HybridOptimizer
-from zotune.methods import build_optimizer
+from zotune.methods import METHODS, build_optimizer
 from zotune.schedules import make_schedule
 from zotune.step import ZOOptimizer
 from zotune.train.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
@@ -45,8 +45,8 @@ class Setup:
 
     cfg: Config
     data: object  # zotune.tasks.TaskData
-    loaded: object  # zotune.models.LoadedModel
-    model: torch.nn.Module
+    loaded: object  # zotune.models.LoadedModel: the model as it trains (adapters included), its kind
+    model: torch.nn.Module  # loaded.model
     named: dict
     optimizer: object
 
@@ -118,10 +118,11 @@ def build(cfg: Config, loaded=None, data=None, reduce=None, splits=SPLITS) -> Se
 
         placed = spread_over_devices(loaded.model, cfg.model.device_map)
         log.info("model spread over devices: %s", sorted({str(v) for v in placed.values()}))
-    if cfg.optim.method == "forward-grad" and hasattr(loaded.model, "set_attn_implementation"):
+    if METHODS[cfg.optim.method].estimator == "forward" and hasattr(loaded.model, "set_attn_implementation"):
         # torch's fused CPU attention kernels have no forward-mode AD rule
         loaded.model.set_attn_implementation("eager")
-    model, named = select_trainable(loaded.model, cfg.trainable.scheme, **scheme_options(cfg))
+    loaded, named = select_trainable(loaded, cfg.trainable.scheme, **scheme_options(cfg))
+    model = loaded.model
     o = cfg.optim
     if cfg.trainable.zo_layers is not None:
         zo_named, fo_named = hybrid_split(model, named, cfg.trainable.zo_layers)
@@ -277,7 +278,7 @@ def _settle(opt) -> None:
 def _evaluate(setup: Setup, examples, split: str = "evaluation") -> dict:
     _settle(setup.optimizer)
     cfg = setup.cfg
-    return evaluate(setup.model, setup.loaded.tokenizer, examples, setup.data.spec.metric,
+    return evaluate(setup.loaded, setup.loaded.tokenizer, examples, setup.data.spec.metric,
                     batch_size=cfg.train.eval_batch_size, max_length=cfg.task.max_length,
                     scoring=cfg.task.scoring, name=f"{setup.data.spec.name} {split}")
 
@@ -304,8 +305,9 @@ def train(cfg: Config, *, world: DistContext | None = None, setup: Setup | None 
     _page_in(setup.model)
     peak_resettable = _reset_peak_rss()
     rss_after_load = _rss_bytes()
-    model, opt, tok = setup.model, setup.optimizer, setup.loaded.tokenizer
-    forward_model = train_model if train_model is not None else model
+    model, opt = setup.model, setup.optimizer
+    # the model the closure runs (a DDP wrapper for first-order methods), with the kind decided at load
+    forward_lm = setup.loaded if train_model is None else setup.loaded.with_module(train_model)
     device = next(model.parameters()).device
     logger = RunLogger(out, tensorboard=t.tensorboard, enabled=is_main)
     trainable = setup.named
@@ -369,7 +371,7 @@ def train(cfg: Config, *, world: DistContext | None = None, setup: Setup | None 
         world.step = step  # named in the errors of failed collectives
         lr = opt.param_groups[0]["lr"]
         batch = [train_examples[i] for i in order.indices(step)[rank::world_size]]
-        closure = make_closure(forward_model, tok, batch, cfg, setup.loaded.kind, device, objective, world)
+        closure = make_closure(forward_lm, batch, cfg, device, objective, world)
         t0 = time.perf_counter()
         loss = float(opt.step(closure))
         schedule.step()

@@ -21,6 +21,7 @@ import torch
 
 from zotune.config import Config
 from zotune.lm import choice_loss, encode_choices, encode_pairs, pair_loss
+from zotune.models import require_loaded
 
 
 def resolve_objective(cfg: Config, examples) -> str:
@@ -32,12 +33,15 @@ def resolve_objective(cfg: Config, examples) -> str:
     return "classification" if labeled and len(counts) == 1 and counts.pop() > 1 else "nll"
 
 
-def make_closure(model, tokenizer, examples, cfg: Config, kind: str, device, objective: str = "nll", world=None):
-    """Encode this rank's ``examples`` once, in ``cfg.train.grad_accum`` micro-batches; the
-    closure returns this rank's share ``loss_r`` of the global batch's mean loss (see the module
+def make_closure(lm, examples, cfg: Config, device, objective: str = "nll", world=None):
+    """Encode this rank's ``examples`` once for ``lm`` (a :class:`zotune.models.LoadedModel`; its
+    ``model`` is what the closure runs: the model, or its DDP wrapper), in ``cfg.train.grad_accum``
+    micro-batches; the closure returns this rank's share ``loss_r`` of the global batch's mean loss (see the module
     docstring); ``closure(copies=2)`` returns one such loss per copy of the batch run twice over
     (``perturbation: dual``). ``world`` (a :class:`zotune.distributed.DistContext`; None: one
     process) gives the number of ranks and sums the token count over them."""
+    lm = require_loaded(lm, "make_closure")
+    tokenizer, kind = lm.tokenizer, lm.kind
     k = cfg.train.grad_accum
     size = -(-len(examples) // k)
     chunks = [examples[i:i + size] for i in range(0, len(examples), size)]
@@ -62,7 +66,7 @@ def make_closure(model, tokenizer, examples, cfg: Config, kind: str, device, obj
     def closure(copies: int = 1):
         loss = None
         for b, w in zip(batches, weights):
-            part = loss_fn(model, b, copies=copies) * w
+            part = loss_fn(lm, b, copies=copies) * w
             loss = part if loss is None else loss + part
         return loss
 

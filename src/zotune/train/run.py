@@ -44,6 +44,13 @@ def run_training(cfg, *, timeout_s: float | None = None) -> dict:
     only). A failed collective raises :class:`~zotune.distributed.DistributedError` naming the
     rank and the step.
     """
+    from zotune.config import ConfigError
+    from zotune.methods import METHODS
+
+    method = METHODS.get(cfg.optim.method)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and method is not None and not method.data_parallel:
+        raise ConfigError(f"optim.method {cfg.optim.method!r} is not safe under data parallel (the registry's "
+                          "data_parallel flag): its ranks would not agree on a step; run it in one process")
     if "WORLD_SIZE" in os.environ and str(cfg.model.device).lower().startswith("cuda:"):
         raise ValueError(f"model.device={cfg.model.device!r} under torchrun: use model.device=cuda "
                          "(each rank takes cuda:LOCAL_RANK)")

@@ -57,10 +57,9 @@ def probe_lr(cfg: Config, *, factors=DEFAULT_FACTORS, steps: int = 20, rows: int
     probe = list(data.dev)[:rows]
     if not probe:
         raise ValueError("zotune tune needs dev rows: set task.dev > 0 (the probe never reads the test split)")
-    tok, kind = setup.loaded.tokenizer, setup.loaded.kind
     device = next(model.parameters()).device
     objective = resolve_objective(cfg, data.train)
-    dev_loss_of = make_closure(model, tok, probe, cfg, kind, device, objective)
+    dev_loss_of = make_closure(setup.loaded, probe, cfg, device, objective)
     start = {n: p.detach().clone() for n, p in named.items()}
 
     def restart() -> None:
@@ -86,7 +85,7 @@ def probe_lr(cfg: Config, *, factors=DEFAULT_FACTORS, steps: int = 20, rows: int
         t0, status = time.perf_counter(), "ok"
         try:
             for batch in batches:
-                closure = make_closure(model, tok, batch, cfg, kind, device, objective)
+                closure = make_closure(setup.loaded, batch, cfg, device, objective)
                 opt.step(closure)
                 if bar is not None:
                     bar.update(1)
