@@ -413,7 +413,7 @@ def train(cfg: Config, *, world: DistContext | None = None, setup: Setup | None 
                 p.copy_(tensors[name])
         log.info("testing the best dev checkpoint (step %d)", best["step"])
     final = _evaluate(setup, setup.data.test, "test") if setup.data.test and is_main else {}
-    streamer = getattr(opt, "streamer", None)
+    streamer = getattr(getattr(opt, "deferred", None), "streamer", None)  # StreamedWeights (model.offload)
     if streamer is not None:  # scratch space: the checkpoint holds the weights
         streamer.remove_files()
     results.update({
