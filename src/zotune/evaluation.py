@@ -125,7 +125,7 @@ class Probe:
                 raise
             raise ValueError(
                 f"perturbation={mode!r} calls closure(copies={copies}): the closure must accept `copies` and "
-                "return one loss per copy of its batch, e.g. lambda copies=1: pair_loss(model, batch, copies=copies)"
+                "return one loss per copy of its batch, e.g. lambda copies=1: pair_loss(lm, batch, copies=copies)"
             ) from e
         out = torch.as_tensor(out).detach().flatten()
         if out.numel() != copies:

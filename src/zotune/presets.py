@@ -218,14 +218,15 @@ class PopulationLowRank(ZOOptimizer):
     regenerated from the seeds, never stored: no model-size buffer. With ``module`` given the
     members are evaluated as copies in one forward (``perturbation="dual"``): copy ``k``'s
     ``nn.Linear`` output gets ``eps (x V_k) U_k^T``, so no member's weight is ever built; the
-    closure must accept ``copies`` (``lambda copies=1: pair_loss(model, batch, copies=copies)``).
+    closure must accept ``copies`` (``lambda copies=1: pair_loss(lm, batch, copies=copies)``).
     Without ``module`` they are evaluated in place, one after another (same result up to
     rounding). ``lr`` scales the averaged estimate as in MeZO; ``eps`` only places the losses.
 
     Example::
 
+        lm = zotune.models.as_loaded(model, tokenizer)   # once: the model's kind, carried along
         opt = zotune.PopulationLowRank(model.named_parameters(), module=model, lr=1e-5, queries=8)
-        loss = opt.step(lambda copies=1: pair_loss(model, batch, copies=copies))
+        loss = opt.step(lambda copies=1: pair_loss(lm, batch, copies=copies))
     """
 
     def __init__(self, params, lr=1e-6, eps=1e-3, weight_decay=0.0, seed=0, queries=8, rank=2,

@@ -94,7 +94,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     calls it under ``torch.no_grad()`` (forward-mode AD for the ``forward`` estimator). With
     ``perturbation="dual"`` it is called as ``closure(copies=n)``: it must then run its batch
     ``n`` times over as one batch (rows ``0..b-1``, then the same rows again, ...) and return
-    the ``n`` copies' losses, e.g. ``zotune.lm.pair_loss(model, batch, copies=n)``.
+    the ``n`` copies' losses, e.g. ``zotune.lm.pair_loss(lm, batch, copies=n)``.
     """
 
     def __init__(

@@ -21,10 +21,11 @@ rounding: the same directions, coefficients and rule, applied in the same order.
 
 Use::
 
+    lm = zotune.models.as_loaded(model, tokenizer)   # or load_model(...): a LoadedModel
     opt = zotune.MeZO(model.named_parameters(), module=model, perturbation="dual", defer_update=True)
     streamed = StreamedWeights(model, opt, storage="mmap", directory="offload/")
     for batch in data:
-        opt.step(lambda copies=1: pair_loss(model, batch, copies=copies))
+        opt.step(lambda copies=1: pair_loss(lm, batch, copies=copies))
     opt.flush()        # before evaluating or saving: apply the last deferred update
 
 Loading is not streamed: the model is loaded normally, then its trained tensors are moved out.
