@@ -154,3 +154,21 @@ def test_only_errors_zotune_raises_on_purpose_are_user_errors():
     assert cli.user_error(raised(ns["on_purpose"])) and cli.user_error(raised(ns["missing"]))
     assert not cli.user_error(raised(ns["unpack"])) and not cli.user_error(raised(ns["opens"]))
     assert not cli.user_error(raised(lambda: (_ for _ in ()).throw(ValueError("outside zotune"))))
+
+
+def test_eval_scores_with_the_template_scoring_as_training_does(recipe, monkeypatch, capsys):
+    # zotune eval once ranked candidates by the summed log-likelihood whatever task.scoring said,
+    # so a run with MeZO's template (per-token mean) was evaluated one way in training, another here
+    import zotune.train.evaluate as ev
+
+    seen = {}
+
+    def record(model, tokenizer, examples, metric, **kwargs):
+        seen.update(kwargs)
+        return {"accuracy": 0.5, "n": len(examples)}
+
+    monkeypatch.setattr(ev, "evaluate", record)
+    assert cli.main(["eval", str(recipe), "task.template=mezo", "task.test=4", "task.dev=0", "task.train=4"]) == 0
+    assert seen["scoring"] == "mean" and seen["max_length"] == 64
+    assert cli.main(["eval", str(recipe), "task.scoring=sum", "task.test=4", "task.dev=0", "task.train=4"]) == 0
+    assert seen["scoring"] == "sum"

@@ -97,7 +97,8 @@ def cmd_eval(args) -> int:
                 p.copy_(tensors[name])
     examples = getattr(setup.data, args.split)
     metrics = evaluate(setup.loaded, setup.loaded.tokenizer, examples, setup.data.spec.metric,
-                       batch_size=cfg.train.eval_batch_size, max_length=cfg.task.max_length)
+                       batch_size=cfg.train.eval_batch_size, max_length=cfg.task.max_length,
+                       scoring=cfg.task.scoring or "sum", name=f"{setup.data.spec.name} {args.split}")
     print(json.dumps({"task": cfg.task.name, "split": args.split, "model": cfg.model.name,
                       "checkpoint": args.checkpoint, **metrics}))
     return 0
