@@ -13,8 +13,13 @@
    multiple_choice`` over a jsonl of zotune's rendered contexts and candidates, metric ``acc``
    (argmax of the summed log-likelihood).
 
-Prints, per task, both accuracies, the rows whose predictions differ, and the largest difference
-of a candidate's log-likelihood; writes JSON with machine and date. Contexts are not cut
+Prints, per task, both accuracies, the rows whose predictions differ, the largest difference of a
+candidate's log-likelihood, and the largest difference of the candidates' scores relative to the
+row's first candidate (what decides the ranking); writes JSON with machine and date. The two
+differ by design where a context ends in whitespace (RTE's and CB's prompts end in a newline):
+lm-eval moves trailing whitespace from the context into every continuation, so its scores add
+log p(newline | context) to each candidate of the row, a constant that cannot change a ranking;
+zotune keeps the newline in the context. Contexts are not cut
 (``--max-length`` is large), since lm-eval does not cut them. Tasks whose candidates differ in
 their context (WinoGrande as zotune renders it) do not fit lm-eval's one-context multiple choice
 and are skipped with a note; generation tasks likewise.
@@ -94,12 +99,15 @@ def compare(ours: list[list[float]], theirs: list[list[float]], labels: list[int
         raise ValueError(f"zotune scored {len(ours)} rows, lm-eval {len(theirs)}")
     diff = [i for i, (a, b) in enumerate(zip(ours, theirs)) if pred(a) != pred(b)]
     gap = max((abs(x - y) for a, b in zip(ours, theirs) for x, y in zip(a, b)), default=0.0)
+    # what ranks the candidates: each candidate's score less the row's first candidate's (a constant
+    # per row, such as lm-eval's trailing-whitespace token, cancels)
+    relative = max((abs((x - a[0]) - (y - b[0])) for a, b in zip(ours, theirs) for x, y in zip(a, b)), default=0.0)
     n = len(labels)
     return {"n": n,
             "zotune_accuracy": sum(pred(a) == y for a, y in zip(ours, labels)) / n,
             "lm_eval_accuracy": sum(pred(b) == y for b, y in zip(theirs, labels)) / n,
             "rows_predicted_differently": len(diff), "first_differing_rows": diff[:10],
-            "max_abs_loglik_difference": gap}
+            "max_abs_loglik_difference": gap, "max_abs_relative_loglik_difference": relative}
 
 
 def main(argv=None) -> dict:
@@ -112,6 +120,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--lm-eval-python", default=os.environ.get("LM_EVAL_PYTHON", "/tmp/lmeval-venv/bin/python"),
                     help="a python that imports lm_eval and zotune's torch / transformers")
     ap.add_argument("--work", default=None, help="folder for the export and task files (default: a temporary one)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse lm-eval's scores saved in --work by an earlier run of the same rows")
     ap.add_argument("--out", default="benchmarks/results/lm_eval_parity.json")
     args = ap.parse_args(argv)
 
@@ -168,20 +178,27 @@ def main(argv=None) -> dict:
         tasks.append((name, key))
         print(f"{name}: zotune scored {len(rows)} rows")
 
+    (work / "zotune_scores.json").write_text(json.dumps(ours))
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     out_json = work / "lm_eval_scores.json"
-    subprocess.run([args.lm_eval_python, "-c", DRIVER, str(folder), str(work), ",".join(k for _, k in tasks),
-                    str(out_json), str(args.batch_size)], check=True, env=env)
-    theirs = json.loads(out_json.read_text())
+    theirs = json.loads(out_json.read_text()) if args.reuse and out_json.exists() else {}
+    if any(k not in theirs for _, k in tasks):
+        subprocess.run([args.lm_eval_python, "-c", DRIVER, str(folder), str(work), ",".join(k for _, k in tasks),
+                        str(out_json), str(args.batch_size)], check=True, env=env)
+        theirs = json.loads(out_json.read_text())
+    else:
+        print(f"lm-eval's scores of these rows reused from {out_json} (--reuse)")
 
     table = {}
-    print(f"\n{'task':8} {'rows':>5} {'zotune acc':>11} {'lm-eval acc':>12} {'differ':>7} {'max |dlogp|':>12}")
+    print(f"\n{'task':8} {'rows':>5} {'zotune acc':>11} {'lm-eval acc':>12} {'differ':>7} {'max |dlogp|':>12} "
+          f"{'relative':>9}")
     for name, key in tasks:
         c = compare(ours[key], theirs[key]["logliks"], labels[key])
         c["lm_eval_reported_acc"] = theirs[key]["acc"]
         table[name] = c
         print(f"{name:8} {c['n']:5d} {100 * c['zotune_accuracy']:10.1f}% {100 * c['lm_eval_accuracy']:11.1f}% "
-              f"{c['rows_predicted_differently']:7d} {c['max_abs_loglik_difference']:12.2e}")
+              f"{c['rows_predicted_differently']:7d} {c['max_abs_loglik_difference']:12.2e} "
+              f"{c['max_abs_relative_loglik_difference']:9.2e}")
     version = subprocess.run([args.lm_eval_python, "-c", "import importlib.metadata as m; print(m.version('lm_eval'))"],
                              capture_output=True, text=True).stdout.strip()
     result = {"run": str(source.run_dir), "checkpoint": str(source.checkpoint), "export": info,
