@@ -20,7 +20,29 @@ from zotune.estimators.base import DEFAULT_CHUNK, Dense, Direction, Estimator, L
 from zotune.estimators.gaussian import draw
 
 
-class LowRankEstimator(Estimator):
+class MatrixFactors:
+    """Low-rank factors for the 2-D leaves, dense chunks for the others: the leaf layout LOZO and
+    the population estimator share (an :class:`Estimator` mixin; ``self.rank`` caps each factor)."""
+
+    def is_matrix(self, i: int) -> bool:
+        return len(self.shapes[i]) == 2
+
+    def factored(self, i: int) -> bool:
+        return self.is_matrix(i)
+
+    def num_chunks(self, i: int) -> int:
+        # a matrix's U V^T is applied whole with addmm_ (no temp): no need to chunk it
+        return 1 if self.is_matrix(i) else super().num_chunks(i)
+
+    def target(self, p: torch.Tensor, i: int, k: int) -> torch.Tensor:
+        return p if self.is_matrix(i) else super().target(p, i, k)
+
+    def leaf_rank(self, i: int) -> int:
+        m, n = self.shapes[i]
+        return min(self.rank, m, n)
+
+
+class LowRankEstimator(MatrixFactors, Estimator):
     """LOZO's low-rank two-point estimate (Chen et al., "Enhancing Zeroth-order Fine-tuning
     for Language Models with Low-rank Structures").
 
@@ -41,23 +63,6 @@ class LowRankEstimator(Estimator):
     def bind(self, names, params, run_seed) -> None:
         super().bind(names, params, run_seed)
         self._v_cache.clear()
-
-    def is_matrix(self, i: int) -> bool:
-        return len(self.shapes[i]) == 2
-
-    def factored(self, i: int) -> bool:
-        return self.is_matrix(i)
-
-    def num_chunks(self, i: int) -> int:
-        # a matrix's U V^T is applied whole with addmm_ (no temp): no need to chunk it
-        return 1 if self.is_matrix(i) else super().num_chunks(i)
-
-    def target(self, p: torch.Tensor, i: int, k: int) -> torch.Tensor:
-        return p if self.is_matrix(i) else super().target(p, i, k)
-
-    def leaf_rank(self, i: int) -> int:
-        m, n = self.shapes[i]
-        return min(self.rank, m, n)
 
     def period(self, step: int) -> int:
         """Index ``k`` of the V in use at ``step`` (V is resampled when ``step % interval == 0``)."""

@@ -28,12 +28,13 @@ from zotune import rng
 from zotune._validate import check_int
 from zotune.estimators.base import DEFAULT_CHUNK, Dense, Direction, Estimator, LowRank, randn_like_leaf
 from zotune.estimators.gaussian import draw
+from zotune.estimators.lowrank import MatrixFactors
 
 #: stream tag of the members' V factors (LOZO's V is shared by a period; a member's is its own)
 STREAM_POPULATION_V = 7
 
 
-class PopulationLowRank(Estimator):
+class PopulationLowRank(MatrixFactors, Estimator):
     """``N = queries`` members per step, each a rank-``r`` direction ``U_k V_k^T`` per matrix.
 
     Args:
@@ -47,22 +48,6 @@ class PopulationLowRank(Estimator):
     def __init__(self, queries: int = 8, rank: int = 1, chunk_size: int = DEFAULT_CHUNK) -> None:
         super().__init__(queries, chunk_size)
         self.rank = check_int("rank", rank)
-
-    def is_matrix(self, i: int) -> bool:
-        return len(self.shapes[i]) == 2
-
-    def factored(self, i: int) -> bool:
-        return self.is_matrix(i)
-
-    def num_chunks(self, i: int) -> int:
-        return 1 if self.is_matrix(i) else super().num_chunks(i)
-
-    def target(self, p: torch.Tensor, i: int, k: int) -> torch.Tensor:
-        return p if self.is_matrix(i) else super().target(p, i, k)
-
-    def leaf_rank(self, i: int) -> int:
-        m, n = self.shapes[i]
-        return min(self.rank, m, n)
 
     def leaf_direction(self, d: Direction, i: int, p: torch.Tensor, k: int = 0, out=None):
         if not self.is_matrix(i):
