@@ -40,8 +40,21 @@ ROWS = [  # SST-2's columns on the hub: sentence, label (0 negative, 1 positive)
 TRAIN, VALIDATION = ROWS[:6], ROWS[6:]
 IDS = [0, 45, 300, 7, 12]
 
+TASK_FILE = """name: hub-sst2
+data:
+  hub: {path: nyu-mll/glue, name: sst2}
+fields: [sentence, label]
+label_field: label
+metric: accuracy
+templates:
+  zotune:
+    context: "{{ sentence | trim }} It was"
+    choices: [" terrible", " great"]
+"""
+
 SCRIPT = r"""
 import json, sys
+TASK_FILE = sys.argv[2]
 from zotune.models import ModelLoadError, load_model
 from zotune.tasks import SplitSpec, load_task
 
@@ -59,6 +72,12 @@ data = load_task("sst2", hub=True, split=SplitSpec(train=6, dev=0, test=4), eval
 out["sources"] = list(data.sources)
 out["train"] = [[list(map(list, e.choices)), e.label] for e in data.train]
 out["test"] = [[list(map(list, e.choices)), e.label] for e in data.test]
+# a task file (no Python) whose data.hub names the same cached data set
+open("hub-task.yaml", "w").write(TASK_FILE)
+ft = load_task("hub-task.yaml", hub=True, split=SplitSpec(train=6, dev=0, test=4), eval_file="validation")
+out["file_sources"] = list(ft.sources)
+out["file_train"] = [[list(map(list, e.choices)), e.label] for e in ft.train]
+out["file_test"] = [[list(map(list, e.choices)), e.label] for e in ft.test]
 print("RESULT " + json.dumps(out))
 sys.stdout.flush()
 # the whole command, config to JSON line: a hub model scored on a hub data set
@@ -121,7 +140,7 @@ def offline(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_"))}
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(root / "home"),
                HF_HUB_CACHE=str(root / "home" / "hub"), HF_DATASETS_CACHE=str(root / "home" / "datasets"))
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(IDS)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(IDS), TASK_FILE], capture_output=True, text=True,
                           timeout=600, env=env, cwd=root)
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = proc.stdout.splitlines()
@@ -159,6 +178,12 @@ def test_task_hub_reads_the_cached_dataset_as_the_files_would(offline, tmp_path)
     assert offline["train"] == as_lists(files.train)
     assert offline["test"] == as_lists(files.test)
     assert sorted(e[1] for e in offline["test"]) == sorted(y for _, y in VALIDATION)
+
+
+def test_a_task_file_with_data_hub_reads_the_cached_dataset_as_the_built_in_does(offline):
+    # the file's template is the built-in's, so the rows must be the same Examples
+    assert offline["file_sources"] == offline["sources"]
+    assert offline["file_train"] == offline["train"] and offline["file_test"] == offline["test"]
 
 
 def test_zotune_eval_scores_a_hub_model_on_a_hub_task(offline, tmp_path):
