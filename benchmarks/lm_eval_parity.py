@@ -2,6 +2,7 @@
 
     python benchmarks/lm_eval_parity.py RUN_DIR                       # sst2 rte boolq cb copa, 200 rows each
     python benchmarks/lm_eval_parity.py RUN_DIR --tasks sst2 --rows 500 --lm-eval-python /tmp/lmeval-venv/bin/python
+    python benchmarks/lm_eval_parity.py --markdown benchmarks/results/lm_eval_parity.json   # the table of a saved run
 
 1. ``zotune export RUN_DIR`` writes a plain transformers folder (the checkpoint the run tested).
 2. zotune scores each task's carved test rows with the run's checkpoint copied into the base model
@@ -110,9 +111,31 @@ def compare(ours: list[list[float]], theirs: list[list[float]], labels: list[int
             "max_abs_loglik_difference": gap, "max_abs_relative_loglik_difference": relative}
 
 
+def markdown(result: dict) -> str:
+    """The table of a saved run, for docs/ (never typed by hand)."""
+    lines = [f"lm-eval {result['lm_eval_version']} against zotune {result['zotune_version']}, torch {result['torch']}, "
+             f"{result['date']}; run `{Path(result['run']).name}` (checkpoint `{Path(result['checkpoint']).name}`), "
+             f"scoring: {result['scoring']} log-likelihood, contexts never cut", "",
+             "| task | rows | zotune accuracy | lm-eval accuracy | rows predicted differently "
+             "| max abs. log-lik. difference | max abs. difference relative to the row's first candidate |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, c in result["tasks"].items():
+        lines.append(f"| {name} | {c['n']} | {100 * c['zotune_accuracy']:.1f} % | {100 * c['lm_eval_accuracy']:.1f} % "
+                     f"| {c['rows_predicted_differently']} | {c['max_abs_loglik_difference']:.2e} "
+                     f"| {c['max_abs_relative_loglik_difference']:.2e} |")
+    lines += [f"\nskipped: {name} ({why})" for name, why in result["skipped"].items()]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> dict:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--markdown"]:
+        print(markdown(json.loads(Path(argv[1]).read_text())))
+        return {}
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("run", help="a run folder (or a checkpoint folder in one) of a full fine-tuning run")
+    ap.add_argument("run", help="a run folder (or a checkpoint folder in one) of a full fine-tuning run "
+                                "(or: --markdown JSON prints the table of a saved run)")
     ap.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS))
     ap.add_argument("--rows", type=int, default=200, help="carved test rows per task (the run's split_seed)")
     ap.add_argument("--max-length", type=int, default=2048, help="zotune's context limit: large, so nothing is cut")

@@ -52,3 +52,13 @@ def test_compare_counts_disagreements_and_separates_a_per_row_constant(parity):
     assert c["max_abs_relative_loglik_difference"] == pytest.approx(0.5)  # row 2: -0.2 against +0.3
     with pytest.raises(ValueError, match="zotune scored 3 rows, lm-eval 2"):
         parity.compare(ours, theirs[:2], [0, 1, 1])
+
+
+def test_markdown_renders_a_saved_run(parity):
+    c = parity.compare([[-1.0, -2.0]], [[-1.5, -2.5]], [0])
+    saved = {"lm_eval_version": "0.4.13", "zotune_version": "0.1.0", "torch": "2.13.0", "date": "2026-12-02",
+             "run": "runs/x", "checkpoint": "runs/x/ckpt-last", "scoring": "sum", "tasks": {"rte": c},
+             "skipped": {"squad": "a generation task"}}
+    table = parity.markdown(saved)
+    assert "| rte | 1 | 100.0 % | 100.0 % | 0 | 5.00e-01 | 0.00e+00 |" in table
+    assert "skipped: squad (a generation task)" in table
