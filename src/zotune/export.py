@@ -133,19 +133,6 @@ def check_out(out: str | os.PathLike) -> Path:
 
 
 # ----------------------------------------------------------------------------- rebuilding
-def _load_base(cfg):
-    """The run's base model on the CPU, in the run's dtype (as :func:`zotune.train.loop.build`)."""
-    from zotune.models import load_model, resolve_dtype
-    from zotune.testing import tiny_model
-
-    m = cfg.model
-    if m.name.startswith("tiny-"):
-        loaded = tiny_model(m.name[len("tiny-"):])
-        loaded.model.to(dtype=resolve_dtype(m.dtype))
-        return loaded
-    return load_model(m.name, dtype=m.dtype, device="cpu", gguf_file=m.gguf_file)
-
-
 def _tensors(source: Source) -> tuple[dict[str, torch.Tensor], dict]:
     """(trained tensors, facts for export_info): read from the checkpoint, or replayed from the log."""
     from zotune.train.checkpoint import load_checkpoint
@@ -188,7 +175,7 @@ def export(path: str | os.PathLike, out: str | os.PathLike, *, merge: bool = Fal
     from zotune.config import from_dict
     from zotune.models import forget_gguf_quantization
     from zotune.params import select_trainable
-    from zotune.train.loop import scheme_options
+    from zotune.train.loop import load_base, scheme_options
 
     source = find_source(path, from_log=from_log)
     o = check_out(out)
@@ -201,7 +188,7 @@ def export(path: str | os.PathLike, out: str | os.PathLike, *, merge: bool = Fal
     log.info("exporting %s: %s", source.run_dir, source.reason)
     tensors, facts = _tensors(source)
 
-    loaded = _load_base(cfg)
+    loaded = load_base(cfg.model, device="cpu")
     if facts.get("model_fingerprint") not in (None, loaded.fingerprint):
         raise ExportError(f"{source.checkpoint} was written for model {facts['model_fingerprint']}, but the run's "
                           f"config.json names {cfg.model.name!r} {loaded.fingerprint}")

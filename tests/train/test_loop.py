@@ -29,7 +29,7 @@ TINY = [
 ]
 
 
-def cli(*args, timeout=120):
+def cli(*args, timeout=600):
     return subprocess.run([sys.executable, "-m", "zotune.cli", *args], capture_output=True, text=True, timeout=timeout)
 
 

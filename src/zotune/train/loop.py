@@ -95,24 +95,31 @@ def scheme_options(cfg: Config) -> dict:
     }[tr.scheme]
 
 
+def load_base(m, device: str | None = None):
+    """The recipe's model (``m``: its ``model`` section) as a LoadedModel, before any adapter:
+    ``tiny-*`` names are the random test models, anything else goes to :func:`zotune.models.load_model`.
+    ``device`` overrides ``m.device`` (export loads on the CPU)."""
+    from zotune.models import load_model, resolve_device, resolve_dtype
+
+    device = m.device if device is None else device
+    if m.name.startswith("tiny-"):  # random tiny models for tests and smoke runs
+        from zotune.testing import tiny_model
+
+        loaded = tiny_model(m.name[len("tiny-"):])
+        loaded.model.to(device=resolve_device(device), dtype=resolve_dtype(m.dtype))
+        return loaded
+    return load_model(m.name, dtype=m.dtype, device=device, gguf_file=m.gguf_file)
+
+
 def build(cfg: Config, loaded=None, data=None, reduce=None, splits=SPLITS) -> Setup:
     """Load data first (bad data fails before the slow model load), then model and optimizer.
 
     ``splits``: the data splits to load (see :func:`load_data`; an evaluation needs one)."""
-    from zotune.models import load_model
     from zotune.params import hybrid_split, select_trainable
 
     data = data if data is not None else load_data(cfg, splits)
     if loaded is None:
-        m = cfg.model
-        if m.name.startswith("tiny-"):  # random tiny models for tests and smoke runs
-            from zotune.models import resolve_device, resolve_dtype
-            from zotune.testing import tiny_model
-
-            loaded = tiny_model(m.name[len("tiny-"):])
-            loaded.model.to(device=resolve_device(m.device), dtype=resolve_dtype(m.dtype))
-        else:
-            loaded = load_model(m.name, dtype=m.dtype, device=m.device, gguf_file=m.gguf_file)
+        loaded = load_base(cfg.model)
     if cfg.model.device_map is not None:
         from zotune.models import spread_over_devices
 
