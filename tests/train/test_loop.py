@@ -402,3 +402,19 @@ def test_the_loaded_model_carries_its_adapter_to_the_closure(monkeypatch):
     assert [(x.adapter, x.prompt_learning) for x in seen] == [("PREFIX_TUNING", True)] * 2 and seen[1].model is wrapper
     with pytest.raises(ValueError, match="make_closure needs a zotune.models.LoadedModel"):
         make_closure(setup.model, batch, cfg, "cpu", objective)
+
+
+def test_a_run_says_once_how_many_training_rows_are_cut(tmp_path, caplog):
+    # issue 9 defect 15: evaluation reported its cut rows, the training set was cut without a word
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="zotune"):
+        out = train(load_config(None, TINY + ["task.dev=0", "task.test=0", "task.max_length=12", "train.steps=1",
+                                              "train.eval_at_start=false", f"train.output_dir={tmp_path / 'r'}"]))
+    said = [r.getMessage() for r in caplog.records if "SST-2 train:" in r.getMessage()]
+    assert len(said) == 1 and "of 48 rows cut from the left" in said[0] and "max_length=12" in said[0]
+    assert out["train_truncation"]["truncated_rows"] > 0
+    assert out["train_truncation"]["truncated_rows"] == int(said[0].split("SST-2 train: ")[1].split(" of")[0])
+    roomy = train(load_config(None, TINY + ["task.dev=0", "task.test=0", "train.steps=1", "task.max_length=256",
+                                            "train.eval_at_start=false", f"train.output_dir={tmp_path / 'ok'}"]))
+    assert roomy["train_truncation"]["truncated_rows"] == 0

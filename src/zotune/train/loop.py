@@ -31,7 +31,7 @@ from zotune.methods import METHODS, build_optimizer
 from zotune.schedules import make_schedule
 from zotune.step import ZOOptimizer
 from zotune.train.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
-from zotune.train.evaluate import evaluate, headline
+from zotune.train.evaluate import check_truncation, evaluate, headline
 from zotune.train.logger import RunLogger, finite_or_none, log, setup_console_logging, to_json
 from zotune.train.objective import make_closure, resolve_objective
 
@@ -353,6 +353,10 @@ def train(cfg: Config, *, world: DistContext | None = None, setup: Setup | None 
     log.info("task %s (%s template): %s; method %s, scheme %s, %d trainable tensors (%.1f M values)",
              cfg.task.name, setup.data.template, sizes, cfg.optim.method, cfg.trainable.scheme,
              len(trainable), sum(p.numel() for p in trainable.values()) / 1e6)
+    if is_main and setup.data.train:  # training rows cut from the left are said once, as evaluation says its own
+        cut = check_truncation(setup.loaded.tokenizer, setup.data.train, cfg.task.max_length,
+                               name=f"{setup.data.spec.name} train", kind=setup.loaded.kind)
+        results["train_truncation"] = cut.metrics()
 
     if start == 0 and t.eval_at_start and setup.data.test and is_main:
         t0 = time.time()
