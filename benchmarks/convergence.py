@@ -68,12 +68,19 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     grid = yaml.safe_load(Path(args.grid).read_text())
     results = {r["run"]: r for r in read_jsonl(ROOT / grid["results"]) if r.get("status") == "ok"}
+    # each run's metrics.jsonl is kept beside the results (runs/ is not committed), so the report
+    # can be made again from the repository alone
+    archive = ROOT / grid["results"].replace(".jsonl", "-metrics")
     runs = []
     for spec in grid["runs"]:
         r = results.get(spec["name"])
         if r is None:
             continue
-        pts = curve(ROOT / r["output_dir"])
+        run_dir, kept = ROOT / r["output_dir"], archive / spec["name"]
+        if (run_dir / "metrics.jsonl").exists():
+            kept.mkdir(parents=True, exist_ok=True)
+            (kept / "metrics.jsonl").write_text((run_dir / "metrics.jsonl").read_text())
+        pts = curve(run_dir if (run_dir / "metrics.jsonl").exists() else kept)
         res = r["results"]
         runs.append({
             "run": spec["name"], "method": spec["set"]["optim.method"], "lr": spec["set"]["optim.lr"],
