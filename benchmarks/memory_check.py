@@ -39,6 +39,10 @@ BUILDERS = {
     "zo-adam": lambda m, named: zotune.ZOAdam(named, lr=1e-9),
     "lozo": lambda m, named: zotune.LOZO(named, lr=1e-9),
     "forward-grad": lambda m, named: zotune.ForwardGrad(named, module=m, lr=1e-9),
+    "fzoo": lambda m, named: zotune.FZOO(named, lr=1e-9),
+    "hizoo": lambda m, named: zotune.HiZOO(named, lr=1e-9),
+    "sparse-mezo": lambda m, named: zotune.SparseMeZO(named, lr=1e-9),
+    "population": lambda m, named: zotune.PopulationLowRank(named, lr=1e-9),  # members in place, one by one
     "fo-sgd": lambda m, named: zotune.FOSGD([p for _, p in named], lr=1e-9),
     "fo-adam": lambda m, named: zotune.FOAdam([p for _, p in named], lr=1e-9),
 }

@@ -74,9 +74,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    import torch
-
-    from zotune.train.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
+    from zotune.train.checkpoint import CheckpointError, copy_weights, find_checkpoint, read_meta
     from zotune.train.evaluate import evaluate
     from zotune.train.loop import build, check_compatible
 
@@ -87,14 +85,10 @@ def cmd_eval(args) -> int:
         raise CheckpointError(f"--checkpoint {args.checkpoint} {what}")
     setup = build(cfg, splits=(args.split,))  # only the split evaluated is read
     if args.checkpoint:
-        tensors, _, meta = load_checkpoint(args.checkpoint)
+        meta = read_meta(args.checkpoint)
         if meta.get("model_fingerprint") != setup.loaded.fingerprint:
             check_compatible(meta, cfg, setup, Path(args.checkpoint))
-        with torch.no_grad():
-            for name, p in setup.named.items():
-                if name not in tensors:
-                    raise ValueError(f"checkpoint {args.checkpoint} has no tensor {name!r} (another scheme?)")
-                p.copy_(tensors[name])
+        copy_weights(args.checkpoint, setup.named)  # tensor by tensor: no second copy of the weights
     examples = getattr(setup.data, args.split)
     metrics = evaluate(setup.loaded, setup.loaded.tokenizer, examples, setup.data.spec.metric,
                        batch_size=cfg.train.eval_batch_size, max_length=cfg.task.max_length,

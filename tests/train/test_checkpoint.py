@@ -173,3 +173,20 @@ def test_a_damaged_optimizer_state_is_reported_by_name(tmp_path):
     (path / ckpt.OPT_TENSORS).write_bytes(b"garbage")
     with pytest.raises(ckpt.CheckpointError, match="ckpt-last is damaged"):
         ckpt.load_checkpoint(path)
+
+
+def test_copy_weights_fills_the_tensors_one_by_one_and_names_what_is_missing(tmp_path):
+    saved = {"a.w": torch.arange(6.0).view(2, 3), "b": torch.tensor([1.5, -2.0])}
+    path = ckpt.save_checkpoint(tmp_path / "ckpt-best", saved, None, {"step": 7})
+    named = {"a.w": torch.zeros(2, 3), "b": torch.zeros(2)}
+    assert ckpt.copy_weights(path, named)["step"] == 7
+    assert all(torch.equal(named[k], saved[k]) for k in saved)
+    more = {"a.w": torch.zeros(2, 3), "c": torch.zeros(1)}
+    with pytest.raises(ckpt.CheckpointError, match="has no tensor 'c'"):
+        ckpt.copy_weights(path, more)
+    assert torch.equal(more["a.w"], torch.zeros(2, 3))  # refused before any copy
+    with pytest.raises(ckpt.CheckpointError, match="no checkpoint at"):
+        ckpt.copy_weights(tmp_path / "nowhere", named)
+    (path / "meta.json").write_text("{not json")
+    with pytest.raises(ckpt.CheckpointError, match="ckpt-best is damaged: meta.json"):
+        ckpt.copy_weights(path, named)

@@ -418,3 +418,23 @@ def test_a_run_says_once_how_many_training_rows_are_cut(tmp_path, caplog):
     roomy = train(load_config(None, TINY + ["task.dev=0", "task.test=0", "train.steps=1", "task.max_length=256",
                                             "train.eval_at_start=false", f"train.output_dir={tmp_path / 'ok'}"]))
     assert roomy["train_truncation"]["truncated_rows"] == 0
+
+
+def test_the_test_score_is_the_best_dev_checkpoints_and_training_memory_is_kept_apart(tmp_path):
+    # the best-dev weights are copied back tensor by tensor before the test (no second copy of the
+    # weights), and results say training's own peak apart from the test phase's
+    from zotune.train.evaluate import evaluate
+
+    out = tmp_path / "run"
+    cfg = load_config(None, TINY + ["task.dev=8", "task.test=16", "train.steps=3", "train.eval_every=1",
+                                    "train.eval_at_start=false", "optim.lr=1e-9", f"train.output_dir={out}"])
+    results = train(cfg)
+    best = results["best_dev"]["step"]
+    assert results["tested_step"] == best and best < 3  # lr 1e-9: dev never improves after step 1, ties keep it
+    setup = build(cfg, splits=("test",))
+    ckpt.copy_weights(out / "ckpt-best", setup.named)
+    again = evaluate(setup.loaded, setup.loaded.tokenizer, setup.data.test, "accuracy", batch_size=16,
+                     max_length=48)
+    assert again["accuracy"] == results["test"]["accuracy"]
+    if results["peak_rss_train_bytes"] is not None:  # Linux: the peak counter can be reset after the load
+        assert 0 < results["peak_rss_train_bytes"] <= results["peak_rss_bytes"]

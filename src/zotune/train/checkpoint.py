@@ -192,6 +192,46 @@ def _refuse_pickles(found: Path) -> None:
     )
 
 
+def read_meta(path: str | Path) -> dict:
+    """A checkpoint's ``meta.json`` (step, fingerprint, results) without reading its tensors."""
+    found = find_checkpoint(path)
+    if found is None:
+        raise CheckpointError(f"no checkpoint at {path} (a folder with meta.json and weights.safetensors)")
+    try:
+        return json.loads((found / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {found} is damaged: meta.json: {e}") from e
+
+
+def copy_weights(path: str | Path, named: dict[str, torch.Tensor]) -> dict:
+    """Copy a checkpoint's tensors into ``named`` (name -> tensor) one tensor at a time, and
+    return its ``meta``: no second copy of the weights is held at once (reading all of them
+    first, as :func:`load_checkpoint` does, costs the model's memory again for a moment). A name
+    of ``named`` that the checkpoint lacks is an error naming it, raised before any copy.
+    """
+    from safetensors import safe_open
+
+    found = find_checkpoint(path)
+    if found is None:
+        raise CheckpointError(f"no checkpoint at {path} (a folder with meta.json and weights.safetensors)")
+    _refuse_pickles(found)
+    meta = read_meta(found)
+    try:
+        with safe_open(str(found / "weights.safetensors"), framework="pt", device="cpu") as f:
+            have = set(f.keys())
+            missing = sorted(set(named) - have)
+            if missing:
+                raise CheckpointError(f"checkpoint {found} has no tensor {missing[0]!r} (another scheme or model?)")
+            with torch.no_grad():
+                for name, p in named.items():
+                    p.copy_(f.get_tensor(name))
+    except CheckpointError:
+        raise
+    except Exception as e:  # damaged files: say which checkpoint
+        raise CheckpointError(f"checkpoint {found} is damaged: {e}") from e
+    return meta
+
+
 def load_checkpoint(path: str | Path, *, map_location="cpu") -> tuple[dict, dict | None, dict]:
     """Read ``(tensors, optimizer_state, meta)``; raises :class:`CheckpointError` if unusable."""
     found = find_checkpoint(path)

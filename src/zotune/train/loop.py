@@ -30,7 +30,7 @@ from zotune.fo import FOSGD, HybridOptimizer
 from zotune.methods import METHODS, build_optimizer
 from zotune.schedules import make_schedule
 from zotune.step import ZOOptimizer
-from zotune.train.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
+from zotune.train.checkpoint import CheckpointError, copy_weights, find_checkpoint, load_checkpoint, save_checkpoint
 from zotune.train.evaluate import check_truncation, evaluate, headline
 from zotune.train.logger import RunLogger, finite_or_none, log, setup_console_logging, to_json
 from zotune.train.objective import make_closure, resolve_objective
@@ -417,11 +417,10 @@ def train(cfg: Config, *, world: DistContext | None = None, setup: Setup | None 
         progress.close()
 
     _settle(opt)
+    # training's own peak (dev evaluations included), before the test phase below
+    peak_train = _peak_rss_since_reset() if peak_resettable else None
     if best["step"] is not None and best["step"] != t.steps:
-        tensors, _, _ = load_checkpoint(out / BEST, map_location=device)
-        with torch.no_grad():
-            for name, p in trainable.items():
-                p.copy_(tensors[name])
+        copy_weights(out / BEST, trainable)  # tensor by tensor: no second copy of the weights
         log.info("testing the best dev checkpoint (step %d)", best["step"])
     final = _evaluate(setup, setup.data.test, "test") if setup.data.test and is_main else {}
     streamer = getattr(getattr(opt, "deferred", None), "streamer", None)  # StreamedWeights (model.offload)
@@ -438,11 +437,13 @@ def train(cfg: Config, *, world: DistContext | None = None, setup: Setup | None 
         "forward_passes": getattr(opt, "forward_passes", None),
         "sizes": sizes,
         # CPU memory: the process's peak resident set after the model was loaded (the counter
-        # is reset then, so the load's transient is left out), what it held once loaded (the
-        # difference is the cost of training itself), and the peak including the load;
+        # is reset then, so the load's transient is left out), the same up to the end of
+        # training (before the test phase), what it held once loaded (the difference is the
+        # cost of training itself), and the peak including the load;
         # CUDA: the allocator's peak
         "peak_rss_bytes": (_peak_rss_since_reset() if peak_resettable else None)
         or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_train_bytes": peak_train,
         "peak_rss_with_load_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "rss_after_load_bytes": rss_after_load,
         "cuda_peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
