@@ -18,6 +18,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 from pathlib import Path
 
 import yaml
@@ -71,6 +72,7 @@ def main(argv=None) -> int:
     # each run's metrics.jsonl is kept beside the results (runs/ is not committed), so the report
     # can be made again from the repository alone
     archive = ROOT / grid["results"].replace(".jsonl", "-metrics")
+    base_seed = (grid.get("base", {}).get("optim") or {}).get("seed", 0)
     runs = []
     for spec in grid["runs"]:
         r = results.get(spec["name"])
@@ -84,17 +86,21 @@ def main(argv=None) -> int:
         res = r["results"]
         runs.append({
             "run": spec["name"], "method": spec["set"]["optim.method"], "lr": spec["set"]["optim.lr"],
+            "seed": spec["set"].get("optim.seed", base_seed),
             "points": pts,
             "best_dev": max((p["dev_accuracy"] for p in pts), default=None),
             "final_dev": pts[-1]["dev_accuracy"] if pts else None,
             "test": res.get("test", {}).get("accuracy"), "zero_shot_test": res.get("zero_shot", {}).get("accuracy"),
             "tested_step": res.get("tested_step"), "forward_passes": res.get("forward_passes"),
             "mean_step_seconds": res.get("mean_step_seconds"),
-            "peak_rss_mib": round((res.get("peak_rss_bytes") or 0) / 2**20),
+            # training's own peak where the run recorded it; older runs only have the whole run's,
+            # which includes re-reading the best-dev checkpoint before the test (marked)
+            "peak_rss_mib": round((res.get("peak_rss_train_bytes") or res.get("peak_rss_bytes") or 0) / 2**20),
+            "peak_rss_whole_run": res.get("peak_rss_train_bytes") is None,
         })
     chosen: dict[str, dict] = {}
-    for r in runs:  # each method's lr chosen on dev
-        if r["best_dev"] is None:
+    for r in runs:  # each method's lr chosen on dev, by the sweep (the base seed's runs)
+        if r["best_dev"] is None or r["seed"] != base_seed:
             continue
         if r["method"] not in chosen or r["best_dev"] > chosen[r["method"]]["best_dev"]:
             chosen[r["method"]] = r
@@ -107,12 +113,27 @@ def main(argv=None) -> int:
             "method": method, "lr": r["lr"], "best_dev": r["best_dev"], "final_dev": r["final_dev"],
             "test_of_best_dev": r["test"], "zero_shot_test": r["zero_shot_test"],
             "forward_passes_run": r["forward_passes"], "mean_step_seconds": r["mean_step_seconds"],
-            "peak_rss_mib": r["peak_rss_mib"],
+            "peak_rss_mib": r["peak_rss_mib"], "peak_rss_whole_run": r["peak_rss_whole_run"],
             "forward_passes_to_target": hit["forward_passes"] if hit else None,
             "seconds_to_target": hit["seconds"] if hit else None,
         })
+    # the chosen lr of each method again with other seeds (directions and batch order): spread
+    seeds = []
+    for method, r in chosen.items():
+        same = [x for x in runs if x["method"] == method and x["lr"] == r["lr"]]
+        if len(same) < 2:
+            continue
+        tests = [x["test"] for x in same if x["test"] is not None]
+        hits = [first_reaching(x["points"], target) if target is not None else None for x in same]
+        seeds.append({
+            "method": method, "lr": r["lr"], "seeds": [x["seed"] for x in same],
+            "test_mean": statistics.mean(tests), "test_sd": statistics.stdev(tests) if len(tests) > 1 else 0.0,
+            "best_dev": [x["best_dev"] for x in same],
+            "forward_passes_to_target": [h["forward_passes"] if h else None for h in hits],
+            "seconds_to_target": [h["seconds"] if h else None for h in hits],
+        })
     out = {
-        "grid": grid["name"], "reference": args.reference, "target_dev_accuracy": target,
+        "grid": grid["name"], "reference": args.reference, "target_dev_accuracy": target, "seeds": seeds,
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
         "date": datetime.date.today().isoformat(), "table": table, "runs": runs,
     }
@@ -124,10 +145,23 @@ def main(argv=None) -> int:
     for t in table:
         lines.append(f"| {t['method']} | {t['lr']:g} | {t['best_dev']} | {t['final_dev']} | {t['test_of_best_dev']} | "
                      f"{t['zero_shot_test']} | {t['forward_passes_to_target']} | {t['seconds_to_target']} | "
-                     f"{t['mean_step_seconds']} | {t['peak_rss_mib']} |")
-    lines += ["", "All runs of the sweep:", "", "| run | best dev | final dev | forward passes |", "|---|---|---|---|"]
+                     f"{t['mean_step_seconds']} | {t['peak_rss_mib']}{' *' if t['peak_rss_whole_run'] else ''} |")
+    if any(t["peak_rss_whole_run"] for t in table):
+        lines += ["", "\\* the whole run's peak: recorded before runs kept training's own peak apart, so it includes "
+                  "reading the best-dev checkpoint back for the test (a second copy of the weights, since fixed) "
+                  "when the best dev step was not the last"]
+    if seeds:
+        lines += ["", "The chosen lr with other seeds (`optim.seed` and `train.data_seed`; same data splits): test "
+                  "accuracy mean +- sd, and per seed the forward passes and seconds to the target (None: not reached)", "",
+                  "| method | lr | seeds | test mean +- sd | best dev per seed | fwd to target per seed | "
+                  "s to target per seed |", "|---" * 7 + "|"]
+        for x in seeds:
+            lines.append(f"| {x['method']} | {x['lr']:g} | {len(x['seeds'])} | {x['test_mean']:.4f} +- {x['test_sd']:.4f} | "
+                         f"{x['best_dev']} | {x['forward_passes_to_target']} | {x['seconds_to_target']} |")
+    lines += ["", "All runs of the sweep:", "", "| run | seed | best dev | final dev | test | forward passes |",
+              "|---|---|---|---|---|---|"]
     for r in runs:
-        lines.append(f"| {r['run']} | {r['best_dev']} | {r['final_dev']} | {r['forward_passes']} |")
+        lines.append(f"| {r['run']} | {r['seed']} | {r['best_dev']} | {r['final_dev']} | {r['test']} | {r['forward_passes']} |")
     print("\n".join(lines))
     print(f"\n{out['machine']}, {out['date']}; JSON: {json_path.relative_to(ROOT)}")
     page = [
