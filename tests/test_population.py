@@ -198,3 +198,22 @@ def test_modules_without_side_terms_are_refused_clearly():
         zotune.PopulationLowRank(mlp().named_parameters(), rank=0)
     with pytest.raises(ValueError, match="needs at least 2 query"):
         zotune.PopulationLowRank(mlp().named_parameters(), queries=1, scheme="one_sided_normalised")
+
+
+def test_low_rank_momentum_is_refused_with_a_population_and_kept_with_lozo():
+    # LOZO-M's momentum lives in one V shared for `interval` steps; a population draws its own V
+    # per member and step, so the pair once failed at the second step with an AttributeError
+    from zotune.estimators import LowRankEstimator, PopulationLowRank
+    from zotune.rules import lowrank_momentum
+
+    net = torch.nn.Linear(4, 3)
+    with pytest.raises(ValueError, match="lowrank_momentum needs .*shared_subspace.* population_lowrank"):
+        zotune.ZOOptimizer(list(net.named_parameters()), PopulationLowRank(queries=2, rank=1), lowrank_momentum(0.9))
+    zotune.ZOOptimizer(list(net.named_parameters()), LowRankEstimator(rank=1), lowrank_momentum(0.9))
+
+
+def test_a_chain_needs_what_its_rules_need():
+    from zotune.rules import chain, lowrank_momentum, sgd
+
+    assert chain(sgd(), lowrank_momentum(0.9)).needs == frozenset({"shared_subspace"})
+    assert chain(sgd()).needs == frozenset()

@@ -130,6 +130,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.rule = make_rule(rule) if isinstance(rule, str) else rule
         if not isinstance(self.rule, Transform):
             raise ValueError(f"rule must be a zotune.rules.Transform or a registry name, got {rule!r}")
+        missing = self.rule.needs - self.estimator.provides
+        if missing:
+            raise ValueError(f"rule {self.rule.name} needs {', '.join(sorted(missing))}, which estimator "
+                             f"{self.estimator.name} does not provide (LOZO-M's momentum lives in the one V that "
+                             "the lowrank estimator keeps for `interval` steps)")
         self.conservative = bool(conservative)
         self.decay_1d = bool(decay_1d)
         self.reduce = reduce

@@ -89,6 +89,9 @@ class Estimator:
     #: evaluated as copies in one forward, a matrix's direction must be a side term of a plain
     #: nn.Linear / nn.Embedding (a population of low-rank directions: never a per-copy weight)
     side_terms_only = False
+    #: what rules may rely on (a rule's ``needs``): ``"shared_subspace"``, one low-rank ``V`` per
+    #: matrix kept for several steps (LOZO), which low-rank momentum projects its state onto
+    provides: frozenset = frozenset()
 
     def __init__(self, queries: int = 1, chunk_size: int = DEFAULT_CHUNK) -> None:
         from zotune._validate import check_int

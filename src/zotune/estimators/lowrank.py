@@ -53,6 +53,7 @@ class LowRankEstimator(MatrixFactors, Estimator):
     """
 
     name = "lowrank"
+    provides = frozenset({"shared_subspace"})
 
     def __init__(self, rank: int = 2, interval: int = 50, queries: int = 1, chunk_size: int = DEFAULT_CHUNK) -> None:
         super().__init__(queries, chunk_size)

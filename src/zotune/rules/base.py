@@ -62,6 +62,8 @@ class Transform(NamedTuple):
         stateless: True when ``u`` depends only on ``g`` (required by the conservative step,
             which tries ``x - lr u`` and ``x + lr u`` and must be able to move back).
         config: hyperparameters (checked on resume).
+        needs: what the estimator must provide (its ``provides``), e.g. ``"shared_subspace"``:
+            LOZO-M's momentum lives in one ``V`` kept for several steps.
     """
 
     name: str
@@ -70,6 +72,7 @@ class Transform(NamedTuple):
     coeff: Callable[[torch.Tensor], torch.Tensor] | None = None
     stateless: bool = True
     config: dict = {}
+    needs: frozenset = frozenset()
 
 
 def state_dtype(p: torch.Tensor) -> torch.dtype:
@@ -127,4 +130,5 @@ def chain(*transforms: Transform) -> Transform:
         coeff=coeff if coeffs else None,
         stateless=all(t.stateless for t in transforms),
         config={t.name: t.config for t in transforms},
+        needs=frozenset().union(*(t.needs for t in transforms)),
     )

@@ -75,4 +75,5 @@ def lowrank_momentum(beta: float = 0.9) -> Transform:
         _accumulate_(m, g, 1.0 - beta)
         return DenseGrad(m, 1.0)
 
-    return Transform("lowrank_momentum", init, update, stateless=False, config={"beta": beta})
+    return Transform("lowrank_momentum", init, update, stateless=False, config={"beta": beta},
+                     needs=frozenset({"shared_subspace"}))
