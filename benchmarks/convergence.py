@@ -158,10 +158,11 @@ def main(argv=None) -> int:
         for x in seeds:
             lines.append(f"| {x['method']} | {x['lr']:g} | {len(x['seeds'])} | {x['test_mean']:.4f} +- {x['test_sd']:.4f} | "
                          f"{x['best_dev']} | {x['forward_passes_to_target']} | {x['seconds_to_target']} |")
-    lines += ["", "All runs of the sweep:", "", "| run | seed | best dev | final dev | test | forward passes |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "All runs of the sweep:", "", "| run | seed | best dev | final dev | test | forward passes | s / step |",
+              "|---|---|---|---|---|---|---|"]
     for r in runs:
-        lines.append(f"| {r['run']} | {r['seed']} | {r['best_dev']} | {r['final_dev']} | {r['test']} | {r['forward_passes']} |")
+        lines.append(f"| {r['run']} | {r['seed']} | {r['best_dev']} | {r['final_dev']} | {r['test']} | "
+                     f"{r['forward_passes']} | {r['mean_step_seconds']} |")
     print("\n".join(lines))
     print(f"\n{out['machine']}, {out['date']}; JSON: {json_path.relative_to(ROOT)}")
     page = [
