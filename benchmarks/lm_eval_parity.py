@@ -154,7 +154,7 @@ def main(argv=None) -> dict:
     from zotune.config import from_dict
     from zotune.export import export, find_source
     from zotune.lm import choice_logprobs
-    from zotune.train.checkpoint import load_checkpoint
+    from zotune.train.checkpoint import copy_weights
     from zotune.train.loop import build, load_data
 
     check = subprocess.run([args.lm_eval_python, "-c", "import lm_eval"], capture_output=True, text=True)
@@ -176,10 +176,7 @@ def main(argv=None) -> dict:
     # zotune's side: the base model with the checkpoint's tensors copied in (zotune eval --checkpoint)
     first = dict(run_cfg, task=dict(run_cfg["task"], name=args.tasks[0], test=args.rows, max_length=args.max_length))
     setup = build(from_dict(first), splits=("test",))
-    tensors, _, _ = load_checkpoint(source.checkpoint)
-    with torch.no_grad():
-        for name, p in setup.named.items():
-            p.copy_(tensors[name])
+    copy_weights(source.checkpoint, setup.named)
     loaded = setup.loaded
 
     tasks, skipped, labels, ours = [], {}, {}, {}

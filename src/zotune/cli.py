@@ -75,8 +75,7 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from zotune.train.checkpoint import CheckpointError, copy_weights, find_checkpoint, read_meta
-    from zotune.train.evaluate import evaluate
-    from zotune.train.loop import build, check_compatible
+    from zotune.train.loop import build, check_compatible, evaluate_split
 
     cfg = _config(args)
     if args.checkpoint and find_checkpoint(args.checkpoint) is None:  # before loading the model
@@ -89,10 +88,7 @@ def cmd_eval(args) -> int:
         if meta.get("model_fingerprint") != setup.loaded.fingerprint:
             check_compatible(meta, cfg, setup, Path(args.checkpoint))
         copy_weights(args.checkpoint, setup.named)  # tensor by tensor: no second copy of the weights
-    examples = getattr(setup.data, args.split)
-    metrics = evaluate(setup.loaded, setup.loaded.tokenizer, examples, setup.data.spec.metric,
-                       batch_size=cfg.train.eval_batch_size, max_length=cfg.task.max_length,
-                       scoring=cfg.task.scoring or "sum", name=f"{setup.data.spec.name} {args.split}")
+    metrics = evaluate_split(setup, getattr(setup.data, args.split), args.split)
     print(json.dumps({"task": cfg.task.name, "split": args.split, "model": cfg.model.name,
                       "checkpoint": args.checkpoint, **metrics}))
     return 0

@@ -192,11 +192,17 @@ def _refuse_pickles(found: Path) -> None:
     )
 
 
-def read_meta(path: str | Path) -> dict:
-    """A checkpoint's ``meta.json`` (step, fingerprint, results) without reading its tensors."""
+def _existing(path: str | Path) -> Path:
+    """The checkpoint folder at ``path``, or a :class:`CheckpointError` saying there is none."""
     found = find_checkpoint(path)
     if found is None:
         raise CheckpointError(f"no checkpoint at {path} (a folder with meta.json and weights.safetensors)")
+    return found
+
+
+def read_meta(path: str | Path) -> dict:
+    """A checkpoint's ``meta.json`` (step, fingerprint, results) without reading its tensors."""
+    found = _existing(path)
     try:
         return json.loads((found / "meta.json").read_text())
     except (OSError, ValueError) as e:
@@ -211,9 +217,7 @@ def copy_weights(path: str | Path, named: dict[str, torch.Tensor]) -> dict:
     """
     from safetensors import safe_open
 
-    found = find_checkpoint(path)
-    if found is None:
-        raise CheckpointError(f"no checkpoint at {path} (a folder with meta.json and weights.safetensors)")
+    found = _existing(path)
     _refuse_pickles(found)
     meta = read_meta(found)
     try:
@@ -234,9 +238,7 @@ def copy_weights(path: str | Path, named: dict[str, torch.Tensor]) -> dict:
 
 def load_checkpoint(path: str | Path, *, map_location="cpu") -> tuple[dict, dict | None, dict]:
     """Read ``(tensors, optimizer_state, meta)``; raises :class:`CheckpointError` if unusable."""
-    found = find_checkpoint(path)
-    if found is None:
-        raise CheckpointError(f"no checkpoint at {path} (a folder with meta.json and weights.safetensors)")
+    found = _existing(path)
     _refuse_pickles(found)
     try:
         meta = json.loads((found / "meta.json").read_text())

@@ -282,7 +282,8 @@ def _settle(opt) -> None:
         flush()
 
 
-def _evaluate(setup: Setup, examples, split: str = "evaluation") -> dict:
+def evaluate_split(setup: Setup, examples, split: str = "evaluation") -> dict:
+    """Evaluate ``examples`` as the recipe says (batch size, length, scoring), naming ``split`` in warnings."""
     _settle(setup.optimizer)
     cfg = setup.cfg
     return evaluate(setup.loaded, setup.loaded.tokenizer, examples, setup.data.spec.metric,
@@ -360,7 +361,7 @@ def train(cfg: Config, *, world: DistContext | None = None, setup: Setup | None 
 
     if start == 0 and t.eval_at_start and setup.data.test and is_main:
         t0 = time.time()
-        zs = _evaluate(setup, setup.data.test, "test")
+        zs = evaluate_split(setup, setup.data.test, "test")
         results["zero_shot"] = zs
         log.info("zero-shot test: %s (%.0f s)", zs, time.time() - t0)
         logger.metrics(0, phase="zero-shot", **{f"test/{k}": v for k, v in zs.items()})
@@ -400,7 +401,7 @@ def train(cfg: Config, *, world: DistContext | None = None, setup: Setup | None 
                                  s_step=f"{step_times[-1]:.2f}")
             progress.update(1)
         if t.eval_every and done % t.eval_every == 0 and setup.data.dev and is_main:
-            dev = _evaluate(setup, setup.data.dev, "dev")
+            dev = evaluate_split(setup, setup.data.dev, "dev")
             key, value = headline(dev)
             logger.metrics(done, phase="dev", **{f"dev/{k}": v for k, v in dev.items()})
             log.info("step %d dev %s", done, dev)
@@ -422,7 +423,7 @@ def train(cfg: Config, *, world: DistContext | None = None, setup: Setup | None 
     if best["step"] is not None and best["step"] != t.steps:
         copy_weights(out / BEST, trainable)  # tensor by tensor: no second copy of the weights
         log.info("testing the best dev checkpoint (step %d)", best["step"])
-    final = _evaluate(setup, setup.data.test, "test") if setup.data.test and is_main else {}
+    final = evaluate_split(setup, setup.data.test, "test") if setup.data.test and is_main else {}
     streamer = getattr(getattr(opt, "deferred", None), "streamer", None)  # StreamedWeights (model.offload)
     if streamer is not None:  # scratch space: the checkpoint holds the weights
         streamer.remove_files()
