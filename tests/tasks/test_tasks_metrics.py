@@ -1,6 +1,7 @@
 import pytest
 
-from zotune.tasks import Example, accuracy, compute_metric, exact_match, f1a, multirc_em, normalize_answer, token_f1
+from zotune.tasks import (Example, accuracy, compute_metric, exact_match, f1a, multirc_em, normalize_answer,
+                          row_scores, token_f1)
 
 
 def test_normalize_answer():
@@ -52,6 +53,23 @@ def test_compute_metric():
     assert compute_metric("accuracy", [2], record) == {"accuracy": 1.0}
     with pytest.raises(ValueError, match="Unknown metric 'acc'. Did you mean 'accuracy'"):
         compute_metric("acc", [1], examples[:1])
+
+
+def test_row_scores_average_to_the_corpus_metric():
+    examples = [_yes_no(1, "q1"), _yes_no(0, "q1"), _yes_no(1, "q2")]
+    assert row_scores("accuracy", [1, 1, 1], examples) == [1.0, 0.0, 1.0]
+    assert row_scores("f1", [1, 0, 0], examples) == [1.0, 1.0, 0.0]  # MultiRC: right / wrong per option
+    record = [Example(choices=(("p", "a"), ("p", "b"), ("p", "c")), label=0, meta={"gold_choices": (0, 2)})]
+    assert row_scores("accuracy", [2], record) == [1.0]
+    gen = [Example(choices=(("Q:", " x"),), label=0, prompt="Q:", answers=("the cat sat down",)),
+           Example(choices=(("Q:", " x"),), label=0, prompt="Q:", answers=("Paris",))]
+    rows = row_scores("em_f1", ["cat sat", "paris"], gen)
+    assert rows == [pytest.approx(0.8), 1.0]
+    assert sum(rows) / 2 == pytest.approx(compute_metric("em_f1", ["cat sat", "paris"], gen)["f1"])
+    with pytest.raises(ValueError, match="Unknown metric 'acc'"):
+        row_scores("acc", [1], examples[:1])
+    with pytest.raises(ValueError, match="2 predictions for 3 examples"):
+        row_scores("accuracy", [1, 1], examples)
 
 
 def test_example_checks():

@@ -438,3 +438,22 @@ def test_the_test_score_is_the_best_dev_checkpoints_and_training_memory_is_kept_
     assert again["accuracy"] == results["test"]["accuracy"]
     if results["peak_rss_train_bytes"] is not None:  # Linux: the peak counter can be reset after the load
         assert 0 < results["peak_rss_train_bytes"] <= results["peak_rss_bytes"]
+
+
+def test_a_run_keeps_each_test_rows_score_for_a_paired_test(tmp_path):
+    """test_rows.json holds the zero-shot and tuned score of every test row (their means are the
+    reported accuracies), and a resumed run keeps the zero-shot scores it measured before."""
+    import json
+
+    run = tmp_path / "run"
+    common = TINY + ["task.test=12", "train.save_every=1", f"train.output_dir={run}"]
+    res = train(load_config(None, common + ["train.steps=1"]))
+    rows = json.loads((run / "test_rows.json").read_text())
+    assert set(rows) == {"zero_shot", "tuned"} and len(rows["zero_shot"]) == len(rows["tuned"]) == 12
+    assert set(rows["zero_shot"]) <= {0.0, 1.0}
+    assert sum(rows["zero_shot"]) / 12 == pytest.approx(res["zero_shot"]["accuracy"])
+    assert sum(rows["tuned"]) / 12 == pytest.approx(res["test"]["accuracy"])
+    zero_shot = rows["zero_shot"]
+    res = train(load_config(None, common + ["train.steps=2"]))  # resumes from step 1: no zero-shot again
+    rows = json.loads((run / "test_rows.json").read_text())
+    assert rows["zero_shot"] == zero_shot and sum(rows["tuned"]) / 12 == pytest.approx(res["test"]["accuracy"])

@@ -82,13 +82,13 @@ def test_runs_score_with_the_configured_scoring(monkeypatch, tmp_path):
     import zotune.train.loop as loop
 
     seen = []
-    real = loop.evaluate
+    real = loop.evaluate_rows
 
     def spy(*args, **kwargs):
         seen.append(kwargs.get("scoring"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "evaluate", spy)
+    monkeypatch.setattr(loop, "evaluate_rows", spy)
     cfg = load_config(None, TINY + ["task.scoring=mean", "task.test=8", "train.steps=1", "train.save_every=1",
                                     "train.eval_at_start=false", f"train.output_dir={tmp_path / 'run'}"])
     loop.train(cfg)

@@ -6,7 +6,7 @@
 
 from .base import Example, HubSource, TaskSpec, Template
 from .formats import DataFormatError, Record
-from .metrics import accuracy, compute_metric, exact_match, f1a, multirc_em, normalize_answer, token_f1
+from .metrics import accuracy, compute_metric, exact_match, f1a, multirc_em, normalize_answer, row_scores, token_f1
 from .registry import (TaskData, TemplateError, UnknownTaskError, default_data_root, get_task, list_tasks,
                        load_task, register_task)
 from .splits import SplitSpec, Splits, make_splits
@@ -18,5 +18,5 @@ __all__ = [
     "get_task", "list_tasks", "load_task", "register_task", "default_data_root",
     "DataFormatError", "TemplateError", "UnknownTaskError",
     "FileTaskSpec", "TaskFileError", "load_task_file",
-    "accuracy", "normalize_answer", "exact_match", "token_f1", "f1a", "multirc_em", "compute_metric",
+    "accuracy", "normalize_answer", "exact_match", "token_f1", "f1a", "multirc_em", "compute_metric", "row_scores",
 ]

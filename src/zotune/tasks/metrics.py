@@ -15,7 +15,8 @@ from typing import Collection, Hashable, Sequence
 from zotune._validate import did_you_mean
 from .base import METRIC_NAMES, Example
 
-__all__ = ["accuracy", "normalize_answer", "exact_match", "token_f1", "f1a", "multirc_em", "compute_metric"]
+__all__ = ["accuracy", "normalize_answer", "exact_match", "token_f1", "f1a", "multirc_em", "compute_metric",
+           "row_scores"]
 
 
 def _check_lengths(predictions: Sequence, golds: Sequence, what: str) -> None:
@@ -120,3 +121,24 @@ def compute_metric(name: str, predictions: Sequence, examples: Sequence[Example]
         return {"f1a": f1a(predictions, labels), "em": multirc_em(predictions, labels, groups),
                 "accuracy": accuracy(predictions, labels)}
     return {"accuracy": accuracy(predictions, [ex.meta.get("gold_choices", ex.label) for ex in examples])}
+
+
+def row_scores(name: str, predictions: Sequence, examples: Sequence[Example]) -> list[float]:
+    """One score per example, for paired tests between two models on the same rows.
+
+    Why: a corpus metric says how far two models are apart, not whether the gap is more than the
+    rows' noise; a paired test needs each row's score under both. ``"accuracy"`` and ``"f1"``
+    (MultiRC, whose F1a does not split into rows) give 1.0 / 0.0 for a right / wrong choice;
+    ``"em_f1"`` gives the row's token F1 (the mean of these is the corpus F1).
+    """
+    if name not in METRIC_NAMES:
+        hint = did_you_mean(name, METRIC_NAMES)
+        raise ValueError(f"Unknown metric {name!r}.{hint} Available: {', '.join(METRIC_NAMES)}")
+    _check_lengths(predictions, examples, "examples")
+    if name == "em_f1":
+        return [token_f1(p, ex.answers) for p, ex in zip(predictions, examples)]
+    out = []
+    for p, ex in zip(predictions, examples):
+        gold = ex.label if name == "f1" else ex.meta.get("gold_choices", ex.label)
+        out.append(float(p in gold if isinstance(gold, Collection) else p == gold))
+    return out

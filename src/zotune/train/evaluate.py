@@ -19,7 +19,7 @@ from zotune._validate import unknown_choice
 from zotune.lm import NORMALIZE, Truncation, choice_truncation, generate, prompt_truncation, score_choices
 from zotune.models import require_loaded
 from zotune.tasks import Example
-from zotune.tasks.metrics import compute_metric
+from zotune.tasks.metrics import compute_metric, row_scores
 
 log = logging.getLogger("zotune.evaluate")
 
@@ -44,10 +44,15 @@ def check_truncation(tokenizer, examples: Sequence[Example], max_length: int, *,
     return found
 
 
+def evaluate(model, tokenizer, examples: Sequence[Example], metric: str, **kwargs) -> dict[str, float]:
+    """The metric dict of :func:`evaluate_rows` (same arguments), without the per-row scores."""
+    return evaluate_rows(model, tokenizer, examples, metric, **kwargs)[0]
+
+
 @torch.no_grad()
-def evaluate(model, tokenizer, examples: Sequence[Example], metric: str, *, batch_size: int = 32,
-             max_length: int = 256, max_new_tokens: int = 32, scoring: str = "sum",
-             name: str = "evaluation") -> dict[str, float]:
+def evaluate_rows(model, tokenizer, examples: Sequence[Example], metric: str, *, batch_size: int = 32,
+                  max_length: int = 256, max_new_tokens: int = 32, scoring: str = "sum",
+                  name: str = "evaluation") -> tuple[dict[str, float], list[float]]:
     """Score ``examples`` with ``model`` (a :class:`zotune.models.LoadedModel`): log-likelihood
     ranking of choices, or greedy generation for tasks with gold answers (SQuAD, DROP).
 
@@ -55,13 +60,14 @@ def evaluate(model, tokenizer, examples: Sequence[Example], metric: str, *, batc
     or per-token mean (``"mean"``, MeZO's); see :func:`zotune.lm.score_choices`. Returns the
     metric dict plus ``n`` (examples scored) and ``truncated_rows``, ``truncated_tokens_max``,
     ``truncated_tokens_mean`` (rows that lost context to ``max_length``, which a warning naming
-    ``name`` also reports).
+    ``name`` also reports), and each row's score (:func:`zotune.tasks.metrics.row_scores`), which
+    a paired test between two models needs.
     """
     model = require_loaded(model, "evaluate")
     if scoring not in NORMALIZE:
         raise ValueError(unknown_choice("scoring", str(scoring), NORMALIZE))
     if not examples:
-        return {"n": 0}
+        return {"n": 0}, []
     cut = check_truncation(tokenizer, examples, max_length, name=name, kind=model.kind,
                            max_new_tokens=max_new_tokens)
     if examples[0].is_generation:
@@ -73,7 +79,7 @@ def evaluate(model, tokenizer, examples: Sequence[Example], metric: str, *, batc
     out = compute_metric(metric, preds, examples)
     out["n"] = len(examples)
     out.update(cut.metrics())
-    return out
+    return out, row_scores(metric, preds, examples)
 
 
 def headline(metrics: dict[str, float]) -> tuple[str, float]:

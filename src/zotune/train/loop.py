@@ -31,7 +31,7 @@ from zotune.methods import METHODS, build_optimizer
 from zotune.schedules import make_schedule
 from zotune.step import ZOOptimizer
 from zotune.train.checkpoint import CheckpointError, copy_weights, find_checkpoint, load_checkpoint, save_checkpoint
-from zotune.train.evaluate import check_truncation, evaluate, headline
+from zotune.train.evaluate import check_truncation, evaluate_rows, headline
 from zotune.train.logger import RunLogger, finite_or_none, log, setup_console_logging, to_json
 from zotune.train.objective import make_closure, resolve_objective
 
@@ -284,11 +284,28 @@ def _settle(opt) -> None:
 
 def evaluate_split(setup: Setup, examples, split: str = "evaluation") -> dict:
     """Evaluate ``examples`` as the recipe says (batch size, length, scoring), naming ``split`` in warnings."""
+    return evaluate_split_rows(setup, examples, split)[0]
+
+
+def evaluate_split_rows(setup: Setup, examples, split: str = "evaluation") -> tuple[dict, list[float]]:
+    """:func:`evaluate_split` and each row's score (for paired tests)."""
     _settle(setup.optimizer)
     cfg = setup.cfg
-    return evaluate(setup.loaded, setup.loaded.tokenizer, examples, setup.data.spec.metric,
-                    batch_size=cfg.train.eval_batch_size, max_length=cfg.task.max_length,
-                    scoring=cfg.task.scoring, name=f"{setup.data.spec.name} {split}")
+    return evaluate_rows(setup.loaded, setup.loaded.tokenizer, examples, setup.data.spec.metric,
+                         batch_size=cfg.train.eval_batch_size, max_length=cfg.task.max_length,
+                         scoring=cfg.task.scoring, name=f"{setup.data.spec.name} {split}")
+
+
+TEST_ROWS = "test_rows.json"
+
+
+def _save_test_rows(out: Path, key: str, scores: list[float]) -> None:
+    """Keep each test row's score under ``key`` ("zero_shot", "tuned") in ``out/test_rows.json``,
+    so zero-shot and tuned models can be compared row by row (a resumed run keeps its zero-shot)."""
+    path = out / TEST_ROWS
+    rows = json.loads(path.read_text()) if path.exists() else {}
+    rows[key] = scores
+    _write_json_atomic(path, rows)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -361,7 +378,8 @@ def train(cfg: Config, *, world: DistContext | None = None, setup: Setup | None 
 
     if start == 0 and t.eval_at_start and setup.data.test and is_main:
         t0 = time.time()
-        zs = evaluate_split(setup, setup.data.test, "test")
+        zs, zs_rows = evaluate_split_rows(setup, setup.data.test, "test")
+        _save_test_rows(out, "zero_shot", zs_rows)
         results["zero_shot"] = zs
         log.info("zero-shot test: %s (%.0f s)", zs, time.time() - t0)
         logger.metrics(0, phase="zero-shot", **{f"test/{k}": v for k, v in zs.items()})
@@ -423,7 +441,10 @@ def train(cfg: Config, *, world: DistContext | None = None, setup: Setup | None 
     if best["step"] is not None and best["step"] != t.steps:
         copy_weights(out / BEST, trainable)  # tensor by tensor: no second copy of the weights
         log.info("testing the best dev checkpoint (step %d)", best["step"])
-    final = evaluate_split(setup, setup.data.test, "test") if setup.data.test and is_main else {}
+    final = {}
+    if setup.data.test and is_main:
+        final, final_rows = evaluate_split_rows(setup, setup.data.test, "test")
+        _save_test_rows(out, "tuned", final_rows)
     streamer = getattr(getattr(opt, "deferred", None), "streamer", None)  # StreamedWeights (model.offload)
     if streamer is not None:  # scratch space: the checkpoint holds the weights
         streamer.remove_files()

@@ -1,0 +1,118 @@
+"""Cross-task results: did each tuned run beat zero-shot by more than its test rows' noise?
+
+    zotune bench benchmarks/grids/cross-task.yaml     # the runs (resumable, one process each)
+    python benchmarks/cross_task.py                   # table + paired tests -> docs/results.md
+
+Every run of the grid scores each test row with the zero-shot and the tuned model (its
+``test_rows.json``); this script compares the two on the same rows with
+:func:`zotune.bench.paired.paired_test` (exact McNemar for right / wrong rows, a seeded
+sign-flip test for SQuAD-style token F1) and calls a task "moved" when the tuned model is better
+with p < 0.05. The per-row scores are copied to ``benchmarks/results/cross-task-rows.json`` so
+the table can be rebuilt without the run folders. Writes the table between the
+``cross-task`` markers of ``docs/results.md`` and ``benchmarks/results/cross-task-report.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from zotune.bench.paired import paired_test
+from zotune.train.evaluate import headline
+
+ALPHA = 0.05
+START, END = "<!-- cross-task:start -->", "<!-- cross-task:end -->"
+
+
+def load_records(path: Path) -> dict:
+    """The last record of each run (a rerun appends a newer one)."""
+    out = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            out[r["run"]] = r
+    return out
+
+
+def collect_rows(records: dict, stored: dict) -> dict:
+    """Each run's per-row scores: from its run folder when present, else from the stored copy."""
+    rows = dict(stored)
+    for name, r in records.items():
+        path = Path(r.get("output_dir", "")) / "test_rows.json"
+        if r["status"] == "ok" and path.exists():
+            rows[name] = json.loads(path.read_text())
+    return rows
+
+
+def summarise(records: dict, rows: dict) -> list[dict]:
+    out = []
+    for name, r in records.items():
+        if r["status"] != "ok" or name not in rows or "tuned" not in rows[name]:
+            continue
+        res, o = r["results"], r["overrides"]
+        key, tuned = headline(res["test"])
+        zs = res["zero_shot"].get(key)
+        test = paired_test(rows[name]["zero_shot"], rows[name]["tuned"])
+        out.append({
+            "run": name, "task": res["task"], "method": res["method"], "scheme": res["scheme"],
+            "lr": o.get("optim.lr"), "eps": o.get("optim.eps"), "steps": res["steps"],
+            "tested_step": res["tested_step"], "forward_passes": res["forward_passes"],
+            "mean_step_seconds": res["mean_step_seconds"], "wall_seconds": r["wall_seconds"],
+            "metric": key, "zero_shot": zs, "tuned": tuned, "test_rows": test["n"],
+            "paired": test, "moved": test["p"] < ALPHA and test["mean_b"] > test["mean_a"],
+            "peak_rss_mib": res["peak_rss_bytes"] / 2 ** 20 if res.get("peak_rss_bytes") else None,
+        })
+    return out
+
+
+def table(summary: list[dict]) -> str:
+    lines = ["| task | scheme | method | lr | steps (tested) | forward passes | run time (s) | metric | zero-shot | "
+             "tuned | test rows | rows only zero-shot / only tuned got right | p (paired) | moved |",
+             "|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|"]
+    for s in summary:
+        p = s["paired"]
+        split = f"{p['only_a']} / {p['only_b']}" if "only_a" in p else f"mean F1 diff {100 * (p['mean_b'] - p['mean_a']):+.1f}"
+        lines.append(
+            f"| {s['task']} | {s['scheme']} | {s['method']} | {s['lr']:g} | {s['steps']} ({s['tested_step']}) | "
+            f"{s['forward_passes']:,} | {s['wall_seconds']:,.0f} | {s['metric']} | {100 * s['zero_shot']:.1f} | "
+            f"{100 * s['tuned']:.1f} | {s['test_rows']} | {split} | {p['p']:.2g} | {'yes' if s['moved'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", default="benchmarks/results/cross-task.jsonl")
+    ap.add_argument("--rows", default="benchmarks/results/cross-task-rows.json")
+    ap.add_argument("--report", default="benchmarks/results/cross-task-report.json")
+    ap.add_argument("--doc", default="docs/results.md")
+    a = ap.parse_args()
+    records = load_records(Path(a.results))
+    rows_path = Path(a.rows)
+    rows = collect_rows(records, json.loads(rows_path.read_text()) if rows_path.exists() else {})
+    rows_path.write_text(json.dumps(rows))
+    summary = summarise(records, rows)
+    text = table(summary)
+    moved = sorted({f"{s['task']} ({s['scheme']})" for s in summary if s["moved"]})
+    print(text)
+    print(f"\nmoved (p < {ALPHA}): {', '.join(moved) or 'none'}")
+    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "alpha": ALPHA}
+    Path(a.report).write_text(json.dumps({"meta": meta, "runs": summary, "moved": moved}, indent=2))
+    doc = Path(a.doc)
+    body = doc.read_text()
+    if START in body and END in body:
+        head, rest = body.split(START, 1)
+        body = head + START + "\n" + text + f"\n\nMoved (tuned better than zero-shot on the same rows, p < {ALPHA}): " \
+            + (", ".join(moved) or "none") + ".\n" + END + rest.split(END, 1)[1]
+        doc.write_text(body)
+    else:
+        print(f"(no {START} ... {END} markers in {doc}: the table was not written there)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Zero-shot scan of the tasks on their carved dev rows: where can a short ZO run move?
+
+    python benchmarks/task_scan.py [--tasks sst2,cb,...] [--dev 100] [--out benchmarks/results/task_scan.json]
+
+Why: a few hundred ZO steps mostly re-balance the model's answers before they teach it the
+task, so a task whose zero-shot model answers one choice for nearly every row, while the labels
+are balanced, has room to move; one already at its label balance needs real learning. This
+reads only dev rows (never test) with the base model and prints, per task: dev accuracy, the
+share of rows given the most-predicted choice, the share of the most common label, and the
+seconds the scan took (a proxy for each task's forward cost). Generation tasks (SQuAD, DROP)
+report EM / F1 and the mean answer length in words.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import platform
+import time
+from datetime import datetime, timezone
+
+import torch
+
+from zotune.config import load_config
+from zotune.lm import generate, score_choices
+from zotune.models import load_model
+from zotune.tasks.metrics import compute_metric
+from zotune.train.loop import load_data
+
+DEFAULT = "sst2,cb,rte,wsc,wic,copa,winogrande,snli,mnli,squad"
+
+
+def scan(task: str, dev: int, loaded, max_length: int | None) -> dict:
+    over = [f"task.name={task}", f"task.dev={dev}", "task.test=0", "task.train=0"]
+    if max_length:
+        over.append(f"task.max_length={max_length}")
+    cfg = load_config(None, over)
+    data = load_data(cfg, ("dev",))
+    rows, spec = list(data.dev), data.spec
+    t0 = time.time()
+    with torch.no_grad():
+        if rows[0].is_generation:
+            preds = generate(loaded, loaded.tokenizer, [e.prompt for e in rows], batch_size=8,
+                             max_length=cfg.task.max_length)
+            out = compute_metric(spec.metric, preds, rows)
+            out["answer_words"] = sum(len(p.split()) for p in preds) / len(preds)
+            out["examples"] = [{"pred": p, "gold": list(e.answers)[:2]} for p, e in list(zip(preds, rows))[:5]]
+        else:
+            preds = score_choices(loaded, loaded.tokenizer, [list(e.choices) for e in rows], batch_size=32,
+                                  max_length=cfg.task.max_length, normalize=cfg.task.scoring or "sum")
+            out = compute_metric(spec.metric, preds, rows)
+            labels = [e.label for e in rows if not isinstance(e.label, (list, tuple, set))]
+            out["top_prediction_share"] = collections.Counter(preds).most_common(1)[0][1] / len(preds)
+            if labels:
+                out["top_label_share"] = collections.Counter(labels).most_common(1)[0][1] / len(labels)
+    out.update({"task": task, "n": len(rows), "max_length": cfg.task.max_length, "seconds": round(time.time() - t0, 1)})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tasks", default=DEFAULT)
+    ap.add_argument("--dev", type=int, default=100)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--max-length", action="append", default=[], metavar="TASK=N",
+                    help="a shorter max_length for a task (e.g. squad=384)")
+    ap.add_argument("--out", default="benchmarks/results/task_scan.json")
+    a = ap.parse_args()
+    lengths = dict(x.split("=") for x in a.max_length)
+    loaded = load_model(a.model, dtype="float32")
+    results = []
+    print(f"| task | dev rows | metric | top prediction share | top label share | s |\n|---|---:|---|---:|---:|---:|")
+    for task in a.tasks.split(","):
+        r = scan(task, a.dev, loaded, int(lengths[task]) if task in lengths else None)
+        results.append(r)
+        metric = ", ".join(f"{k} {100 * r[k]:.1f}" for k in ("accuracy", "f1a", "em", "f1") if k in r)
+        extra = f" ({r['answer_words']:.1f} words)" if "answer_words" in r else ""
+        top_p = f"{100 * r['top_prediction_share']:.0f} %" if "top_prediction_share" in r else "-"
+        top_l = f"{100 * r['top_label_share']:.0f} %" if "top_label_share" in r else "-"
+        print(f"| {task} | {r['n']} | {metric}{extra} | {top_p} | {top_l} | {r['seconds']} |", flush=True)
+    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.processor() or platform.machine(),
+            "cpus": torch.get_num_threads(), "torch": torch.__version__, "model": a.model, "dev_rows": a.dev}
+    with open(a.out, "w") as f:
+        json.dump({"meta": meta, "tasks": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
