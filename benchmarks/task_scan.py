@@ -6,8 +6,11 @@ Why: a few hundred ZO steps mostly re-balance the model's answers before they te
 task, so a task whose zero-shot model answers one choice for nearly every row, while the labels
 are balanced, has room to move; one already at its label balance needs real learning. This
 reads only dev rows (never test) with the base model and prints, per task: dev accuracy, the
-share of rows given the most-predicted choice, the share of the most common label, and the
-seconds the scan took (a proxy for each task's forward cost). Generation tasks (SQuAD, DROP)
+share of rows given the most-predicted choice, the share of the most common label, the
+accuracy after the best per-choice offset of the scores (a constant added to each choice's
+log-likelihood, fitted on the same dev rows: an upper bound on what re-balancing alone can
+give, the first thing a short ZO run learns), and the seconds the scan took (a proxy for each
+task's forward cost). Generation tasks (SQuAD, DROP)
 report EM / F1 and the mean answer length in words.
 """
 from __future__ import annotations
@@ -22,12 +25,30 @@ from datetime import datetime, timezone
 import torch
 
 from zotune.config import load_config
-from zotune.lm import generate, score_choices
+import itertools
+
+from zotune.lm import choice_logprobs, generate
 from zotune.models import load_model
 from zotune.tasks.metrics import compute_metric
 from zotune.train.loop import load_data
 
 DEFAULT = "sst2,cb,rte,wsc,wic,copa,winogrande,snli,mnli,squad"
+
+
+def rebalanced(scores: list[list[float]], rows, metric: str) -> float | None:
+    """Best dev accuracy over per-choice offsets (first choice fixed at 0; a grid of offsets
+    for tasks whose rows all have 2 or 3 choices), or None for other tasks."""
+    widths = {len(s) for s in scores}
+    if len(widths) != 1 or widths.pop() not in (2, 3):
+        return None
+    k = len(scores[0])
+    grid = [x / 4 for x in range(-80, 81)]  # -20 .. 20 nats in steps of 0.25
+    best = 0.0
+    for offsets in itertools.product(grid, repeat=k - 1):
+        shift = (0.0, *offsets)
+        preds = [max(range(k), key=lambda j: s[j] + shift[j]) for s in scores]
+        best = max(best, compute_metric(metric, preds, rows)["accuracy"])
+    return best
 
 
 def scan(task: str, dev: int, loaded, max_length: int | None) -> dict:
@@ -46,9 +67,11 @@ def scan(task: str, dev: int, loaded, max_length: int | None) -> dict:
             out["answer_words"] = sum(len(p.split()) for p in preds) / len(preds)
             out["examples"] = [{"pred": p, "gold": list(e.answers)[:2]} for p, e in list(zip(preds, rows))[:5]]
         else:
-            preds = score_choices(loaded, loaded.tokenizer, [list(e.choices) for e in rows], batch_size=32,
-                                  max_length=cfg.task.max_length, normalize=cfg.task.scoring or "sum")
+            scores = choice_logprobs(loaded, loaded.tokenizer, [list(e.choices) for e in rows], batch_size=32,
+                                     max_length=cfg.task.max_length, normalize=cfg.task.scoring or "sum")
+            preds = [max(range(len(s)), key=s.__getitem__) for s in scores]
             out = compute_metric(spec.metric, preds, rows)
+            out["rebalanced_accuracy"] = rebalanced(scores, rows, spec.metric)
             labels = [e.label for e in rows if not isinstance(e.label, (list, tuple, set))]
             out["top_prediction_share"] = collections.Counter(preds).most_common(1)[0][1] / len(preds)
             if labels:
@@ -69,7 +92,8 @@ def main() -> None:
     lengths = dict(x.split("=") for x in a.max_length)
     loaded = load_model(a.model, dtype="float32")
     results = []
-    print(f"| task | dev rows | metric | top prediction share | top label share | s |\n|---|---:|---|---:|---:|---:|")
+    print("| task | dev rows | metric | top prediction share | top label share | re-balanced accuracy | s |\n"
+          "|---|---:|---|---:|---:|---:|---:|")
     for task in a.tasks.split(","):
         r = scan(task, a.dev, loaded, int(lengths[task]) if task in lengths else None)
         results.append(r)
@@ -77,7 +101,8 @@ def main() -> None:
         extra = f" ({r['answer_words']:.1f} words)" if "answer_words" in r else ""
         top_p = f"{100 * r['top_prediction_share']:.0f} %" if "top_prediction_share" in r else "-"
         top_l = f"{100 * r['top_label_share']:.0f} %" if "top_label_share" in r else "-"
-        print(f"| {task} | {r['n']} | {metric}{extra} | {top_p} | {top_l} | {r['seconds']} |", flush=True)
+        reb = f"{100 * r['rebalanced_accuracy']:.1f}" if r.get("rebalanced_accuracy") is not None else "-"
+        print(f"| {task} | {r['n']} | {metric}{extra} | {top_p} | {top_l} | {reb} | {r['seconds']} |", flush=True)
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.processor() or platform.machine(),
             "cpus": torch.get_num_threads(), "torch": torch.__version__, "model": a.model, "dev_rows": a.dev}
     with open(a.out, "w") as f:

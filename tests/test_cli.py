@@ -165,9 +165,9 @@ def test_eval_scores_with_the_template_scoring_as_training_does(recipe, monkeypa
 
     def record(model, tokenizer, examples, metric, **kwargs):
         seen.update(kwargs)
-        return {"accuracy": 0.5, "n": len(examples)}
+        return {"accuracy": 0.5, "n": len(examples)}, [0.5] * len(examples)
 
-    monkeypatch.setattr(ev, "evaluate", record)
+    monkeypatch.setattr(ev, "evaluate_rows", record)
     assert cli.main(["eval", str(recipe), "task.template=mezo", "task.test=4", "task.dev=0", "task.train=4"]) == 0
     assert seen["scoring"] == "mean" and seen["max_length"] == 64
     assert cli.main(["eval", str(recipe), "task.scoring=sum", "task.test=4", "task.dev=0", "task.train=4"]) == 0

@@ -69,6 +69,24 @@ def test_adapters_train_a_small_set_that_moves_the_loss(arch, scheme):
     assert all(p.grad is None for n, p in model.named_parameters() if n not in named)
 
 
+@pytest.mark.parametrize("scheme", ["lora", "prefix", "prompt"])
+def test_adapter_init_follows_init_seed_not_the_global_rng(scheme):
+    """peft draws adapter inits from torch's global RNG, so two runs of one recipe started from
+    different adapters (a probe's candidates had different zero-step dev losses) and a replay could
+    not rebuild them; with ``init_seed`` the init is a function of the seed, and the global RNG is
+    left as it was."""
+    def init(seed, global_seed):
+        torch.manual_seed(global_seed)
+        state = torch.get_rng_state()
+        _, named = select_trainable(tiny_model("llama", seed=0), scheme, init_seed=seed)
+        assert torch.equal(torch.get_rng_state(), state)  # the global RNG did not move
+        return {n: p.detach().clone() for n, p in named.items()}
+
+    a, b, c = init(7, 1), init(7, 2), init(8, 1)
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert any(not torch.equal(a[n], c[n]) for n in a)
+
+
 def test_options_override_the_peft_defaults():
     _, named = select_trainable(tiny_model("opt"), "lora", r=4, target_modules=["k_proj"])
     shapes = {n: tuple(p.shape) for n, p in named.items()}

@@ -66,8 +66,8 @@ class TaskConfig:
 @dataclass
 class OptimConfig:
     method: str = "mezo"  # see zotune.methods.METHODS
-    lr: float = 1e-6
-    eps: float = 1e-3
+    lr: float | None = None  # None: the method's starting point for the scheme (zotune.defaults; zotune tune probes one)
+    eps: float | None = None  # None: as lr (1e-3 full, 1e-2 LoRA, 1e-1 prefix / prompt)
     weight_decay: float = 0.0
     queries: int | None = None  # directions per step (None: the method's default; FZOO 8, others 1)
     seed: int = 0
@@ -143,8 +143,18 @@ _SECTION_TYPES = {
 }
 
 
+def _optional_kind(section: str, key: str) -> Any:
+    """A zero of the type a ``T | None`` field holds (float for ``float | None``), else None."""
+    hint = {f.name: f.type for f in dataclasses.fields(_SECTION_TYPES[section])}.get(key, "")
+    kind = str(hint).split("|")[0].strip()
+    return {"float": 0.0, "int": 0}.get(kind)
+
+
 def _coerce(section: str, key: str, value: Any, current: Any, errors: list[str]) -> Any:
-    """Check a value's type against the field's current (default) value."""
+    """Check a value's type against the field's current (default) value, or for a field whose
+    default is None, against the type it holds (YAML reads ``1e-5`` as a string)."""
+    if current is None and section in _SECTION_TYPES:
+        current = _optional_kind(section, key)
     if value is None or current is None:
         return value
     if isinstance(current, bool):
@@ -267,7 +277,7 @@ def validate(cfg: Config) -> list[str]:
 
     errors = []
     o, t, tr, m, k = cfg.optim, cfg.train, cfg.trainable, cfg.model, cfg.task
-    resolve_optim(o)
+    resolve_optim(o, tr.scheme)
     method = METHODS.get(o.method)
     if method is None:
         errors.append("optim.method: " + unknown_choice("method", o.method, METHODS))
@@ -289,6 +299,8 @@ def validate(cfg: Config) -> list[str]:
         errors.append("optim.schedule: " + unknown_choice("schedule", o.schedule, SCHEDULES))
     for name in ("lr", "eps"):
         v = getattr(o, name)
+        if v is None and method is None:
+            continue  # an unknown method has no starting point: its own error says so
         if not isinstance(v, (int, float)) or not v > 0:
             errors.append(f"optim.{name} must be > 0, got {v!r}")
     if not isinstance(o.weight_decay, (int, float)) or o.weight_decay < 0:

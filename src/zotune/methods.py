@@ -14,15 +14,19 @@ its terms in the memory model if it brings a new estimator or rule: the table te
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from zotune import estimators, rules
+from zotune.defaults import SCHEME_EPS, starting_point
 from zotune.fo import FOAdam, FOSGD
 from zotune.params import SCHEMES as ALL_SCHEMES  # what trainable.scheme can name
 from zotune.step import ZOOptimizer
+
+log = logging.getLogger("zotune.methods")
 
 #: values of the optional ``optim`` fields for methods that do not set their own
 COMMON_DEFAULTS = {"queries": 1, "distribution": "gaussian", "sparsity": 0.0, "hessian_smooth": 1e-6}
@@ -122,13 +126,22 @@ METHODS: dict[str, Method] = {
 }
 
 
-def resolve_optim(o):
-    """Fill the ``optim`` fields a config left unset (None) from its method's defaults, in place."""
+def resolve_optim(o, scheme: str = "full"):
+    """Fill the ``optim`` fields a config left unset (None) from its method's defaults, in place;
+    lr and eps from the method's starting point for ``scheme`` (:mod:`zotune.defaults`), which
+    is logged with its evidence."""
     method = METHODS.get(o.method)
     own = method.defaults if method is not None else {}
     for key, common in COMMON_DEFAULTS.items():
         if getattr(o, key) is None:
             setattr(o, key, own.get(key, common))
+    if method is not None and (o.lr is None or o.eps is None):
+        start = starting_point(o.method, scheme if scheme in SCHEME_EPS else "full")
+        unset = [k for k in ("lr", "eps") if getattr(o, k) is None]
+        for key in unset:
+            setattr(o, key, getattr(start, key))
+        log.info("optim.%s not set: %s for %s on %s (%s; `zotune tune` probes one for your model and task)",
+                 " / ".join(unset), " / ".join(f"{getattr(o, k):g}" for k in unset), o.method, scheme, start.evidence)
     return o
 
 

@@ -62,7 +62,7 @@ def unique_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 
 
 def select_trainable(
-    loaded: LoadedModel, scheme: str = "full", **options
+    loaded: LoadedModel, scheme: str = "full", *, init_seed: int | None = None, **options
 ) -> tuple[LoadedModel, dict[str, torch.nn.Parameter]]:
     """Choose what trains; returns (the model to use from now on, ordered name -> trainable Parameter).
 
@@ -72,7 +72,9 @@ def select_trainable(
     here, from the config that made it) and returns only the adapter tensors. ``options``
     override ``SCHEME_DEFAULTS`` with any field of the peft config class (``r``, ``lora_alpha``,
     ``target_modules``, ``num_virtual_tokens``, ...). Parameters outside the mapping get
-    ``requires_grad=False``.
+    ``requires_grad=False``. ``init_seed``: the adapters' random init (peft draws it from torch's
+    global RNG) is drawn from this seed instead, leaving the global RNG as it was, so a run's
+    starting adapters are a function of its config (a replay rebuilds them); None: peft's draw.
     """
     loaded = require_loaded(loaded, "select_trainable")
     model = loaded.model
@@ -107,7 +109,10 @@ def select_trainable(
             kwargs["task_type"] = TaskType.FEATURE_EXTRACTION
     config = config_cls(**kwargs)
     try:
-        wrapped = get_peft_model(model, config)
+        with torch.random.fork_rng(devices=[]):
+            if init_seed is not None:
+                torch.manual_seed(init_seed)
+            wrapped = get_peft_model(model, config)
     except ValueError as err:
         raise ValueError(
             f"peft could not apply scheme '{scheme}' to {type(model).__name__}: {err} "

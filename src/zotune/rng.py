@@ -20,6 +20,7 @@ STREAM_LOWRANK_V = 3
 STREAM_MASK = 4
 STREAM_RADEMACHER = 5
 STREAM_ROUNDING = 6
+STREAM_ADAPTER_INIT = 7  # LoRA / prefix / prompt initial values (zotune.train.loop.adapter_init_seed)
 
 
 def _splitmix64(x: int) -> int:

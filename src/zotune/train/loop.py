@@ -28,6 +28,7 @@ from zotune.config import Config
 from zotune.distributed import DistContext, DistributedError, scalar_reduce
 from zotune.fo import FOSGD, HybridOptimizer
 from zotune.methods import METHODS, build_optimizer
+from zotune.rng import STREAM_ADAPTER_INIT, derive_seed
 from zotune.schedules import make_schedule
 from zotune.step import ZOOptimizer
 from zotune.train.checkpoint import CheckpointError, copy_weights, find_checkpoint, load_checkpoint, save_checkpoint
@@ -95,6 +96,12 @@ def scheme_options(cfg: Config) -> dict:
     }[tr.scheme]
 
 
+def adapter_init_seed(cfg: Config) -> int:
+    """The seed of a run's adapter init: derived from ``optim.seed`` (already part of what a
+    resume checks), on a stream of its own."""
+    return derive_seed(cfg.optim.seed, STREAM_ADAPTER_INIT)
+
+
 def load_base(m, device: str | None = None):
     """The recipe's model (``m``: its ``model`` section) as a LoadedModel, before any adapter:
     ``tiny-*`` names are the random test models, anything else goes to :func:`zotune.models.load_model`.
@@ -128,7 +135,8 @@ def build(cfg: Config, loaded=None, data=None, reduce=None, splits=SPLITS) -> Se
     if METHODS[cfg.optim.method].estimator == "forward" and hasattr(loaded.model, "set_attn_implementation"):
         # torch's fused CPU attention kernels have no forward-mode AD rule
         loaded.model.set_attn_implementation("eager")
-    loaded, named = select_trainable(loaded, cfg.trainable.scheme, **scheme_options(cfg))
+    loaded, named = select_trainable(loaded, cfg.trainable.scheme, init_seed=adapter_init_seed(cfg),
+                                     **scheme_options(cfg))
     model = loaded.model
     o = cfg.optim
     if cfg.trainable.zo_layers is not None:

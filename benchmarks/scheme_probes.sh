@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The lr probes behind the LoRA / prefix / prompt starting points (src/zotune/defaults.py) and the
+# cross-task grid's per-scheme lr (benchmarks/grids/cross-task.yaml): `zotune tune` on SST-2's dev
+# rows (never test), SmolLM2-135M, FZOO and MeZO, each candidate lr trained from the same weights.
+# One probe at a time (2 cores); each writes its JSON answer to benchmarks/results/tune/.
+#   bash benchmarks/scheme_probes.sh [NAME ...]   # default: all
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=benchmarks/results/tune
+mkdir -p "$out"
+common=(model.name=smollm2-135m task.name=sst2 task.train=1000 task.dev=200 task.test=0 task.max_length=64
+        train.batch_size=16 train.progress=false)
+probe() {  # name steps factors overrides...
+  local name=$1 steps=$2 factors=$3; shift 3
+  if [[ -s "$out/$name.json" ]]; then echo "$name: done already ($out/$name.json)"; return; fi
+  echo "== $name"
+  local rc=0
+  zotune tune "${common[@]}" "$@" --steps "$steps" --factors "$factors" > "$out/$name.json.tmp" || rc=$?
+  # exit 3: no candidate lowered the dev loss (the JSON says so); anything else is an error
+  if [[ $rc -ne 0 && $rc -ne 3 ]]; then rm -f "$out/$name.json.tmp"; echo "$name failed ($rc)"; return $rc; fi
+  mv "$out/$name.json.tmp" "$out/$name.json"
+  python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['reason'])" "$out/$name.json"
+}
+want() { [[ ${#names[@]} -eq 0 ]] || [[ " ${names[*]} " == *" $1 "* ]]; }
+names=("$@")
+want fzoo-lora   && probe fzoo-lora 10 1,10,100 optim.method=fzoo optim.lr=1e-3 optim.eps=1e-2 trainable.scheme=lora
+want fzoo-prefix && probe fzoo-prefix 10 1,10,100 optim.method=fzoo optim.lr=1e-3 optim.eps=1e-1 trainable.scheme=prefix
+# the prefix probe picked its grid's top (0.1): the next decade up
+want fzoo-prefix-wide && probe fzoo-prefix-wide 10 1,3,10 optim.method=fzoo optim.lr=1e-1 optim.eps=1e-1 trainable.scheme=prefix
+want fzoo-prompt && probe fzoo-prompt 10 1,10,100 optim.method=fzoo optim.lr=1e-3 optim.eps=1e-1 trainable.scheme=prompt
+want mezo-lora   && probe mezo-lora 30 1,10,100 optim.method=mezo optim.lr=3e-5 optim.eps=1e-2 trainable.scheme=lora
+want mezo-prefix && probe mezo-prefix 30 1,10,100 optim.method=mezo optim.lr=3e-5 optim.eps=1e-1 trainable.scheme=prefix
+want mezo-prompt && probe mezo-prompt 30 1,10,100 optim.method=mezo optim.lr=3e-5 optim.eps=1e-1 trainable.scheme=prompt

@@ -1,0 +1,100 @@
+"""Starting lr and eps for each method and trainable scheme, used when a recipe leaves them unset.
+
+Why: a ZO run with a wrong lr moves nothing for hours, and the right lr differs by orders of
+magnitude between methods (FZOO's normalised step against MeZO's gradient-sized one) and
+between schemes (a LoRA factor or a prefix vector against a weight). The papers' defaults (MeZO
+1e-6 for OPT-13B) are far too small for a 135 M model. Each entry here says where its value comes
+from: ``measured`` entries are the dev-chosen values of a benchmark on SmolLM2-135M (SST-2, see
+the ``evidence``); ``derived`` entries apply a measured ratio (another scheme, another method)
+and are starting points only. For another model or task, ``zotune tune RECIPE`` probes the lr
+on its dev rows: the larger the model, the smaller MeZO's best lr (its step grows with the
+number of parameters), while FZOO's normalised step depends far less on the model.
+
+    starting_point("fzoo", "lora")   # StartingPoint(lr=0.01, eps=0.01, evidence='measured: ...')
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["StartingPoint", "starting_point", "SCHEME_EPS"]
+
+
+@dataclass(frozen=True)
+class StartingPoint:
+    """A learning rate and perturbation size, and where they come from."""
+
+    lr: float
+    eps: float
+    evidence: str
+
+    @property
+    def measured(self) -> bool:
+        return self.evidence.startswith("measured")
+
+
+#: eps per scheme (MeZO's appendix: 1e-3 for weights, 1e-2 for LoRA, 1e-1 for prefix vectors,
+#: whose entries are activations of order 1 rather than weights of order 1e-2)
+SCHEME_EPS = {"full": 1e-3, "lora": 1e-2, "prefix": 1e-1, "prompt": 1e-1}
+
+_CONV = "benchmarks/grids/sst2-convergence.yaml, docs/convergence.md"
+_PROBES = "benchmarks/scheme_probes.sh, benchmarks/results/tune/"
+
+#: full fine-tuning lr per method, and its evidence
+_FULL = {
+    "mezo": (3e-5, f"measured: SST-2 dev sweep 1e-5 / 3e-5, 3 seeds ({_CONV})"),
+    "fzoo": (1e-3, f"measured: SST-2 dev sweep 3e-4 / 1e-3 / 3e-3, 3 seeds ({_CONV})"),
+    "population": (1e-4, f"measured: SST-2 dev sweep 3e-5 / 1e-4 ({_CONV})"),
+    "sparse-mezo": (2e-5, f"measured: one lr on SST-2 ({_CONV}); moved dev 58 -> 62.5"),
+    "hizoo": (1e-5, f"measured: one lr on SST-2 ({_CONV}); moved dev 58 -> 61.5"),
+    "lozo": (1e-5, "measured: one lr on SST-2 (benchmarks/grids/smollm-results.yaml): test 58.0 -> 65.2 in 150 steps"),
+    "fo-adam": (1e-5, f"measured: SST-2 ({_CONV}): test 84.25 after 100 steps"),
+    "fo-sgd": (1e-3, "measured: SST-2 alignment study (docs/studies.md): test 70.5 after 60 steps"),
+    # same estimate and step size as MeZO: MeZO's lr
+    "zo-sgd-cons": (3e-5, "derived: MeZO's measured lr (same estimate and step)"),
+    "zo-sgd-block": (3e-5, "derived: MeZO's measured lr (same estimate per block)"),
+    "forward-grad": (3e-5, "derived: MeZO's measured lr (exact directional derivative, same step)"),
+    # momentum's steady state is 1 / (1 - beta) = 10 estimates: a tenth of MeZO's lr
+    "zo-sgd-momentum": (3e-6, "derived: MeZO's measured lr / 10 (momentum 0.9 sums ~10 estimates)"),
+    # per-coordinate step of about lr whatever the gradient's size: FZOO's normalised step
+    "zo-adam": (1e-5, "derived: FO-Adam's measured lr (Adam's step is about lr per coordinate)"),
+    # sign(c) z moves a weight by lr E|z| = 0.8 lr; MeZO's c z by lr E|c| E|z|, with c ~ N(0, ||g||^2) and
+    # ||g|| ~ 21 on SST-2 batches (benchmarks/grad_scale.py): the same movement as MeZO at 3e-5 needs 5e-4
+    "zo-sgd-sign": (5e-4, "derived: the per-weight movement of MeZO at its measured lr (||g|| ~ 21 on SST-2, "
+                          "benchmarks/grad_scale.py)"),
+}
+
+#: lr of a scheme over full fine-tuning's, for methods whose step is normalised (FZOO, Adam, sign)
+#: and for those whose step is the gradient's size (MeZO and the rest), with the evidence
+_SCHEME_RATIO = {
+    "lora": {"normalised": (10.0, f"measured: FZOO LoRA probe, lr 1e-3 / 1e-2 / 1e-1 ({_PROBES})"),
+             "gradient": (10.0, f"derived: FZOO's LoRA ratio ({_PROBES})")},
+    "prefix": {"normalised": (10.0, f"measured: FZOO prefix probe ({_PROBES})"),
+               "gradient": (10.0, f"derived: FZOO's prefix ratio ({_PROBES})")},
+    "prompt": {"normalised": (10.0, f"derived: FZOO's prefix ratio ({_PROBES})"),
+               "gradient": (10.0, f"derived: FZOO's prefix ratio ({_PROBES})")},
+}
+_NORMALISED = {"fzoo", "zo-adam", "zo-sgd-sign", "fo-adam"}
+
+#: entries measured directly for a (method, scheme) other than full, overriding the ratios
+_MEASURED = {
+    ("fzoo", "lora"): StartingPoint(1e-2, 1e-2, f"measured: `zotune tune` on SST-2 dev, lr 1e-3 / 1e-2 / 1e-1 "
+                                               f"({_PROBES})"),
+    ("fo-adam", "lora"): StartingPoint(1e-4, 1e-3, "measured: ZO-Bench studies' FO-Adam LoRA lr (docs/studies.md)"),
+}
+
+
+def starting_point(method: str, scheme: str = "full") -> StartingPoint:
+    """The lr and eps a run of ``method`` on ``scheme`` starts from when the recipe sets none."""
+    if method not in _FULL:
+        raise ValueError(f"no starting point for method {method!r}; known: {', '.join(sorted(_FULL))}")
+    if scheme not in SCHEME_EPS:
+        raise ValueError(f"unknown trainable scheme {scheme!r}; known: {', '.join(SCHEME_EPS)}")
+    if (method, scheme) in _MEASURED:
+        return _MEASURED[(method, scheme)]
+    lr, evidence = _FULL[method]
+    eps = SCHEME_EPS[scheme]
+    if scheme == "full":
+        return StartingPoint(lr, eps, evidence)
+    ratio, why = _SCHEME_RATIO[scheme]["normalised" if method in _NORMALISED else "gradient"]
+    return StartingPoint(lr * ratio, eps, f"derived: full fine-tuning's lr x {ratio:g} ({evidence}; ratio {why})")

@@ -1,0 +1,50 @@
+"""Starting points: every method has one for every scheme, each says where it comes from, and a
+config that leaves lr / eps unset gets them (one that sets them keeps its own)."""
+
+import logging
+
+import pytest
+
+from zotune.config import ConfigError, load_config
+from zotune.defaults import SCHEME_EPS, starting_point
+from zotune.methods import METHODS
+from zotune.params import SCHEMES
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_and_scheme_has_a_positive_starting_point_with_evidence(method):
+    assert set(SCHEME_EPS) == set(SCHEMES)
+    for scheme in SCHEMES:
+        start = starting_point(method, scheme)
+        assert start.lr > 0 and start.eps > 0
+        assert start.evidence.split(":")[0] in ("measured", "derived")
+
+
+def test_measured_values_are_the_benchmarks_dev_choices():
+    assert starting_point("mezo").lr == 3e-5 and starting_point("mezo").measured
+    assert starting_point("fzoo").lr == 1e-3 and "sst2-convergence" in starting_point("fzoo").evidence
+    lora = starting_point("fzoo", "lora")
+    assert (lora.lr, lora.eps, lora.measured) == (1e-2, 1e-2, True)
+    derived = starting_point("mezo", "lora")  # MeZO on LoRA: FZOO's measured LoRA ratio applied to MeZO's lr
+    assert derived.lr == pytest.approx(3e-4) and not derived.measured and "ratio" in derived.evidence
+    assert starting_point("mezo", "prefix").eps == 1e-1
+
+
+def test_a_config_without_lr_gets_the_starting_point_and_says_so(caplog):
+    with caplog.at_level(logging.INFO, logger="zotune.methods"):
+        cfg = load_config(None, ["optim.method=fzoo", "trainable.scheme=lora"])
+    assert (cfg.optim.lr, cfg.optim.eps) == (1e-2, 1e-2)
+    assert "optim.lr / eps not set: 0.01 / 0.01 for fzoo on lora (measured" in caplog.text
+    cfg = load_config(None, ["optim.method=mezo", "optim.lr=1e-6"])
+    assert (cfg.optim.lr, cfg.optim.eps) == (1e-6, 1e-3)  # what the recipe sets wins
+    assert cfg.to_dict()["optim"]["lr"] == 1e-6
+
+
+def test_errors_name_what_is_unknown():
+    with pytest.raises(ValueError, match="no starting point for method 'nope'"):
+        starting_point("nope")
+    with pytest.raises(ValueError, match="unknown trainable scheme 'half'"):
+        starting_point("mezo", "half")
+    with pytest.raises(ConfigError) as e:  # an unknown method is one error, not also "lr must be > 0"
+        load_config(None, ["optim.method=mezzo"])
+    assert "optim.method" in str(e.value) and "optim.lr" not in str(e.value)
