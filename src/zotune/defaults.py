@@ -64,15 +64,18 @@ _FULL = {
                           "benchmarks/grad_scale.py)"),
 }
 
-#: lr of a scheme over full fine-tuning's, for methods whose step is normalised (FZOO, Adam, sign)
-#: and for those whose step is the gradient's size (MeZO and the rest), with the evidence
+#: lr of a scheme over full fine-tuning's, for methods whose step is normalised (FZOO, Adam, sign:
+#: measured with FZOO) and for those whose step is the gradient's size (MeZO and the rest: MeZO's
+#: own grids, Table 15 of its paper: full 1e-6 / 1e-7, LoRA 1e-4 / 5e-5, prefix 1e-2 / 1e-3 on OPT)
+_MEZO_GRIDS = "MeZO's lr grids for OPT (its Table 15)"
 _SCHEME_RATIO = {
-    "lora": {"normalised": (10.0, f"measured: FZOO LoRA probe, lr 1e-3 / 1e-2 / 1e-1 ({_PROBES})"),
-             "gradient": (10.0, f"derived: FZOO's LoRA ratio ({_PROBES})")},
-    "prefix": {"normalised": (10.0, f"measured: FZOO prefix probe ({_PROBES})"),
-               "gradient": (10.0, f"derived: FZOO's prefix ratio ({_PROBES})")},
-    "prompt": {"normalised": (10.0, f"derived: FZOO's prefix ratio ({_PROBES})"),
-               "gradient": (10.0, f"derived: FZOO's prefix ratio ({_PROBES})")},
+    "lora": {"normalised": (10.0, f"measured: FZOO LoRA probe, 1e-2 over full's 1e-3 ({_PROBES})"),
+             "gradient": (100.0, f"derived: {_MEZO_GRIDS}, LoRA ~100x full")},
+    "prefix": {"normalised": (300.0, f"measured: FZOO prefix probe, 0.3 over full's 1e-3 ({_PROBES})"),
+               "gradient": (1e4, f"derived: {_MEZO_GRIDS}, prefix ~1e4x full")},
+    "prompt": {"normalised": (300.0, f"derived: FZOO's prefix ratio ({_PROBES}); prompt vectors are "
+                                     "embeddings, as prefix vectors are activations"),
+               "gradient": (1e4, f"derived: {_MEZO_GRIDS}' prefix ratio")},
 }
 _NORMALISED = {"fzoo", "zo-adam", "zo-sgd-sign", "fo-adam"}
 
@@ -80,6 +83,8 @@ _NORMALISED = {"fzoo", "zo-adam", "zo-sgd-sign", "fo-adam"}
 _MEASURED = {
     ("fzoo", "lora"): StartingPoint(1e-2, 1e-2, f"measured: `zotune tune` on SST-2 dev, lr 1e-3 / 1e-2 / 1e-1 "
                                                f"({_PROBES})"),
+    ("fzoo", "prefix"): StartingPoint(0.3, 1e-1, f"measured: `zotune tune` on SST-2 dev, lr 1e-3 ... 1 "
+                                                f"({_PROBES})"),
     ("fo-adam", "lora"): StartingPoint(1e-4, 1e-3, "measured: ZO-Bench studies' FO-Adam LoRA lr (docs/studies.md)"),
 }
 
