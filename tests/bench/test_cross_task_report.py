@@ -1,0 +1,56 @@
+"""benchmarks/cross_task.py: the paired table from a grid's records and each run's test rows."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "cross_task.py"
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("zotune_cross_task", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def record(run, out_dir, task, zs, tuned, metric="accuracy"):
+    res = {"task": task, "method": "fzoo", "scheme": "full", "steps": 56, "tested_step": 42, "forward_passes": 504,
+           "mean_step_seconds": 7.5, "zero_shot": {metric: zs, "n": 4}, "test": {metric: tuned, "n": 4},
+           "peak_rss_bytes": 2 ** 30}
+    return {"run": run, "status": "ok", "wall_seconds": 480.0, "overrides": {"optim.lr": 1e-3},
+            "output_dir": str(out_dir), "results": res}
+
+
+def test_table_marks_a_task_moved_only_when_the_paired_test_says_so(tmp_path, monkeypatch):
+    cross = load()
+    moved_dir, flat_dir = tmp_path / "a", tmp_path / "b"
+    moved_dir.mkdir()
+    flat_dir.mkdir()
+    # 12 rows right only after tuning: p = 2 / 2^12; 1 against 2: p = 1
+    (moved_dir / "test_rows.json").write_text(json.dumps({"zero_shot": [0] * 12 + [1] * 4, "tuned": [1] * 16}))
+    (flat_dir / "test_rows.json").write_text(json.dumps({"zero_shot": [1, 0, 0, 1], "tuned": [0, 1, 1, 1]}))
+    results = tmp_path / "r.jsonl"
+    results.write_text("\n".join(json.dumps(r) for r in [
+        record("sst2-fzoo-full", moved_dir, "sst2", 0.25, 1.0), record("rte-fzoo-full", flat_dir, "rte", 0.5, 0.75),
+        {"run": "copa-fzoo-full", "status": "failed"}]) + "\n")
+    doc = tmp_path / "results.md"
+    doc.write_text(f"intro\n{cross.START}\nold\n{cross.END}\ntail\n")
+    argv = ["cross_task.py", "--results", str(results), "--rows", str(tmp_path / "rows.json"),
+            "--report", str(tmp_path / "report.json"), "--doc", str(doc), "--scan", str(tmp_path / "none.json")]
+    monkeypatch.setattr(sys, "argv", argv)
+    cross.main()
+    report = json.loads((tmp_path / "report.json").read_text())
+    by_run = {r["run"]: r for r in report["runs"]}
+    assert by_run["sst2-fzoo-full"]["moved"] and by_run["sst2-fzoo-full"]["paired"]["p"] < 0.001
+    assert not by_run["rte-fzoo-full"]["moved"] and report["moved"] == ["sst2 (full)"]
+    text = doc.read_text()
+    assert text.startswith("intro\n") and text.endswith("tail\n") and "old" not in text
+    assert "| sst2 | full | fzoo | 0.001 | 56 (42) | 504 | 480 | accuracy | 25.0 | 100.0 | 16 | 0 / 12 |" in text
+    # the rows are kept: the table rebuilds without the run folders
+    (moved_dir / "test_rows.json").unlink()
+    cross.main()
+    assert json.loads((tmp_path / "report.json").read_text())["moved"] == ["sst2 (full)"]
