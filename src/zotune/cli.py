@@ -146,15 +146,25 @@ def cmd_tune(args) -> int:
     from zotune.train.tune import probe_lr
 
     cfg = _config(args)
-    factors = tuple(float(x) for x in args.factors.split(",")) if args.factors else None
-    out = probe_lr(cfg, steps=args.steps, rows=args.rows, **({"factors": factors} if factors else {}))
-    print(f"{'lr':>10}  {'dev loss':>9}  status", file=sys.stderr)
+    def numbers(text, option):
+        try:
+            return tuple(float(x) for x in text.split(","))
+        except ValueError:
+            raise ValueError(f"{option} takes comma-separated numbers, e.g. 0.1,1,10; got {text!r}") from None
+
+    given = {}
+    if args.factors:
+        given["factors"] = numbers(args.factors, "--factors")
+    if args.eps_factors:
+        given["eps_factors"] = numbers(args.eps_factors, "--eps-factors")
+    out = probe_lr(cfg, steps=args.steps, rows=args.rows, **given)
+    print(f"{'lr':>10}  {'eps':>8}  {'dev loss':>9}  status", file=sys.stderr)
     for r in out["candidates"]:
         loss = "-" if r["dev_loss"] is None else f"{r['dev_loss']:.4f}"
-        print(f"{r['lr']:>10.3g}  {loss:>9}  {r['status']}", file=sys.stderr)
+        print(f"{r['lr']:>10.3g}  {r['eps']:>8.3g}  {loss:>9}  {r['status']}", file=sys.stderr)
     print(out["reason"], file=sys.stderr)
     if out["chosen_lr"] is not None:
-        print(f"use: optim.lr={out['chosen_lr']:.3g}", file=sys.stderr)
+        print(f"use: optim.lr={out['chosen_lr']:.3g} optim.eps={out['chosen_eps']:.3g}", file=sys.stderr)
     print(json.dumps(out, allow_nan=False))
     return 0 if out["chosen_lr"] is not None else 3
 
@@ -252,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     tn.add_argument("--steps", type=int, default=20, help="steps per candidate (default 20)")
     tn.add_argument("--rows", type=int, default=64, help="dev rows the probe scores (default 64)")
     tn.add_argument("--factors", help="comma-separated multiples of optim.lr to try (default 0.1,0.3,1,3,10)")
+    tn.add_argument("--eps-factors", help="comma-separated multiples of optim.eps to try with each lr "
+                                          "(default 1: eps as set; e.g. 0.1,1,10 tries 3 eps per lr)")
     bp = command("bench", help="run a grid of training runs (one process each, resumable)")
     bp.add_argument("grid", help="a grid YAML file")
     bp.add_argument("--only", help="comma-separated run names")

@@ -51,12 +51,26 @@ def test_probe_runs_every_candidate_from_the_same_weights_and_restores_them():
     assert out["chosen_lr"] in (None, by[1.0]["lr"])
 
 
+def test_probe_tries_every_lr_and_eps_pair_and_picks_both():
+    cfg = load_config(None, TINY + ["optim.method=mezo", "optim.lr=1e-3"])
+    out = probe_lr(cfg, factors=(1e-9, 1.0), eps_factors=(1.0, 10.0), steps=2, progress=False)
+    pairs = [(r["factor"], r["eps_factor"]) for r in out["candidates"]]
+    assert pairs == [(1e-9, 1.0), (1.0, 1.0), (1e-9, 10.0), (1.0, 10.0)]
+    assert [r["eps"] for r in out["candidates"]] == pytest.approx([1e-2, 1e-2, 1e-1, 1e-1])
+    best = min((r for r in out["candidates"] if r["status"] == "ok"), key=lambda r: r["dev_loss"], default=None)
+    assert out["chosen_lr"] == (best and best["lr"]) and out["chosen_eps"] == (best and best["eps"])
+    if best:
+        assert f"(eps {best['eps']:.3g})" in out["reason"]
+
+
 def test_probe_refuses_without_dev_rows_and_bad_factors():
     with pytest.raises(ValueError, match="needs dev rows"):
         probe_lr(load_config(None, TINY + ["task.dev=0"]), steps=1, progress=False)
     cfg = load_config(None, TINY)
     with pytest.raises(ValueError, match="factors must be positive"):
         probe_lr(cfg, factors=(0.0,), steps=1, progress=False)
+    with pytest.raises(ValueError, match="eps_factors must be positive"):
+        probe_lr(cfg, eps_factors=(), steps=1, progress=False)
 
 
 def test_tune_command_prints_the_table_and_json_and_exits_by_outcome():
@@ -75,6 +89,9 @@ def test_tune_command_prints_the_table_and_json_and_exits_by_outcome():
     bad = subprocess.run([sys.executable, "-m", "zotune.cli", "tune", *TINY, "task.dev=0", "--steps", "1"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "needs dev rows" in bad.stderr and "Traceback" not in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "zotune.cli", "tune", *TINY, "--eps-factors", "1,ten"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--eps-factors takes comma-separated numbers" in bad.stderr
 
 
 def test_runs_score_with_the_configured_scoring(monkeypatch, tmp_path):

@@ -6,7 +6,8 @@ starting weights, each candidate lr (the recipe's lr times ``factors``) trains `
 the recipe's training batches, then the probe measures the loss on a fixed set of dev rows (the
 training objective, never the test split). It picks the candidate with the lowest dev loss, and
 says so, with the whole table; a candidate whose loss went non-finite or rose is reported as
-such. If no candidate lowered the dev loss, it says that too instead of picking one.
+such. If no candidate lowered the dev loss, it says that too instead of picking one. With
+``eps_factors`` (``--eps-factors 0.1,1,10``) it tries every (lr, eps) pair and picks both.
 
 The probe keeps one copy of the trainable tensors (to restart each candidate from the same
 point), so for full fine-tuning it needs the model's memory twice.
@@ -39,19 +40,22 @@ def choose(before: float, candidates: list[dict]) -> tuple[dict | None, str]:
     best = min(good, key=lambda r: r["dev_loss"])
     factors = [r["factor"] for r in candidates]
     edge = best["factor"] in (min(factors), max(factors)) and len(factors) > 1
-    return best, (f"lr {best['lr']:.3g} lowered the dev loss most ({before:.4f} -> {best['dev_loss']:.4f})"
+    eps = f" (eps {best['eps']:.3g})" if len({r.get("eps") for r in candidates}) > 1 else ""
+    return best, (f"lr {best['lr']:.3g}{eps} lowered the dev loss most ({before:.4f} -> {best['dev_loss']:.4f})"
                   + ("; it is at the edge of the grid, so a wider grid may do better" if edge else ""))
 
 
 def probe_lr(cfg: Config, *, factors=DEFAULT_FACTORS, steps: int = 20, rows: int = 64, setup=None,
-             progress: bool = True) -> dict:
-    """Try ``cfg.optim.lr * f`` for each ``f`` in ``factors`` for ``steps`` steps; pick on dev loss."""
+             progress: bool = True, eps_factors=(1.0,)) -> dict:
+    """Try ``cfg.optim.lr * f`` for each ``f`` in ``factors`` (and ``cfg.optim.eps * e`` for each
+    ``e`` in ``eps_factors``: every pair) for ``steps`` steps; pick on dev loss."""
     from zotune.train.loop import BatchOrder, build, make_closure, resolve_objective
 
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    if not factors or any(not (isinstance(f, (int, float)) and f > 0) for f in factors):
-        raise ValueError(f"factors must be positive numbers, got {factors!r}")
+    for name, given in (("factors", factors), ("eps_factors", eps_factors)):
+        if not given or any(not (isinstance(f, (int, float)) and f > 0) for f in given):
+            raise ValueError(f"{name} must be positive numbers, got {given!r}")
     setup = setup if setup is not None else build(cfg)
     data, model, named = setup.data, setup.model, setup.named
     probe = list(data.dev)[:rows]
@@ -76,11 +80,12 @@ def probe_lr(cfg: Config, *, factors=DEFAULT_FACTORS, steps: int = 20, rows: int
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(factors) * steps, desc="tune", dynamic_ncols=True)
-    for f in factors:
+        bar = tqdm(total=len(factors) * len(eps_factors) * steps, desc="tune", dynamic_ncols=True)
+    for f, e in [(f, e) for e in eps_factors for f in factors]:
         restart()
         o = copy.deepcopy(cfg.optim)
         o.lr = cfg.optim.lr * f
+        o.eps = cfg.optim.eps * e
         opt = build_optimizer(o, named, model)
         t0, status = time.perf_counter(), "ok"
         try:
@@ -97,9 +102,10 @@ def probe_lr(cfg: Config, *, factors=DEFAULT_FACTORS, steps: int = 20, rows: int
             status = "non-finite loss"
         elif status == "ok" and after >= before:
             status = "dev loss did not fall"
-        rows_out.append({"lr": o.lr, "factor": f, "dev_loss": after if math.isfinite(after) else None,
+        rows_out.append({"lr": o.lr, "factor": f, "eps": o.eps, "eps_factor": e,
+                         "dev_loss": after if math.isfinite(after) else None,
                          "status": status, "seconds": round(time.perf_counter() - t0, 1)})
-        log.info("lr %.3g: dev loss %.4f -> %s (%s)", o.lr, before, after, status)
+        log.info("lr %.3g eps %.3g: dev loss %.4f -> %s (%s)", o.lr, o.eps, before, after, status)
     if bar is not None:
         bar.close()
     restart()
@@ -107,4 +113,5 @@ def probe_lr(cfg: Config, *, factors=DEFAULT_FACTORS, steps: int = 20, rows: int
     reason += f" (over {steps} steps of {cfg.train.batch_size} rows, dev loss on {len(probe)} dev rows)"
     return {"method": cfg.optim.method, "scheme": cfg.trainable.scheme, "task": cfg.task.name,
             "steps": steps, "dev_rows": len(probe), "dev_loss_before": before, "candidates": rows_out,
-            "chosen_lr": best["lr"] if best else None, "reason": reason}
+            "chosen_lr": best["lr"] if best else None, "chosen_eps": best["eps"] if best else None,
+            "reason": reason}
