@@ -45,6 +45,8 @@ def collect_rows(records: dict, stored: dict) -> dict:
         path = Path(r.get("output_dir", "")) / "test_rows.json"
         if r["status"] == "ok" and path.exists():
             rows[name] = json.loads(path.read_text())
+            config = json.loads((path.parent / "config.json").read_text())  # lr / eps as the run resolved them
+            rows[name]["optim"] = {k: config["optim"][k] for k in ("lr", "eps")}
     return rows
 
 
@@ -53,13 +55,13 @@ def summarise(records: dict, rows: dict) -> list[dict]:
     for name, r in records.items():
         if r["status"] != "ok" or name not in rows or "tuned" not in rows[name]:
             continue
-        res, o = r["results"], r["overrides"]
+        res = r["results"]
         key, tuned = headline(res["test"])
         zs = res["zero_shot"].get(key)
         test = paired_test(rows[name]["zero_shot"], rows[name]["tuned"])
         out.append({
             "run": name, "task": res["task"], "method": res["method"], "scheme": res["scheme"],
-            "lr": o.get("optim.lr"), "eps": o.get("optim.eps"), "steps": res["steps"],
+            "lr": rows[name]["optim"]["lr"], "eps": rows[name]["optim"]["eps"], "steps": res["steps"],
             "tested_step": res["tested_step"], "forward_passes": res["forward_passes"],
             "mean_step_seconds": res["mean_step_seconds"], "wall_seconds": r["wall_seconds"],
             "metric": key, "zero_shot": zs, "tuned": tuned, "test_rows": test["n"],

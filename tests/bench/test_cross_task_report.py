@@ -21,15 +21,16 @@ def record(run, out_dir, task, zs, tuned, metric="accuracy"):
     res = {"task": task, "method": "fzoo", "scheme": "full", "steps": 56, "tested_step": 42, "forward_passes": 504,
            "mean_step_seconds": 7.5, "zero_shot": {metric: zs, "n": 4}, "test": {metric: tuned, "n": 4},
            "peak_rss_bytes": 2 ** 30}
-    return {"run": run, "status": "ok", "wall_seconds": 480.0, "overrides": {"optim.lr": 1e-3},
+    return {"run": run, "status": "ok", "wall_seconds": 480.0, "overrides": {},
             "output_dir": str(out_dir), "results": res}
 
 
 def test_table_marks_a_task_moved_only_when_the_paired_test_says_so(tmp_path, monkeypatch):
     cross = load()
     moved_dir, flat_dir = tmp_path / "a", tmp_path / "b"
-    moved_dir.mkdir()
-    flat_dir.mkdir()
+    for d in (moved_dir, flat_dir):
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"optim": {"lr": 1e-3, "eps": 1e-3, "method": "fzoo"}}))
     # 12 rows right only after tuning: p = 2 / 2^12; 1 against 2: p = 1
     (moved_dir / "test_rows.json").write_text(json.dumps({"zero_shot": [0] * 12 + [1] * 4, "tuned": [1] * 16}))
     (flat_dir / "test_rows.json").write_text(json.dumps({"zero_shot": [1, 0, 0, 1], "tuned": [0, 1, 1, 1]}))
