@@ -27,6 +27,9 @@ want fzoo-lora   && probe fzoo-lora 10 1,10,100 optim.method=fzoo optim.lr=1e-3 
 want fzoo-prefix && probe fzoo-prefix 10 1,10,100 optim.method=fzoo optim.lr=1e-3 optim.eps=1e-1 trainable.scheme=prefix
 # the prefix probe picked its grid's top (0.1): the next decade up
 want fzoo-prefix-wide && probe fzoo-prefix-wide 10 1,3,10 optim.method=fzoo optim.lr=1e-1 optim.eps=1e-1 trainable.scheme=prefix
+# with the init seeded (the two probes above drew their prefixes from the global RNG), over 20 steps:
+# the 0.3 chosen at 10 steps oscillated around 50 % dev in the 56-step cross-task run
+want fzoo-prefix-20 && probe fzoo-prefix-20 20 0.1,0.3,1 optim.method=fzoo optim.lr=3e-1 optim.eps=1e-1 trainable.scheme=prefix
 want fzoo-prompt && probe fzoo-prompt 10 1,10,100 optim.method=fzoo optim.lr=1e-3 optim.eps=1e-1 trainable.scheme=prompt
 want mezo-lora   && probe mezo-lora 30 1,10,100 optim.method=mezo optim.lr=3e-5 optim.eps=1e-2 trainable.scheme=lora
 want mezo-prefix && probe mezo-prefix 30 1,10,100 optim.method=mezo optim.lr=3e-5 optim.eps=1e-1 trainable.scheme=prefix
