@@ -61,8 +61,37 @@ def unique_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return named
 
 
+PREFIX_INITS = ("random", "activations")
+
+
+def _prefix_from_activations(wrapped, seed: int | None) -> None:
+    """Set a prefix-tuning model's prefix to the keys and values the base model computes for
+    ``num_virtual_tokens`` real tokens (drawn from the vocabulary with ``seed``), as MeZO's
+    ``init_by_real_act`` does: the model then starts exactly as if those tokens preceded every
+    input. peft's random N(0, 1) prefix is far from any real key or value and disturbs a small
+    model (SmolLM2-135M's SST-2 loss 0.69 -> 1.67 at step 0)."""
+    config = wrapped.peft_config[wrapped.active_adapter]
+    base = wrapped.get_base_model()
+    n = config.num_virtual_tokens
+    g = torch.Generator().manual_seed(0 if seed is None else seed)
+    vocab = base.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(0, vocab, (1, n), generator=g).to(base.get_input_embeddings().weight.device)
+    with torch.no_grad():
+        cache = base(input_ids=ids, use_cache=True).past_key_values
+        # per layer (key, value), each [1, kv_heads, n, head_dim] -> the embedding's row layout:
+        # [n, layers * 2 * kv_heads * head_dim], layer-major, key before value (peft's get_prompt)
+        kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
+        rows = kv.permute(3, 0, 1, 2, 4).reshape(n, -1)
+        embedding = wrapped.prompt_encoder[wrapped.active_adapter].embedding.weight
+        if rows.shape != embedding.shape:
+            raise ValueError(f"prefix init from activations: the cache gives {tuple(rows.shape)}, the prefix "
+                             f"is {tuple(embedding.shape)} (a model whose cache peft lays out differently)")
+        embedding.copy_(rows.to(embedding.dtype))
+
+
 def select_trainable(
-    loaded: LoadedModel, scheme: str = "full", *, init_seed: int | None = None, **options
+    loaded: LoadedModel, scheme: str = "full", *, init_seed: int | None = None, prefix_init: str = "random",
+    **options
 ) -> tuple[LoadedModel, dict[str, torch.nn.Parameter]]:
     """Choose what trains; returns (the model to use from now on, ordered name -> trainable Parameter).
 
@@ -75,11 +104,15 @@ def select_trainable(
     ``requires_grad=False``. ``init_seed``: the adapters' random init (peft draws it from torch's
     global RNG) is drawn from this seed instead, leaving the global RNG as it was, so a run's
     starting adapters are a function of its config (a replay rebuilds them); None: peft's draw.
+    ``prefix_init`` (prefix tuning of a causal LM): ``"random"`` (peft's) or ``"activations"``
+    (the keys and values of real tokens, as MeZO initialises its prefixes; what ``zotune train`` uses).
     """
     loaded = require_loaded(loaded, "select_trainable")
     model = loaded.model
     if scheme not in SCHEMES:
         raise ValueError(unknown_choice("scheme", str(scheme), SCHEMES))
+    if prefix_init not in PREFIX_INITS:
+        raise ValueError(unknown_choice("prefix_init", str(prefix_init), PREFIX_INITS))
     if loaded.adapter is not None or hasattr(model, "peft_config"):
         raise ValueError("the model already has peft adapters; call select_trainable on the plain model")
     if scheme == "full":
@@ -113,6 +146,8 @@ def select_trainable(
             if init_seed is not None:
                 torch.manual_seed(init_seed)
             wrapped = get_peft_model(model, config)
+        if scheme == "prefix" and prefix_init == "activations" and loaded.kind == "causal":
+            _prefix_from_activations(wrapped, init_seed)
     except ValueError as err:
         raise ValueError(
             f"peft could not apply scheme '{scheme}' to {type(model).__name__}: {err} "

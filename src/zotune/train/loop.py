@@ -136,7 +136,7 @@ def build(cfg: Config, loaded=None, data=None, reduce=None, splits=SPLITS) -> Se
         # torch's fused CPU attention kernels have no forward-mode AD rule
         loaded.model.set_attn_implementation("eager")
     loaded, named = select_trainable(loaded, cfg.trainable.scheme, init_seed=adapter_init_seed(cfg),
-                                     **scheme_options(cfg))
+                                     prefix_init="activations", **scheme_options(cfg))
     model = loaded.model
     o = cfg.optim
     if cfg.trainable.zo_layers is not None:
