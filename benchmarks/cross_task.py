@@ -72,14 +72,14 @@ def summarise(records: dict, rows: dict) -> list[dict]:
 
 
 def table(summary: list[dict]) -> str:
-    lines = ["| task | scheme | method | lr | steps (tested) | forward passes | run time (s) | metric | zero-shot | "
+    lines = ["| run | task | scheme | method | lr | steps (tested) | forward passes | run time (s) | metric | zero-shot | "
              "tuned | test rows | rows only zero-shot / only tuned got right | p (paired) | moved |",
-             "|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|"]
+             "|---|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|"]
     for s in summary:
         p = s["paired"]
         split = f"{p['only_a']} / {p['only_b']}" if "only_a" in p else f"mean F1 diff {100 * (p['mean_b'] - p['mean_a']):+.1f}"
         lines.append(
-            f"| {s['task']} | {s['scheme']} | {s['method']} | {s['lr']:g} | {s['steps']} ({s['tested_step']}) | "
+            f"| {s['run']} | {s['task']} | {s['scheme']} | {s['method']} | {s['lr']:g} | {s['steps']} ({s['tested_step']}) | "
             f"{s['forward_passes']:,} | {s['wall_seconds']:,.0f} | {s['metric']} | {100 * s['zero_shot']:.1f} | "
             f"{100 * s['tuned']:.1f} | {s['test_rows']} | {split} | {p['p']:.2g} | {'yes' if s['moved'] else 'no'} |")
     return "\n".join(lines)

@@ -30,6 +30,9 @@ want fzoo-prefix-wide && probe fzoo-prefix-wide 10 1,3,10 optim.method=fzoo opti
 # with the init seeded (the two probes above drew their prefixes from the global RNG), over 20 steps:
 # the 0.3 chosen at 10 steps oscillated around 50 % dev in the 56-step cross-task run
 want fzoo-prefix-20 && probe fzoo-prefix-20 20 0.1,0.3,1 optim.method=fzoo optim.lr=3e-1 optim.eps=1e-1 trainable.scheme=prefix
+# prefix from real activations (zotune train's init since 2026-12-03): the probes above started from
+# peft's random prefix, which raised the dev loss from 1.22 to 1.67 before any step
+want fzoo-prefix-act && probe fzoo-prefix-act 10 0.1,1,10 optim.method=fzoo optim.lr=1e-2 optim.eps=1e-1 trainable.scheme=prefix
 want fzoo-prompt && probe fzoo-prompt 10 1,10,100 optim.method=fzoo optim.lr=1e-3 optim.eps=1e-1 trainable.scheme=prompt
 want mezo-lora   && probe mezo-lora 30 1,10,100 optim.method=mezo optim.lr=3e-5 optim.eps=1e-2 trainable.scheme=lora
 want mezo-prefix && probe mezo-prefix 30 1,10,100 optim.method=mezo optim.lr=3e-5 optim.eps=1e-1 trainable.scheme=prefix

@@ -50,7 +50,7 @@ def test_table_marks_a_task_moved_only_when_the_paired_test_says_so(tmp_path, mo
     assert not by_run["rte-fzoo-full"]["moved"] and report["moved"] == ["sst2 (full)"]
     text = doc.read_text()
     assert text.startswith("intro\n") and text.endswith("tail\n") and "old" not in text
-    assert "| sst2 | full | fzoo | 0.001 | 56 (42) | 504 | 480 | accuracy | 25.0 | 100.0 | 16 | 0 / 12 |" in text
+    assert "| sst2-fzoo-full | sst2 | full | fzoo | 0.001 | 56 (42) | 504 | 480 | accuracy | 25.0 | 100.0 | 16 | 0 / 12 |" in text
     # the rows are kept: the table rebuilds without the run folders
     (moved_dir / "test_rows.json").unlink()
     cross.main()
