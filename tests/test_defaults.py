@@ -25,7 +25,7 @@ def test_measured_values_are_the_benchmarks_dev_choices():
     assert starting_point("fzoo").lr == 1e-3 and "sst2-convergence" in starting_point("fzoo").evidence
     lora = starting_point("fzoo", "lora")
     assert (lora.lr, lora.eps, lora.measured) == (1e-2, 1e-2, True)
-    assert starting_point("fzoo", "prefix").lr == 0.3
+    assert starting_point("fzoo", "prefix").lr == 0.1
     derived = starting_point("mezo", "lora")  # MeZO's own grids' LoRA / full ratio applied to its measured lr
     assert derived.lr == pytest.approx(3e-3) and not derived.measured and "ratio" in derived.evidence
     assert starting_point("zo-adam", "lora").lr == pytest.approx(1e-4)  # normalised: FZOO's measured ratio

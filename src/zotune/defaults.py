@@ -71,9 +71,9 @@ _MEZO_GRIDS = "MeZO's lr grids for OPT (its Table 15)"
 _SCHEME_RATIO = {
     "lora": {"normalised": (10.0, f"measured: FZOO LoRA probe, 1e-2 over full's 1e-3 ({_PROBES})"),
              "gradient": (100.0, f"derived: {_MEZO_GRIDS}, LoRA ~100x full")},
-    "prefix": {"normalised": (300.0, f"measured: FZOO prefix probe, 0.3 over full's 1e-3 ({_PROBES})"),
+    "prefix": {"normalised": (100.0, f"measured: FZOO prefix probe, 0.1 over full's 1e-3 ({_PROBES})"),
                "gradient": (1e4, f"derived: {_MEZO_GRIDS}, prefix ~1e4x full")},
-    "prompt": {"normalised": (300.0, f"derived: FZOO's prefix ratio ({_PROBES}); prompt vectors are "
+    "prompt": {"normalised": (100.0, f"derived: FZOO's prefix ratio ({_PROBES}); prompt vectors are "
                                      "embeddings, as prefix vectors are activations"),
                "gradient": (1e4, f"derived: {_MEZO_GRIDS}' prefix ratio")},
 }
@@ -83,8 +83,8 @@ _NORMALISED = {"fzoo", "zo-adam", "zo-sgd-sign", "fo-adam"}
 _MEASURED = {
     ("fzoo", "lora"): StartingPoint(1e-2, 1e-2, f"measured: `zotune tune` on SST-2 dev, lr 1e-3 / 1e-2 / 1e-1 "
                                                f"({_PROBES})"),
-    ("fzoo", "prefix"): StartingPoint(0.3, 1e-1, f"measured: `zotune tune` on SST-2 dev, lr 1e-3 ... 1 "
-                                                f"({_PROBES})"),
+    ("fzoo", "prefix"): StartingPoint(0.1, 1e-1, f"measured: `zotune tune` on SST-2 dev with the prefix from "
+                                                f"real activations, lr 1e-3 / 1e-2 / 1e-1 ({_PROBES})"),
     ("fo-adam", "lora"): StartingPoint(1e-4, 1e-3, "measured: ZO-Bench studies' FO-Adam LoRA lr (docs/studies.md)"),
 }
 

@@ -153,7 +153,7 @@ class FZOO(ZOOptimizer):
     ``lr`` per coordinate whatever the size of the loss differences, larger when the N losses
     agree on a direction. ``eps`` only places the losses. Needs ``N >= 2``. The reference code's
     defaults: ``queries=8``, ``lr=1e-5`` (OPT / LLaMA, full fine-tuning), ``eps=1e-3``; on
-    SmolLM2-135M SST-2's dev rows chose 1e-3 (full), 1e-2 (LoRA), 0.3 (prefix): see
+    SmolLM2-135M SST-2's dev rows chose 1e-3 (full), 1e-2 (LoRA), 0.1 (prefix): see
     :mod:`zotune.defaults`.
     No model-size buffer. (The paper evaluates the ``N`` copies in one batched forward on a GPU;
     here they run one after another, which costs the same on a CPU.)
