@@ -85,7 +85,10 @@ def main(argv=None) -> int:
         pts = curve(run_dir if (run_dir / "metrics.jsonl").exists() else kept)
         res = r["results"]
         runs.append({
-            "run": spec["name"], "method": spec["set"]["optim.method"], "lr": spec["set"]["optim.lr"],
+            # a method on adapters is its own row: "fzoo (prefix)"
+            "run": spec["name"], "method": spec["set"]["optim.method"] + (
+                f" ({spec['set']['trainable.scheme']})" if spec["set"].get("trainable.scheme", "full") != "full" else ""),
+            "lr": spec["set"]["optim.lr"],
             "seed": spec["set"].get("optim.seed", base_seed),
             "points": pts,
             "best_dev": max((p["dev_accuracy"] for p in pts), default=None),
