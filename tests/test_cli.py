@@ -15,7 +15,7 @@ from zotune.errors import ZotuneError
 @pytest.fixture
 def recipe(tmp_path):
     path = tmp_path / "r.yaml"
-    path.write_text("model:\n  name: tiny-llama\ntask:\n  name: sst2\ntrain:\n  steps: 4\n")
+    path.write_text("model:\n  name: tiny-llama\ntask:\n  name: sst2\ntrain:\n  steps: 4\noptim:\n  lr: 1.0e-5\n")
     return path
 
 

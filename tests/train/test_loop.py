@@ -461,3 +461,26 @@ def test_a_run_keeps_each_test_rows_score_for_a_paired_test(tmp_path):
     res = train(load_config(None, common + ["train.steps=2"]))  # resumes from step 1: no zero-shot again
     rows = json.loads((run / "test_rows.json").read_text())
     assert rows["zero_shot"] == zero_shot and sum(rows["tuned"]) / 12 == pytest.approx(res["test"]["accuracy"])
+
+
+def test_console_log_follows_a_replaced_stderr():
+    """The console handler wrote into the stderr it was made with; once that was replaced and
+    closed, every later message became "--- Logging error ---" (seen in the CLI tests)."""
+    import io
+    import logging
+    import sys
+
+    from zotune.train.logger import setup_console_logging
+
+    setup_console_logging()
+    old = sys.stderr
+    first, second = io.StringIO(), io.StringIO()
+    try:
+        sys.stderr = first
+        logging.getLogger("zotune.test").info("one")
+        first.close()
+        sys.stderr = second
+        logging.getLogger("zotune.test").info("two")
+    finally:
+        sys.stderr = old
+    assert "two" in second.getvalue() and "Logging error" not in second.getvalue()

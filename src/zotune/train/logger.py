@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 
 log = logging.getLogger("zotune")
@@ -33,9 +34,23 @@ def to_json(value, **kwargs) -> str:
     return json.dumps(finite_or_none(value), allow_nan=False, **kwargs)
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted: a handler that kept the
+    stderr of its creation wrote into a closed stream once that one was replaced (pytest's
+    capture, a notebook's redirection) and printed "--- Logging error ---" instead."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ assigns one; the current stderr is used instead
+        pass
+
+
 def setup_console_logging(level: int = logging.INFO) -> None:
     if not log.handlers:
-        handler = logging.StreamHandler()
+        handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
         log.addHandler(handler)
     log.setLevel(level)
