@@ -33,7 +33,7 @@ def test_measured_values_are_the_benchmarks_dev_choices():
 
 
 def test_a_config_without_lr_gets_the_starting_point_and_says_so(caplog):
-    with caplog.at_level(logging.INFO, logger="zotune.methods"):
+    with caplog.at_level(logging.DEBUG, logger="zotune.methods"):
         cfg = load_config(None, ["optim.method=fzoo", "trainable.scheme=lora"])
     assert (cfg.optim.lr, cfg.optim.eps) == (1e-2, 1e-2)
     assert "optim.lr / eps not set: 0.01 / 0.01 for fzoo on lora (measured" in caplog.text

@@ -64,10 +64,8 @@ def _config(args):
 
 
 def cmd_train(args) -> int:
-    from zotune.train.logger import setup_console_logging
     from zotune.train.run import run_training  # plain single-process training without torchrun
 
-    setup_console_logging()  # before the config: it says which lr / eps a recipe without them gets
     cfg = _config(args)
     results = run_training(cfg)
     if int(os.environ.get("RANK", 0)) == 0:
@@ -145,10 +143,8 @@ def cmd_validate(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from zotune.train.logger import setup_console_logging
     from zotune.train.tune import probe_lr
 
-    setup_console_logging()
     cfg = _config(args)
     def numbers(text, option):
         try:

@@ -128,8 +128,8 @@ METHODS: dict[str, Method] = {
 
 def resolve_optim(o, scheme: str = "full"):
     """Fill the ``optim`` fields a config left unset (None) from its method's defaults, in place;
-    lr and eps from the method's starting point for ``scheme`` (:mod:`zotune.defaults`), which
-    is logged with its evidence."""
+    lr and eps from the method's starting point for ``scheme`` (:mod:`zotune.defaults`; a debug
+    line says so; a run's log says it at info level, after the config was accepted)."""
     method = METHODS.get(o.method)
     own = method.defaults if method is not None else {}
     for key, common in COMMON_DEFAULTS.items():
@@ -140,7 +140,7 @@ def resolve_optim(o, scheme: str = "full"):
         unset = [k for k in ("lr", "eps") if getattr(o, k) is None]
         for key in unset:
             setattr(o, key, getattr(start, key))
-        log.info("optim.%s not set: %s for %s on %s (%s; `zotune tune` probes one for your model and task)",
+        log.debug("optim.%s not set: %s for %s on %s (%s; `zotune tune` probes one for your model and task)",
                  " / ".join(unset), " / ".join(f"{getattr(o, k):g}" for k in unset), o.method, scheme, start.evidence)
     return o
 

@@ -96,6 +96,19 @@ def scheme_options(cfg: Config) -> dict:
     }[tr.scheme]
 
 
+def _starting_point_note(cfg: Config) -> str:
+    """Where lr / eps come from when they are the method's starting point for the scheme."""
+    from zotune.defaults import starting_point
+
+    try:
+        start = starting_point(cfg.optim.method, cfg.trainable.scheme)
+    except ValueError:
+        return ""
+    if (cfg.optim.lr, cfg.optim.eps) != (start.lr, start.eps):
+        return ""
+    return f" (the starting point for {cfg.optim.method} on {cfg.trainable.scheme}: {start.evidence})"
+
+
 def adapter_init_seed(cfg: Config) -> int:
     """The seed of a run's adapter init: derived from ``optim.seed`` (already part of what a
     resume checks), on a stream of its own."""
@@ -395,6 +408,8 @@ def train(cfg: Config, *, world: DistContext | None = None, setup: Setup | None 
     order = BatchOrder(len(setup.data.train), t.batch_size, t.data_seed)
     objective = resolve_objective(cfg, setup.data.train)
     log.info("training objective: %s", objective)
+    log.info("optim: %s, lr %g, eps %g%s", cfg.optim.method, cfg.optim.lr, cfg.optim.eps,
+             _starting_point_note(cfg))
     best = results.get("best_dev") or {"value": None, "step": None}  # value None: no dev evaluation yet
     if best["value"] is not None and not math.isfinite(best["value"]):  # -inf, written by older versions
         best = {**best, "value": None}
