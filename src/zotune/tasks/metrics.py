@@ -30,8 +30,12 @@ def accuracy(predictions: Sequence[int], labels: Sequence[int | Collection[int]]
     """Fraction of predictions equal to their label; a label may be a collection of accepted
     indices (ReCoRD, where an entity can appear in several surface forms)."""
     _check_lengths(predictions, labels, "labels")
-    hits = sum(p in gold if isinstance(gold, Collection) else p == gold for p, gold in zip(predictions, labels))
-    return hits / len(predictions)
+    return sum(_hit(p, gold) for p, gold in zip(predictions, labels)) / len(predictions)
+
+
+def _hit(prediction, gold) -> bool:
+    """A prediction is right if it is the label, or one of them (a collection of accepted indices)."""
+    return prediction in gold if isinstance(gold, Collection) else prediction == gold
 
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -137,8 +141,5 @@ def row_scores(name: str, predictions: Sequence, examples: Sequence[Example]) ->
     _check_lengths(predictions, examples, "examples")
     if name == "em_f1":
         return [token_f1(p, ex.answers) for p, ex in zip(predictions, examples)]
-    out = []
-    for p, ex in zip(predictions, examples):
-        gold = ex.label if name == "f1" else ex.meta.get("gold_choices", ex.label)
-        out.append(float(p in gold if isinstance(gold, Collection) else p == gold))
-    return out
+    return [float(_hit(p, ex.label if name == "f1" else ex.meta.get("gold_choices", ex.label)))
+            for p, ex in zip(predictions, examples)]
