@@ -99,6 +99,8 @@ class TrainableConfig:
 @dataclass
 class TrainConfig:
     steps: int = 1000
+    max_seconds: float = 0.0  # time budget: stop once this many training seconds (the steps' own
+    #   time, evaluations and checkpoints left out) are spent, resumed runs included; 0: none
     batch_size: int = 16
     grad_accum: int = 1  # micro-batches per step; each perturbed loss is summed over them
     eval_every: int = 0  # evaluate on dev every N steps (0: only at the end)
@@ -324,6 +326,8 @@ def validate(cfg: Config) -> list[str]:
             errors.append(f"task.{name} must be an integer >= 0, got {v!r}")
     if isinstance(t.batch_size, int) and isinstance(t.grad_accum, int) and t.grad_accum > t.batch_size:
         errors.append(f"train.grad_accum ({t.grad_accum}) cannot exceed train.batch_size ({t.batch_size})")
+    if isinstance(t.max_seconds, bool) or not isinstance(t.max_seconds, (int, float)) or not t.max_seconds >= 0:
+        errors.append(f"train.max_seconds must be a number of seconds >= 0 (0: no time budget), got {t.max_seconds!r}")
     if not isinstance(t.eval_every, int) or t.eval_every < 0:
         errors.append(f"train.eval_every must be an integer >= 0, got {t.eval_every!r}")
     if not isinstance(o.warmup_steps, int) or o.warmup_steps < 0:

@@ -484,3 +484,53 @@ def test_console_log_follows_a_replaced_stderr():
     finally:
         sys.stderr = old
     assert "two" in second.getvalue() and "Logging error" not in second.getvalue()
+
+
+def test_a_time_budget_stops_the_run_evaluates_and_tests_where_it_stopped(tmp_path, monkeypatch):
+    """train.max_seconds counts the steps' own seconds: with each step taking 1 s (a patched
+    clock) and a budget of 2.5 s, the run stops after step 3, evaluates dev there (eval_every
+    does not divide 3), checkpoints, tests, and says why it stopped; resumed with a larger budget
+    it goes on from step 3 (the seconds spent before count) and ends with the uninterrupted run's weights."""
+    from zotune.train import loop
+
+    clock = [0.0]
+
+    def perf_counter():  # every call moves 1 s: a step (timed between two calls) takes 1 s
+        clock[0] += 1.0
+        return clock[0]
+
+    monkeypatch.setattr(loop, "step_clock", perf_counter)
+    run = tmp_path / "run"
+    common = TINY + ["train.steps=8", "train.eval_every=5", "train.save_every=100", "train.eval_at_start=false",
+                     f"train.output_dir={run}"]
+    res = train(load_config(None, common + ["train.max_seconds=2.5"]))
+    assert res["steps"] == 3 and res["steps_configured"] == 8 and res["stopped_by_time_budget"] is True
+    assert res["train_seconds"] == 3.0 and res["tested_step"] == 3 and res["test"]
+    assert res["best_dev"]["step"] == 3  # the stopping step was evaluated
+    dev_steps = [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                 if r.get("phase") == "dev"]
+    assert dev_steps == [3]
+    meta = json.loads((ckpt.find_checkpoint(run / "ckpt-last") / "meta.json").read_text())
+    assert meta["step"] == 3 and meta["train_seconds"] == 3.0
+    # the same budget again: spent, so nothing more is trained
+    again = train(load_config(None, common + ["train.max_seconds=2.5"]))
+    assert again["steps"] == 3 and again["stopped_by_time_budget"] is True
+    # a larger one: 3 s spent before, 2 more steps to reach 5 s
+    more = train(load_config(None, common + ["train.max_seconds=5"]))
+    assert more["steps"] == 5 and more["train_seconds"] == 5.0
+    # no budget: to the configured end, with the weights of a run never stopped
+    full = train(load_config(None, common))
+    assert full["steps"] == 8 and full["stopped_by_time_budget"] is False
+    straight = tmp_path / "straight"
+    train(load_config(None, TINY + ["train.steps=8", "train.eval_every=5", "train.save_every=100",
+                                    "train.eval_at_start=false", f"train.output_dir={straight}"]))
+    a, b = weights(straight), weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("value", ["-1", "true", "soon"])
+def test_a_bad_time_budget_is_refused(value):
+    from zotune.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train\.max_seconds"):
+        load_config(None, TINY + [f"train.max_seconds={value}"])

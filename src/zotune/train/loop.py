@@ -330,6 +330,34 @@ def _save_test_rows(out: Path, key: str, scores: list[float]) -> None:
 
 
 # ----------------------------------------------------------------------------- the run
+step_clock = time.perf_counter  # times each step (a test replaces it with a clock of its own)
+
+
+class TimeBudget:
+    """``train.max_seconds``: training seconds spent so far (earlier sessions' from the checkpoint).
+
+    Only the steps' own time counts (what the convergence benchmark's seconds axis counts), so
+    runs with different evaluation schedules get the same budget. With several ranks, rank 0's
+    clock decides, so all ranks stop after the same step.
+    """
+
+    def __init__(self, max_seconds: float, trained: float = 0.0, world: DistContext | None = None) -> None:
+        self.max_seconds, self.trained, self.world = float(max_seconds), float(trained), world
+
+    def spent(self) -> bool:
+        return self.max_seconds > 0 and self.trained >= self.max_seconds
+
+    def add(self, seconds: float) -> bool:
+        """Count one step's ``seconds``; True once the budget is spent."""
+        self.trained += seconds
+        if self.max_seconds <= 0:
+            return False
+        if self.world is not None and self.world.world_size > 1:  # every rank takes rank 0's count (ms)
+            ms = self.world.all_gather_int(round(self.trained * 1000), "the all-gather of the time budget")[0]
+            self.trained = ms / 1000
+        return self.spent()
+
+
 def train(cfg: Config, *, world: DistContext | None = None, setup: Setup | None = None,
           train_model=None) -> dict:
     """Run ``cfg`` to the end (or resume it) and return the results dict.
@@ -360,7 +388,7 @@ def train(cfg: Config, *, world: DistContext | None = None, setup: Setup | None 
     # the lr of step k is base * multiplier(k); made before any resume, from the configured lrs
     schedule = make_schedule(opt, cfg.optim.schedule, t.steps, cfg.optim.warmup_steps)
 
-    start, results = 0, {}
+    start, results, trained_before = 0, {}, 0.0
     found = find_checkpoint(out / LAST) if t.resume else None
     if found is not None:
         tensors, opt_state, meta = load_checkpoint(found, map_location=device)
@@ -377,6 +405,7 @@ def train(cfg: Config, *, world: DistContext | None = None, setup: Setup | None 
             raise CheckpointError(f"{found}: the lr schedule is at step {schedule.last_step}, the checkpoint "
                                   f"at step {start} (a damaged checkpoint?)")
         results = meta.get("results", {})
+        trained_before = float(meta.get("train_seconds", 0.0))
         logger.truncate_after(start)
         log.info("resumed from %s at step %d", found, start)
     elif is_main:
@@ -419,21 +448,27 @@ def train(cfg: Config, *, world: DistContext | None = None, setup: Setup | None 
 
         progress = tqdm(total=t.steps, initial=start, desc="train", dynamic_ncols=True)
     run_t0, step_times = time.time(), []
+    budget = TimeBudget(t.max_seconds, trained_before, world)
     train_examples = setup.data.train
+    end = start  # the last step done
     for step in range(start, t.steps):
+        if budget.spent():  # a run resumed after its budget was spent trains no further
+            break
         world.step = step  # named in the errors of failed collectives
         lr = opt.param_groups[0]["lr"]
         batch = [train_examples[i] for i in order.indices(step)[rank::world_size]]
         closure = make_closure(forward_lm, batch, cfg, device, objective, world)
-        t0 = time.perf_counter()
+        t0 = step_clock()
         loss = float(opt.step(closure))
         schedule.step()
-        step_times.append(time.perf_counter() - t0)
-        done = step + 1
+        step_times.append(step_clock() - t0)
+        done = end = step + 1
+        out_of_time = budget.add(step_times[-1])
+        last = done == t.steps or out_of_time
         record = getattr(opt, "last_record", None)
         if record is not None and isinstance(opt, ZOOptimizer):
             logger.step_record(record)
-        if done % t.log_every == 0 or done == t.steps:
+        if done % t.log_every == 0 or last:
             recent = step_times[-t.log_every:]
             logger.metrics(done, loss=loss, lr=lr, step_time=sum(recent) / len(recent),
                            forward_passes=getattr(opt, "forward_passes", None))
@@ -441,7 +476,8 @@ def train(cfg: Config, *, world: DistContext | None = None, setup: Setup | None 
             progress.set_postfix(loss=f"{loss:.4f}", fwd=getattr(opt, "forward_passes", "-"),
                                  s_step=f"{step_times[-1]:.2f}")
             progress.update(1)
-        if t.eval_every and done % t.eval_every == 0 and setup.data.dev and is_main:
+        # a run cut short by its budget is evaluated where it stops, so its last steps count
+        if t.eval_every and (done % t.eval_every == 0 or out_of_time) and setup.data.dev and is_main:
             dev = evaluate_split(setup, setup.data.dev, "dev")
             key, value = headline(dev)
             logger.metrics(done, phase="dev", **{f"dev/{k}": v for k, v in dev.items()})
@@ -450,18 +486,23 @@ def train(cfg: Config, *, world: DistContext | None = None, setup: Setup | None 
                 best = {"value": value, "step": done, "metric": key}
                 _settle(opt)
                 save_checkpoint(out / BEST, trainable, None, _meta(cfg, setup, done, {"dev": dev}))
-        if is_main and (done % t.save_every == 0 or done == t.steps):
+        if is_main and (done % t.save_every == 0 or last):
             _settle(opt)
             results["best_dev"] = best
             save_checkpoint(out / LAST, trainable, opt.state_dict(),
-                            _meta(cfg, setup, done, {"results": results, "schedule": schedule.state_dict()}))
+                            _meta(cfg, setup, done, {"results": results, "schedule": schedule.state_dict(),
+                                                     "train_seconds": budget.trained}))
+        if out_of_time:
+            log.info("time budget spent: %.0f training seconds (train.max_seconds=%g) after step %d of %d",
+                     budget.trained, t.max_seconds, done, t.steps)
+            break
     if progress is not None:
         progress.close()
 
     _settle(opt)
     # training's own peak (dev evaluations included), before the test phase below
     peak_train = _peak_rss_since_reset() if peak_resettable else None
-    if best["step"] is not None and best["step"] != t.steps:
+    if best["step"] is not None and best["step"] != end:
         copy_weights(out / BEST, trainable)  # tensor by tensor: no second copy of the weights
         log.info("testing the best dev checkpoint (step %d)", best["step"])
     final = {}
@@ -473,9 +514,12 @@ def train(cfg: Config, *, world: DistContext | None = None, setup: Setup | None 
         streamer.remove_files()
     results.update({
         "test": final,
-        "tested_step": best["step"] or t.steps,
+        "tested_step": best["step"] or end,
         "best_dev": best,
-        "steps": t.steps,
+        "steps": end,
+        "steps_configured": t.steps,
+        "stopped_by_time_budget": end < t.steps and budget.spent(),
+        "train_seconds": round(budget.trained, 1),
         "start_step": start,
         "train_seconds_this_session": round(time.time() - run_t0, 1),
         "mean_step_seconds": round(sum(step_times) / len(step_times), 4) if step_times else None,
@@ -499,7 +543,7 @@ def train(cfg: Config, *, world: DistContext | None = None, setup: Setup | None 
     })
     if is_main:
         _write_json_atomic(out / "results.json", results)
-        logger.metrics(t.steps, phase="test", **{f"test/{k}": v for k, v in final.items()})
+        logger.metrics(end, phase="test", **{f"test/{k}": v for k, v in final.items()})
         zs = results.get("zero_shot", {})
         log.info("test %s (zero-shot %s)", final, zs)
     logger.close()

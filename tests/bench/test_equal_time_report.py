@@ -1,0 +1,68 @@
+"""benchmarks/equal_time.py: the equal-time table, the paired ZO / FO-Adam comparison, the memory ratio."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "equal_time.py"
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("zotune_equal_time", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_run(root: Path, name: str, method: str, scheme: str, tuned: list[int], peak_mib: int) -> dict:
+    run = root / name
+    run.mkdir(parents=True)
+    metrics = [{"step": 10, "loss": 0.5, "step_time": 2.0, "forward_passes": 90},
+               {"step": 10, "phase": "dev", "dev/accuracy": 0.7},
+               {"step": 20, "loss": 0.4, "step_time": 3.0, "forward_passes": 180},
+               {"step": 20, "phase": "dev", "dev/accuracy": 0.8}]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in metrics) + "\n")
+    (run / "test_rows.json").write_text(json.dumps({"zero_shot": [0] * len(tuned), "tuned": tuned}))
+    res = {"method": method, "scheme": scheme, "steps": 20, "forward_passes": 180, "train_seconds": 50.0,
+           "stopped_by_time_budget": True, "best_dev": {"value": 0.8, "step": 20}, "tested_step": 20,
+           "zero_shot": {"accuracy": 0.0}, "test": {"accuracy": sum(tuned) / len(tuned), "n": len(tuned)},
+           "peak_rss_train_bytes": peak_mib * 2 ** 20}
+    return {"run": name, "status": "ok", "output_dir": str(run), "results": res}
+
+
+def test_report_compares_the_best_zo_run_with_fo_adam_on_the_same_rows(tmp_path, monkeypatch):
+    et = load()
+    records = [fake_run(tmp_path, "zo", "fzoo", "prefix", [1] * 12 + [0] * 8, 1000),
+               fake_run(tmp_path, "zo-worse", "mezo", "full", [1] * 4 + [0] * 16, 1100),
+               fake_run(tmp_path, "fo", "fo-adam", "full", [1] * 20, 4000)]
+    results = tmp_path / "r.jsonl"
+    results.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    grid = tmp_path / "g.yaml"
+    grid.write_text(yaml.safe_dump({"name": "eq", "results": str(results)}))
+    out, report = tmp_path / "eq.md", tmp_path / "eq.json"
+    monkeypatch.setattr(sys, "argv", ["equal_time.py"])
+    assert et.main(["--grid", str(grid), "--out", str(out), "--report", str(report),
+                    "--figures", str(tmp_path / "fig")]) == 0
+    data = json.loads(report.read_text())
+    c = data["comparison"]
+    assert c["zo"] == "zo" and c["fo"] == "fo"
+    assert c["gap_points"] == 40.0  # 100 % against 60 %
+    assert c["paired"]["n"] == 20 and c["paired"]["p"] == pytest.approx(2 / 2 ** 8)  # 8 rows only FO gets right
+    assert c["memory_ratio"] == 0.25
+    zo = next(r for r in data["runs"] if r["run"] == "zo")
+    assert [p["seconds"] for p in zo["points"]] == [20.0, 50.0]  # 10 steps x 2 s, then 10 x 3 s
+    assert "40.0 points ahead" in out.read_text()
+
+
+def test_runs_tested_on_different_rows_are_refused(tmp_path):
+    et = load()
+    zo = et.summarise(fake_run(tmp_path, "zo", "fzoo", "prefix", [1, 0], 1000))
+    fo = et.summarise(fake_run(tmp_path, "fo", "fo-adam", "full", [1, 1, 1], 4000))
+    with pytest.raises(SystemExit, match="different rows"):
+        et.compare(zo, fo)
