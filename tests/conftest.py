@@ -41,3 +41,21 @@ def tiny_gpt2():
 @pytest.fixture(scope="module")
 def tiny_roberta():
     return tiny_model("roberta")
+
+
+@pytest.fixture(scope="session")
+def benchmark_script():
+    """``benchmark_script("speed")``: a script of ``benchmarks/`` loaded as a module (they are
+    scripts, not a package, so their tests load them by path)."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"zotune_benchmark_{name}", root / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -3,23 +3,16 @@ two harnesses' scores (lm-eval itself is not a dependency: not run here)."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import yaml
 
 from zotune.tasks.base import Example
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "lm_eval_parity.py"
-
 
 @pytest.fixture(scope="module")
-def parity():
-    spec = importlib.util.spec_from_file_location("zotune_lm_eval_parity", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def parity(benchmark_script):
+    return benchmark_script("lm_eval_parity")
 
 
 def test_rows_carry_the_rendered_context_and_candidates(parity):

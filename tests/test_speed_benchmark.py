@@ -3,24 +3,13 @@ writes the JSON and table the docs are filled from (tiny model, one round)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
 
-
-def speed():
-    spec = importlib.util.spec_from_file_location("zotune_speed_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_algorithm_1_moves_along_the_seeded_randn_directions():
-    bench = speed()
+def test_algorithm_1_moves_along_the_seeded_randn_directions(benchmark_script):
+    bench = benchmark_script("speed")
     x0 = [torch.tensor([[0.5, -1.0], [2.0, 0.25]], dtype=torch.float64), torch.tensor([1.0, -3.0, 0.5], dtype=torch.float64)]
     params = [torch.nn.Parameter(t.clone()) for t in x0]
     a = torch.tensor([[1.0, 2.0], [-1.0, 0.5]], dtype=torch.float64)
@@ -40,8 +29,8 @@ def test_algorithm_1_moves_along_the_seeded_randn_directions():
         torch.testing.assert_close(p.detach(), x - 0.01 * expected_c * zi, rtol=1e-12, atol=1e-12)
 
 
-def test_a_run_writes_ratios_targets_and_the_table(tmp_path, capsys):
-    bench = speed()
+def test_a_run_writes_ratios_targets_and_the_table(tmp_path, capsys, benchmark_script):
+    bench = benchmark_script("speed")
     out = tmp_path / "speed.json"
     assert bench.main(["--model", "tiny-llama", "--batch", "2", "--seq-len", "8", "--repeats", "1",
                        "--methods", "mezo,mezo-rademacher,algorithm-1", "--out", str(out)]) == 0

@@ -2,19 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "cross_task.py"
-
-
-def load():
-    spec = importlib.util.spec_from_file_location("zotune_cross_task", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def record(run, out_dir, task, zs, tuned, metric="accuracy"):
@@ -25,8 +14,8 @@ def record(run, out_dir, task, zs, tuned, metric="accuracy"):
             "output_dir": str(out_dir), "results": res}
 
 
-def test_table_marks_a_task_moved_only_when_the_paired_test_says_so(tmp_path, monkeypatch):
-    cross = load()
+def test_table_marks_a_task_moved_only_when_the_paired_test_says_so(tmp_path, monkeypatch, benchmark_script):
+    cross = benchmark_script("cross_task")
     moved_dir, flat_dir = tmp_path / "a", tmp_path / "b"
     for d in (moved_dir, flat_dir):
         d.mkdir()

@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "equal_time.py"
-
-
-def load():
-    spec = importlib.util.spec_from_file_location("zotune_equal_time", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def fake_run(root: Path, name: str, method: str, scheme: str, tuned: list[int], peak_mib: int) -> dict:
@@ -36,8 +26,8 @@ def fake_run(root: Path, name: str, method: str, scheme: str, tuned: list[int], 
     return {"run": name, "status": "ok", "output_dir": str(run), "results": res}
 
 
-def test_report_compares_the_best_zo_run_with_fo_adam_on_the_same_rows(tmp_path, monkeypatch):
-    et = load()
+def test_report_compares_the_best_zo_run_with_fo_adam_on_the_same_rows(tmp_path, monkeypatch, benchmark_script):
+    et = benchmark_script("equal_time")
     records = [fake_run(tmp_path, "zo", "fzoo", "prefix", [1] * 12 + [0] * 8, 1000),
                fake_run(tmp_path, "zo-worse", "mezo", "full", [1] * 4 + [0] * 16, 1100),
                fake_run(tmp_path, "fo", "fo-adam", "full", [1] * 20, 4000)]
@@ -60,8 +50,8 @@ def test_report_compares_the_best_zo_run_with_fo_adam_on_the_same_rows(tmp_path,
     assert "40.0 points ahead" in out.read_text()
 
 
-def test_runs_tested_on_different_rows_are_refused(tmp_path):
-    et = load()
+def test_runs_tested_on_different_rows_are_refused(tmp_path, benchmark_script):
+    et = benchmark_script("equal_time")
     zo = et.summarise(fake_run(tmp_path, "zo", "fzoo", "prefix", [1, 0], 1000))
     fo = et.summarise(fake_run(tmp_path, "fo", "fo-adam", "full", [1, 1, 1], 4000))
     with pytest.raises(SystemExit, match="different rows"):

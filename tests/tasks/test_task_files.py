@@ -12,7 +12,7 @@ import pytest
 
 from zotune import cli
 from zotune.config import ConfigError, load_config
-from zotune.tasks import DataFormatError, Example, SplitSpec, TemplateError, get_task, list_tasks, load_task
+from zotune.tasks import DataFormatError, Example, SplitSpec, get_task, list_tasks, load_task
 from zotune.tasks.definitions import template_scoring
 from zotune.tasks.file_task import FileTaskSpec, TaskFileError, load_task_file, read_csv
 from zotune.tasks.task_yaml import BUILTIN_TEMPLATES, task_to_yaml
@@ -203,7 +203,7 @@ ERRORS = [
      r"line 4 \(template.choices\): a generation template \(with prompt\) takes no 'choices'"),
     ("template_key", 'data: {train: rows.csv}\ntemplate:\n  context: x\n  choice: [a, b]\n',
      r"line 4 \(template.choice\): 'choice' needs choices_field"),
-    ("scoring", f'data: {{train: rows.csv}}\ntemplate:\n  context: x\n  choices: [a, b]\n  scoring: max\n',
+    ("scoring", 'data: {train: rows.csv}\ntemplate:\n  context: x\n  choices: [a, b]\n  scoring: max\n',
      r"line 5 \(template.scoring\): expected sum or mean"),
     ("metric", f"data: {{train: rows.csv}}\n{GOOD_TEMPLATE}\nmetric: bleu\n", r"line 3 \(metric\): unknown metric 'bleu'"),
     ("metric_kind", f"data: {{train: rows.csv}}\n{GOOD_TEMPLATE}\nmetric: exact_match\n",
