@@ -26,7 +26,9 @@ def test_table_marks_a_task_moved_only_when_the_paired_test_says_so(tmp_path, mo
     results = tmp_path / "r.jsonl"
     results.write_text("\n".join(json.dumps(r) for r in [
         record("sst2-fzoo-full", moved_dir, "sst2", 0.25, 1.0), record("rte-fzoo-full", flat_dir, "rte", 0.5, 0.75),
-        {"run": "copa-fzoo-full", "status": "failed"}]) + "\n")
+        {"run": "copa-fzoo-full", "status": "failed"},
+        {**record("wic-fo-adam", moved_dir, "wic", 0.25, 1.0),
+         "results": {**record("x", moved_dir, "wic", 0.25, 1.0)["results"], "method": "fo-adam"}}]) + "\n")
     doc = tmp_path / "results.md"
     doc.write_text(f"intro\n{cross.START}\nold\n{cross.END}\ntail\n")
     argv = ["cross_task.py", "--results", str(results), "--rows", str(tmp_path / "rows.json"),
@@ -37,6 +39,8 @@ def test_table_marks_a_task_moved_only_when_the_paired_test_says_so(tmp_path, mo
     by_run = {r["run"]: r for r in report["runs"]}
     assert by_run["sst2-fzoo-full"]["moved"] and by_run["sst2-fzoo-full"]["paired"]["p"] < 0.001
     assert not by_run["rte-fzoo-full"]["moved"] and report["moved"] == ["sst2 (full)"]
+    # a first-order run is a reference: its own test says it moved, but it is not a ZO result
+    assert by_run["wic-fo-adam"]["moved"] and report["first_order_references"] == ["wic (fo-adam): moved"]
     text = doc.read_text()
     assert text.startswith("intro\n") and text.endswith("tail\n") and "old" not in text
     assert "| sst2-fzoo-full | sst2 | full | fzoo | 0.001 | 56 (42) | 504 | 480 | accuracy | 25.0 | 100.0 | 16 | 0 / 12 |" in text
