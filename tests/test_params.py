@@ -163,13 +163,14 @@ def test_hybrid_split_of_adapters():
     assert len(zo) == len(fo) == 4
 
 
-def test_a_prefix_of_real_activations_is_the_same_as_real_tokens_before_the_input():
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])
+def test_a_prefix_of_real_activations_is_the_same_as_real_tokens_before_the_input(arch):
     """prefix_init="activations": the prefix holds the base model's keys / values of real tokens,
     so the tuned model starts out computing exactly what the base model computes on those tokens
-    followed by the input (peft's random prefix starts somewhere else)."""
-    lm = tiny_model("llama", seed=0)
+    followed by the input (peft's random prefix starts somewhere else), in each model family."""
+    lm = tiny_model(arch, seed=0)
     x = torch.tensor([[7, 3, 12, 30]])
-    prefixed, named = select_trainable(tiny_model("llama", seed=0), "prefix", num_virtual_tokens=3, init_seed=5,
+    prefixed, named = select_trainable(tiny_model(arch, seed=0), "prefix", num_virtual_tokens=3, init_seed=5,
                                        prefix_init="activations")
     g = torch.Generator().manual_seed(5)
     vocab = lm.model.get_input_embeddings().weight.shape[0]
@@ -177,7 +178,7 @@ def test_a_prefix_of_real_activations_is_the_same_as_real_tokens_before_the_inpu
     with torch.no_grad():
         want = lm.model(input_ids=torch.cat([real, x], dim=1)).logits[:, 3:]
         got = prefixed.model(input_ids=x).logits
-        random_prefix, _ = select_trainable(tiny_model("llama", seed=0), "prefix", num_virtual_tokens=3, init_seed=5)
+        random_prefix, _ = select_trainable(tiny_model(arch, seed=0), "prefix", num_virtual_tokens=3, init_seed=5)
         other = random_prefix.model(input_ids=x).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(other, want, atol=1e-3)
