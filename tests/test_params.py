@@ -184,3 +184,32 @@ def test_a_prefix_of_real_activations_is_the_same_as_real_tokens_before_the_inpu
     assert not torch.allclose(other, want, atol=1e-3)
     with pytest.raises(ValueError, match="prefix_init"):
         select_trainable(tiny_model("llama"), "prefix", prefix_init="real")
+
+
+@pytest.mark.parametrize("scheme, options", [
+    ("prefix", {"prefix_init": "activations"}), ("prefix", {}), ("prompt", {}), ("lora", {}), ("full", {}),
+])
+def test_without_adapters_is_the_base_model_and_gives_the_adapters_back(scheme, options):
+    """The zero-shot baseline of an adapter run is the base model's, not the model with its
+    adapters (a real-token prefix computes something else from step 0; a trained LoRA too)."""
+    from zotune.params import without_adapters
+
+    base = tiny_model("llama", seed=0)
+    x = torch.tensor([[7, 3, 12, 30]])
+    with torch.no_grad():
+        want = base.model(input_ids=x).logits
+    lm, named = select_trainable(tiny_model("llama", seed=0), scheme, init_seed=5, **options)
+    with torch.no_grad():
+        for p in named.values():  # a trained adapter: every tensor moved
+            p.add_(0.5)
+        with_adapters = lm.model(input_ids=x).logits
+        with without_adapters(lm) as plain:
+            got = plain.model(input_ids=x).logits
+            assert plain.adapter is None and not plain.prompt_learning
+        again = lm.model(input_ids=x).logits
+    if scheme == "full":  # no adapters: the model itself, trained weights included
+        torch.testing.assert_close(got, with_adapters)
+        return
+    torch.testing.assert_close(got[:, -x.shape[1]:], want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(with_adapters[:, -x.shape[1]:], want, atol=1e-3)
+    torch.testing.assert_close(again, with_adapters)  # the adapters are back

@@ -31,6 +31,7 @@ import json
 import os
 import sys
 import traceback
+from contextlib import nullcontext
 from pathlib import Path
 
 from zotune.errors import ZotuneError
@@ -75,6 +76,7 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from zotune.train.checkpoint import CheckpointError, copy_weights, find_checkpoint, read_meta
+    from zotune.params import without_adapters
     from zotune.train.loop import build, check_compatible, evaluate_split
 
     cfg = _config(args)
@@ -88,7 +90,9 @@ def cmd_eval(args) -> int:
         if meta.get("model_fingerprint") != setup.loaded.fingerprint:
             check_compatible(meta, cfg, setup, Path(args.checkpoint))
         copy_weights(args.checkpoint, setup.named)  # tensor by tensor: no second copy of the weights
-    metrics = evaluate_split(setup, getattr(setup.data, args.split), args.split)
+    # no checkpoint: zero-shot, the base model without the adapters the recipe's scheme adds
+    with nullcontext(setup.loaded) if args.checkpoint else without_adapters(setup.loaded) as lm:
+        metrics = evaluate_split(setup, getattr(setup.data, args.split), args.split, lm=lm)
     print(json.dumps({"task": cfg.task.name, "split": args.split, "model": cfg.model.name,
                       "checkpoint": args.checkpoint, **metrics}))
     return 0

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 
@@ -159,6 +160,26 @@ def select_trainable(
     adapter = str(getattr(config.peft_type, "value", config.peft_type))
     return dataclasses.replace(loaded, model=wrapped, adapter=adapter,
                                prompt_learning=bool(config.is_prompt_learning)), named
+
+
+@contextmanager
+def without_adapters(loaded: LoadedModel) -> Iterator[LoadedModel]:
+    """The model as it was before :func:`select_trainable` added adapters, for as long as the
+    ``with`` lasts: what "zero-shot" means for a LoRA, prefix or prompt run. A prefix from real
+    activations changes what the model computes (as if real tokens came first), and a trained
+    adapter does, so a baseline measured through them is not the base model's.
+
+        with without_adapters(lm) as base:
+            evaluate(base, ...)
+    """
+    loaded = require_loaded(loaded, "without_adapters")
+    if loaded.adapter is None:
+        yield loaded
+    elif loaded.prompt_learning:  # peft prepends its virtual tokens around an untouched base model
+        yield dataclasses.replace(loaded, model=loaded.model.get_base_model(), adapter=None, prompt_learning=False)
+    else:  # LoRA layers live inside the base model: switched off in place, back on afterwards
+        with loaded.model.disable_adapter():
+            yield dataclasses.replace(loaded, adapter=None)
 
 
 def num_layers(model: torch.nn.Module) -> int:

@@ -216,6 +216,11 @@ def test_eval_command_prints_zero_shot_metrics_as_json(tmp_path):
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["task"] == "sst2" and out["n"] == 16 and 0.0 <= out["accuracy"] <= 1.0
     assert "too few rows" not in r.stderr
+    # zero-shot of a prefix recipe: the base model, as for full fine-tuning
+    p = cli("eval", *TINY, "task.train_file=/nonexistent/train.tsv", "task.eval_file=SST-2/dev.tsv",
+            "trainable.scheme=prefix")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout.strip().splitlines()[-1])["accuracy"] == out["accuracy"]
 
 
 def test_an_evaluation_loads_only_its_split_with_the_rows_a_training_run_uses():
@@ -534,3 +539,16 @@ def test_a_bad_time_budget_is_refused(value):
 
     with pytest.raises(ConfigError, match=r"train\.max_seconds"):
         load_config(None, TINY + [f"train.max_seconds={value}"])
+
+
+def test_the_zero_shot_of_a_prefix_run_is_the_base_models(tmp_path):
+    """A prefix from real activations changes what the model computes before any step (as if
+    real tokens came first): the zero-shot baseline must still be the base model's rows, the
+    same rows a full fine-tuning run of the task measures."""
+    common = TINY + ["task.test=16", "train.steps=1", "train.save_every=1", "optim.lr=1e-9"]
+    rows = {}
+    for scheme in ("full", "prefix"):
+        run = tmp_path / scheme
+        train(load_config(None, common + [f"trainable.scheme={scheme}", f"train.output_dir={run}"]))
+        rows[scheme] = json.loads((run / "test_rows.json").read_text())["zero_shot"]
+    assert rows["prefix"] == rows["full"]

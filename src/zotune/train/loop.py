@@ -28,6 +28,7 @@ from zotune.config import Config
 from zotune.distributed import DistContext, DistributedError, scalar_reduce
 from zotune.fo import FOSGD, HybridOptimizer
 from zotune.methods import METHODS, build_optimizer
+from zotune.params import without_adapters
 from zotune.rng import STREAM_ADAPTER_INIT, derive_seed
 from zotune.schedules import make_schedule
 from zotune.step import ZOOptimizer
@@ -303,16 +304,17 @@ def _settle(opt) -> None:
         flush()
 
 
-def evaluate_split(setup: Setup, examples, split: str = "evaluation") -> dict:
+def evaluate_split(setup: Setup, examples, split: str = "evaluation", lm=None) -> dict:
     """Evaluate ``examples`` as the recipe says (batch size, length, scoring), naming ``split`` in warnings."""
-    return evaluate_split_rows(setup, examples, split)[0]
+    return evaluate_split_rows(setup, examples, split, lm)[0]
 
 
-def evaluate_split_rows(setup: Setup, examples, split: str = "evaluation") -> tuple[dict, list[float]]:
-    """:func:`evaluate_split` and each row's score (for paired tests)."""
+def evaluate_split_rows(setup: Setup, examples, split: str = "evaluation", lm=None) -> tuple[dict, list[float]]:
+    """:func:`evaluate_split` and each row's score (for paired tests); ``lm``: another view of
+    the model (the base model without its adapters) instead of the model as it trains."""
     _settle(setup.optimizer)
     cfg = setup.cfg
-    return evaluate_rows(setup.loaded, setup.loaded.tokenizer, examples, setup.data.spec.metric,
+    return evaluate_rows(lm or setup.loaded, setup.loaded.tokenizer, examples, setup.data.spec.metric,
                          batch_size=cfg.train.eval_batch_size, max_length=cfg.task.max_length,
                          scoring=cfg.task.scoring, name=f"{setup.data.spec.name} {split}")
 
@@ -428,7 +430,8 @@ def train(cfg: Config, *, world: DistContext | None = None, setup: Setup | None 
 
     if start == 0 and t.eval_at_start and setup.data.test and is_main:
         t0 = time.time()
-        zs, zs_rows = evaluate_split_rows(setup, setup.data.test, "test")
+        with without_adapters(setup.loaded) as base:  # zero-shot: the base model, whatever the scheme adds
+            zs, zs_rows = evaluate_split_rows(setup, setup.data.test, "test", lm=base)
         _save_test_rows(out, "zero_shot", zs_rows)
         results["zero_shot"] = zs
         log.info("zero-shot test: %s (%.0f s)", zs, time.time() - t0)
