@@ -58,8 +58,8 @@ def summarise(records: dict, rows: dict) -> list[dict]:
             continue
         res = r["results"]
         key, tuned = headline(res["test"])
-        zs = res["zero_shot"].get(key)
         test = paired_test(rows[name]["zero_shot"], rows[name]["tuned"])
+        zs = test["mean_a"]  # the rows' mean: the base model's (benchmarks/base_zero_shot.py re-measured older adapter runs)
         out.append({
             "run": name, "task": res["task"], "method": res["method"], "scheme": res["scheme"],
             "lr": rows[name]["optim"]["lr"], "eps": rows[name]["optim"]["eps"], "steps": res["steps"],
