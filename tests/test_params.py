@@ -213,3 +213,31 @@ def test_without_adapters_is_the_base_model_and_gives_the_adapters_back(scheme, 
     torch.testing.assert_close(got[:, -x.shape[1]:], want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(with_adapters[:, -x.shape[1]:], want, atol=1e-3)
     torch.testing.assert_close(again, with_adapters)  # the adapters are back
+
+
+def test_a_prefix_generates_as_if_its_real_tokens_came_first_and_a_tuned_prefix_answers_otherwise():
+    """Generation through a prefix from real activations equals the base model's generation after
+    those real tokens (left-padded batch of two), and moving the prefix changes the answers.
+    peft's own generate ignored the prefix's values (same answers for any prefix)."""
+    from zotune.lm import generate
+
+    base = tiny_model("llama", seed=0)
+    lm, named = select_trainable(tiny_model("llama", seed=0), "prefix", num_virtual_tokens=3, init_seed=5,
+                                 prefix_init="activations")
+    g = torch.Generator().manual_seed(5)
+    real = torch.randint(0, base.model.get_input_embeddings().weight.shape[0], (1, 3), generator=g)[0].tolist()
+    tok = lm.tokenizer
+    prompts = ["a b c d e f", "hello world"]
+    got = generate(lm, tok, prompts, max_new_tokens=6)
+    want = []
+    for p in prompts:  # one row at a time: the real tokens, then the prompt's own tokens
+        ids = torch.tensor([real + tok(p)["input_ids"]])
+        with torch.no_grad():
+            out = base.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                                      do_sample=False, pad_token_id=0, eos_token_id=None)
+        want.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split("\n", 1)[0].strip())
+    assert got == want
+    with torch.no_grad():
+        for p in named.values():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 3)
+    assert generate(lm, tok, prompts, max_new_tokens=6) != got

@@ -508,15 +508,31 @@ def generate(
             with warnings.catch_warnings():
                 # peft prompt tuning drops the position ids generate passes, and says so each step.
                 warnings.filterwarnings("ignore", message="Position ids are not supported")
-                out = model.generate(
-                    input_ids=input_ids.to(device),
-                    attention_mask=attention_mask.to(device),
-                    generation_config=config,
-                )
+                out = _generate(lm, input_ids.to(device), attention_mask.to(device), config)
             texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
             for i, text in zip(chunk, texts):
                 outputs[i] = text.split("\n", 1)[0].strip()
     return outputs
+
+
+def _generate(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, config):
+    """``generate`` of ``lm``'s model; for prefix tuning, of its base model continuing the
+    prefix's keys and values.
+
+    peft's own ``generate`` for prefix tuning (0.21 with transformers 5) hands the prefix to
+    transformers under a name it no longer reads: the answers then follow an empty prefix, the
+    same whatever the prefix holds (a tuned SQuAD prefix answered exactly as before training).
+    Here the prefix goes in as the cache the prompt continues, with its positions in the mask.
+    """
+    model = lm.model
+    if lm.adapter != "PREFIX_TUNING":
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    n = model.peft_config[model.active_adapter].num_virtual_tokens
+    prefix = model.get_prompt(batch_size=input_ids.shape[0])
+    mask = torch.cat([attention_mask.new_ones(input_ids.shape[0], n), attention_mask], dim=1)
+    # past_key_values: the name transformers 5.0 reads (later 5.x also take it, with a note that says `cache`)
+    return model.get_base_model().generate(input_ids=input_ids, attention_mask=mask, past_key_values=prefix,
+                                           generation_config=config)
 
 
 # ----------------------------------------------------------------------------- choices as one batch
