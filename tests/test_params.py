@@ -241,3 +241,27 @@ def test_a_prefix_generates_as_if_its_real_tokens_came_first_and_a_tuned_prefix_
         for p in named.values():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 3)
     assert generate(lm, tok, prompts, max_new_tokens=6) != got
+
+
+def test_a_prefix_scores_as_if_its_real_tokens_came_first_in_a_left_padded_batch():
+    """Scoring (training losses, choice scores) through a prefix from real activations equals the
+    base model's scores of the same rows after those real tokens: the rows' positions continue
+    the prefix's (they started at 0 before, overlapping the prefix's own positions)."""
+    from zotune.lm import Batch, encode_pairs, sum_logprobs
+
+    base = tiny_model("llama", seed=0)
+    lm, _ = select_trainable(tiny_model("llama", seed=0), "prefix", num_virtual_tokens=3, init_seed=5,
+                             prefix_init="activations")
+    g = torch.Generator().manual_seed(5)
+    real = torch.randint(0, base.model.get_input_embeddings().weight.shape[0], (3,), generator=g)
+    batch = encode_pairs(lm.tokenizer, [("a b c d e f", " g h"), ("hi", " there")], max_length=64)
+    got = sum_logprobs(lm, batch).sum
+    want = []
+    for i in range(len(batch)):
+        keep = batch.attention_mask[i] == 1
+        ids = torch.cat([real, batch.input_ids[i][keep]])[None]
+        cont = torch.cat([torch.zeros(3, dtype=torch.bool), batch.cont_mask[i][keep]])[None]
+        labels = torch.cat([torch.zeros(3, dtype=torch.long), batch.labels[i][keep]])[None]
+        one = Batch(ids, torch.ones_like(ids), cont, labels, torch.tensor([ids.shape[1]]), "causal")
+        want.append(sum_logprobs(base, one).sum[0])
+    torch.testing.assert_close(got, torch.stack(want), rtol=1e-5, atol=1e-5)
