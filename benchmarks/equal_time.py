@@ -62,6 +62,11 @@ def compare(zo: dict, fo: dict) -> dict:
     return out
 
 
+def last_dev(run: dict) -> str:
+    """The dev accuracy where the run stopped (beside its best: did it keep learning?)."""
+    return f"{run['points'][-1]['dev_accuracy']:.3f}" if run["points"] else "-"
+
+
 def page(grid: dict, runs: list[dict], comparison: dict | None, meta: dict) -> str:
     lines = [
         "# Equal wall time: ZO against FO-Adam", "",
@@ -70,13 +75,13 @@ def page(grid: dict, runs: list[dict], comparison: dict | None, meta: dict) -> s
         "Each run trains until its training seconds (the steps' own time; dev evaluations and "
         "checkpoints are left out) reach `train.max_seconds`, and is tested at its best dev step. "
         "Peak memory is the process's peak resident set during training, after the model was loaded.", "",
-        "| run | method | scheme | steps | forward passes | training s | best dev | tested step | "
+        "| run | method | scheme | steps | forward passes | training s | best dev | tested step | last dev | "
         "zero-shot test | test | peak RSS (MiB) |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in runs:
         lines.append(f"| {r['run']} | {r['method']} | {r['scheme']} | {r['steps']} | {r['forward_passes']} | "
-                     f"{r['train_seconds']} | {r['best_dev']:.3f} | {r['tested_step']} | {r['zero_shot']:.4f} | "
+                     f"{r['train_seconds']} | {r['best_dev']:.3f} | {r['tested_step']} | {last_dev(r)} | {r['zero_shot']:.4f} | "
                      f"{r['test']:.4f} | {r['peak_rss_train_mib']} |")
     if comparison:
         p = comparison["paired"]
