@@ -530,9 +530,17 @@ def _generate(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Te
     n = model.peft_config[model.active_adapter].num_virtual_tokens
     prefix = model.get_prompt(batch_size=input_ids.shape[0])
     mask = torch.cat([attention_mask.new_ones(input_ids.shape[0], n), attention_mask], dim=1)
-    # past_key_values: the name transformers 5.0 reads (later 5.x also take it, with a note that says `cache`)
-    return model.get_base_model().generate(input_ids=input_ids, attention_mask=mask, past_key_values=prefix,
-                                           generation_config=config)
+    return model.get_base_model().generate(input_ids=input_ids, attention_mask=mask, generation_config=config,
+                                           **{_cache_argument(): prefix})
+
+
+def _cache_argument() -> str:
+    """What ``generate`` calls the cache it continues: ``cache`` from transformers 5.24 (tested; the
+    old name warns there and goes in 6.0), ``past_key_values`` before."""
+    import transformers
+    from packaging.version import Version
+
+    return "cache" if Version(transformers.__version__).release >= (5, 24) else "past_key_values"
 
 
 # ----------------------------------------------------------------------------- choices as one batch
