@@ -60,6 +60,35 @@ def first_reaching(points: list[dict], target: float) -> dict | None:
     return None
 
 
+def plot_dev_curves(series: dict[str, list[dict]], x_key: str, x_label: str, title: str, path: Path,
+                    hline: tuple[float, str] | None = None) -> bool:
+    """Dev accuracy against ``x_key`` of each labelled curve, as a PNG; False without matplotlib.
+
+    One drawing for every benchmark page that plots dev curves (convergence, equal time).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, points in series.items():
+        ax.plot([p[x_key] for p in points], [p["dev_accuracy"] for p in points], marker=".", label=label)
+    if hline is not None:
+        ax.axhline(hline[0], color="grey", linestyle="--", linewidth=0.8, label=hline[1])
+    ax.set_xlabel(x_label)
+    ax.set_ylabel("dev accuracy")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--grid", default=str(ROOT / "benchmarks/grids/sst2-convergence.yaml"))
@@ -185,30 +214,12 @@ def main(argv=None) -> int:
         f"![dev accuracy vs seconds](figures/{grid['name']}-seconds.png)", "",
     ]
     Path(args.out).write_text("\n".join(page))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return 0
     fig_dir = Path(args.figures)
-    fig_dir.mkdir(parents=True, exist_ok=True)
+    hline = (target, f"{args.reference} final dev") if target is not None else None
+    series = {f"{method} (lr {r['lr']:g})": r["points"] for method, r in chosen.items()}
     for x_key, label in (("forward_passes", "forward passes"), ("seconds", "training seconds")):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for method, r in chosen.items():
-            xs = [p[x_key] for p in r["points"]]
-            ys = [p["dev_accuracy"] for p in r["points"]]
-            ax.plot(xs, ys, marker="o", label=f"{method} (lr {r['lr']:g})")
-        if target is not None:
-            ax.axhline(target, color="grey", linestyle="--", linewidth=0.8, label=f"{args.reference} final dev")
-        ax.set_xlabel(label)
-        ax.set_ylabel("dev accuracy")
-        ax.set_title(f"{grid['name']}: SmolLM2-135M")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(fig_dir / f"{grid['name']}-{x_key}.png", dpi=110)
-        plt.close(fig)
+        plot_dev_curves(series, x_key, label, f"{grid['name']}: SmolLM2-135M",
+                        fig_dir / f"{grid['name']}-{x_key}.png", hline=hline)
     return 0
 
 

@@ -32,6 +32,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 import weakref
 from collections.abc import Sequence
@@ -534,6 +535,7 @@ def _generate(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Te
                                            **{_cache_argument(): prefix})
 
 
+@functools.cache  # the installed transformers does not change within a process
 def _cache_argument() -> str:
     """What ``generate`` calls the cache it continues: ``cache`` from transformers 5.24 (tested; the
     old name warns there and goes in 6.0), ``past_key_values`` before."""

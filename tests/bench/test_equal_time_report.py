@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 
-def fake_run(root: Path, name: str, method: str, scheme: str, tuned: list[int], peak_mib: int) -> dict:
+def fake_run(root: Path, name: str, method: str, scheme: str, tuned: list[int], peak_mib: int,
+             best_dev: float = 0.8) -> dict:
     run = root / name
     run.mkdir(parents=True)
     metrics = [{"step": 10, "loss": 0.5, "step_time": 2.0, "forward_passes": 90},
@@ -20,7 +21,7 @@ def fake_run(root: Path, name: str, method: str, scheme: str, tuned: list[int], 
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in metrics) + "\n")
     (run / "test_rows.json").write_text(json.dumps({"zero_shot": [0] * len(tuned), "tuned": tuned}))
     res = {"method": method, "scheme": scheme, "steps": 20, "forward_passes": 180, "train_seconds": 50.0,
-           "stopped_by_time_budget": True, "best_dev": {"value": 0.8, "step": 20}, "tested_step": 20,
+           "stopped_by_time_budget": True, "best_dev": {"value": best_dev, "step": 20}, "tested_step": 20,
            "zero_shot": {"accuracy": 0.0}, "test": {"accuracy": sum(tuned) / len(tuned), "n": len(tuned)},
            "peak_rss_train_bytes": peak_mib * 2 ** 20}
     return {"run": name, "status": "ok", "output_dir": str(run), "results": res}
@@ -56,3 +57,11 @@ def test_runs_tested_on_different_rows_are_refused(tmp_path, benchmark_script):
     fo = et.summarise(fake_run(tmp_path, "fo", "fo-adam", "full", [1, 1, 1], 4000))
     with pytest.raises(SystemExit, match="different rows"):
         et.compare(zo, fo)
+
+
+def test_the_zo_run_compared_is_chosen_on_dev_never_on_test(tmp_path, benchmark_script):
+    et = benchmark_script("equal_time")
+    better_on_test = et.summarise(fake_run(tmp_path, "a", "fzoo", "prefix", [1] * 18 + [0] * 2, 1000, best_dev=0.7))
+    better_on_dev = et.summarise(fake_run(tmp_path, "b", "fzoo", "prefix", [1] * 10 + [0] * 10, 1000, best_dev=0.75))
+    tied_later = et.summarise(fake_run(tmp_path, "c", "mezo", "full", [1] * 20, 1000, best_dev=0.75))
+    assert et.best_on_dev([better_on_test, better_on_dev, tied_later])["run"] == "b"
