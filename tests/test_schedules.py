@@ -67,3 +67,14 @@ def test_schedule_errors_name_the_value():
         sched.load_state_dict({"step": 1})
     with pytest.raises(ValueError, match="Did you mean 'cosine'"):
         make_schedule(opt, "cosin", 4)
+
+
+def test_the_scheduler_is_part_of_the_public_api():
+    opt = _opt(lr=2.0)
+    schedule = zotune.make_schedule(opt, "linear", total_steps=4)
+    assert isinstance(schedule, zotune.LRSchedule) and zotune.LRSchedule is LRSchedule
+    lrs = []
+    for _ in range(4):
+        lrs.append(opt.param_groups[0]["lr"])
+        schedule.step()
+    assert lrs == pytest.approx([2.0, 1.5, 1.0, 0.5])

@@ -27,11 +27,11 @@ from zotune.presets import (
     ZOSGDSign,
 )
 from zotune.rules import make_rule
-from zotune.schedules import lr_multiplier
+from zotune.schedules import LRSchedule, lr_multiplier, make_schedule
 from zotune.step import NonFiniteLossError, ZOOptimizer
 
 __all__ = [
     "FOAdam", "FOSGD", "FZOO", "ForwardGrad", "HiZOO", "SparseMeZO", "HybridOptimizer", "LOZO", "MeZO", "NonFiniteLossError",
     "PopulationLowRank", "PRESETS", "ZOAdam", "ZOOptimizer", "ZOSGDConservative", "ZOSGDBlock", "ZOSGDMomentum", "ZOSGDSign",
-    "lr_multiplier", "make_estimator", "make_rule",
+    "LRSchedule", "lr_multiplier", "make_estimator", "make_rule", "make_schedule",
 ]

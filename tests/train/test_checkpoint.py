@@ -189,3 +189,12 @@ def test_copy_weights_fills_the_tensors_one_by_one_and_names_what_is_missing(tmp
     (path / "meta.json").write_text("{not json")
     with pytest.raises(ckpt.CheckpointError, match="ckpt-best is damaged: meta.json"):
         ckpt.copy_weights(path, named)
+
+
+def test_a_meta_with_a_non_finite_number_is_refused_and_the_checkpoint_kept(tmp_path):
+    where = tmp_path / "ckpt-last"
+    ckpt.save_checkpoint(where, {"w": torch.ones(2)}, None, {"step": 1, "loss": 0.5})
+    with pytest.raises(ckpt.CheckpointError, match="non-finite"):
+        ckpt.save_checkpoint(where, {"w": torch.zeros(2)}, None, {"step": 2, "loss": math.nan})
+    assert json.loads((where / "meta.json").read_text()) == {"step": 1, "loss": 0.5}  # strict JSON, untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-last"]  # no half-written folder left

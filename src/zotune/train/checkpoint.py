@@ -142,6 +142,11 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], optimizer_state: dict | None, meta: dict) -> Path:
     """Atomically write (or replace) the checkpoint folder ``path``."""
     path = Path(path)
+    try:  # strict JSON, checked before anything is written: a bad meta never replaces a checkpoint
+        meta_text = json.dumps(meta, indent=2, default=str, allow_nan=False)
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {path}: meta holds a non-finite number ({e}); "
+                              "store None for a value that is not a number") from None
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     prev = path.with_name(f"{path.name}.prev")
@@ -154,7 +159,7 @@ def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], optimize
         _save_tensors(tmp / OPT_TENSORS, _own_storage(opt_tensors))
         text = json.dumps({"format": _FORMAT, "state": structure}, allow_nan=False)
         _write_file(tmp / OPT_STRUCTURE, lambda f: f.write(text.encode()))
-    _write_file(tmp / "meta.json", lambda f: f.write(json.dumps(meta, indent=2, default=str).encode()))
+    _write_file(tmp / "meta.json", lambda f: f.write(meta_text.encode()))
     _fsync_dir(tmp)
     if path.exists():
         if prev.exists():
