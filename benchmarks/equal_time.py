@@ -9,7 +9,8 @@ rows to choose anything. Reports, per run: steps, forward passes, training secon
 accuracy and step, test accuracy, and training's peak resident memory (the process's peak after
 the model was loaded, up to the end of training); then the ZO run with the best dev accuracy
 (never chosen on test) against FO-Adam: the gap in test points, an exact McNemar test of the two
-tuned models on the same test rows, and the ratio of their peak memory. Machine and date are recorded with the numbers.
+tuned models on the same test rows, and the ratio of their peak memory. Machine and date are
+recorded with the numbers.
 """
 
 from __future__ import annotations

@@ -191,10 +191,14 @@ def test_copy_weights_fills_the_tensors_one_by_one_and_names_what_is_missing(tmp
         ckpt.copy_weights(path, named)
 
 
-def test_a_meta_with_a_non_finite_number_is_refused_and_the_checkpoint_kept(tmp_path):
+def test_a_meta_with_a_non_finite_number_is_written_as_strict_json(tmp_path):
     where = tmp_path / "ckpt-last"
     ckpt.save_checkpoint(where, {"w": torch.ones(2)}, None, {"step": 1, "loss": 0.5})
-    with pytest.raises(ckpt.CheckpointError, match="non-finite"):
-        ckpt.save_checkpoint(where, {"w": torch.zeros(2)}, None, {"step": 2, "loss": math.nan})
-    assert json.loads((where / "meta.json").read_text()) == {"step": 1, "loss": 0.5}  # strict JSON, untouched
+    ckpt.save_checkpoint(where, {"w": torch.zeros(2)}, None, {"step": 2, "loss": math.nan, "dev": [-math.inf]})
+
+    def refuse(constant):
+        raise AssertionError(f"meta.json holds {constant}: not strict JSON")
+
+    meta = json.loads((where / "meta.json").read_text(), parse_constant=refuse)
+    assert meta == {"step": 2, "loss": None, "dev": [None]}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-last"]  # no half-written folder left

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from zotune.errors import ZotuneError
+from zotune.train.logger import to_json
 
 #: the optimizer state: tensors in one file, the structure around them (JSON) in another
 OPT_TENSORS, OPT_STRUCTURE = "optimizer.safetensors", "optimizer.json"
@@ -142,11 +143,7 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], optimizer_state: dict | None, meta: dict) -> Path:
     """Atomically write (or replace) the checkpoint folder ``path``."""
     path = Path(path)
-    try:  # strict JSON, checked before anything is written: a bad meta never replaces a checkpoint
-        meta_text = json.dumps(meta, indent=2, default=str, allow_nan=False)
-    except ValueError as e:
-        raise CheckpointError(f"checkpoint {path}: meta holds a non-finite number ({e}); "
-                              "store None for a value that is not a number") from None
+    meta_text = to_json(meta, indent=2, default=str)  # strict JSON like every file a run writes: NaN -> null
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     prev = path.with_name(f"{path.name}.prev")

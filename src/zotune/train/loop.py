@@ -34,7 +34,7 @@ from zotune.schedules import make_schedule
 from zotune.step import ZOOptimizer
 from zotune.train.checkpoint import CheckpointError, copy_weights, find_checkpoint, load_checkpoint, save_checkpoint
 from zotune.train.evaluate import check_truncation, evaluate_rows, headline
-from zotune.train.logger import RunLogger, finite_or_none, log, setup_console_logging, to_json
+from zotune.train.logger import RunLogger, log, setup_console_logging, to_json
 from zotune.train.objective import make_closure, resolve_objective
 
 LAST, BEST = "ckpt-last", "ckpt-best"
@@ -251,7 +251,7 @@ def _write_json_atomic(path: Path, data: dict) -> None:
 
 
 def _meta(cfg: Config, setup: Setup, step: int, extra: dict | None = None) -> dict:
-    return finite_or_none({
+    return {  # save_checkpoint writes it as strict JSON (a non-finite dev score becomes null)
         "step": step,
         "config_fingerprint": cfg.fingerprint(),
         "model": setup.loaded.name,
@@ -259,7 +259,7 @@ def _meta(cfg: Config, setup: Setup, step: int, extra: dict | None = None) -> di
         "method": cfg.optim.method,
         "scheme": cfg.trainable.scheme,
         **(extra or {}),
-    })
+    }
 
 
 def check_compatible(meta: dict, cfg: Config, setup: Setup, where: Path) -> None:
