@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # The lr probes behind the LoRA / prefix / prompt starting points (src/zotune/defaults.py) and the
 # cross-task grid's per-scheme lr (benchmarks/grids/cross-task.yaml): `zotune tune` on SST-2's dev
-# rows (never test), SmolLM2-135M, FZOO and MeZO, each candidate lr trained from the same weights.
+# rows (never test), SmolLM2-135M, FZOO and MeZO, each candidate lr trained from the same weights;
+# then per-task probes of the prefix's lr on each task's own dev rows (the task-* names).
 # One probe at a time (2 cores); each writes its JSON answer to benchmarks/results/tune/.
 #   bash benchmarks/scheme_probes.sh [NAME ...]   # default: all
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=benchmarks/results/tune
 mkdir -p "$out"
-common=(model.name=smollm2-135m task.name=sst2 task.train=1000 task.dev=200 task.test=0 task.max_length=64
-        train.batch_size=16 train.progress=false)
+common=(model.name=smollm2-135m train.batch_size=16 train.progress=false)
+# SST-2's test rows come from its own file (SST-2/dev.tsv), so test=0 leaves dev and train as they are
+sst2=(task.name=sst2 task.train=1000 task.dev=200 task.test=0 task.max_length=64)
 probe() {  # name steps factors overrides...
   local name=$1 steps=$2 factors=$3; shift 3
   if [[ -s "$out/$name.json" ]]; then echo "$name: done already ($out/$name.json)"; return; fi
@@ -23,17 +25,28 @@ probe() {  # name steps factors overrides...
 }
 want() { [[ ${#names[@]} -eq 0 ]] || [[ " ${names[*]} " == *" $1 "* ]]; }
 names=("$@")
-want fzoo-lora   && probe fzoo-lora 10 1,10,100 optim.method=fzoo optim.lr=1e-3 optim.eps=1e-2 trainable.scheme=lora
-want fzoo-prefix && probe fzoo-prefix 10 1,10,100 optim.method=fzoo optim.lr=1e-3 optim.eps=1e-1 trainable.scheme=prefix
+want fzoo-lora   && probe fzoo-lora 10 1,10,100 "${sst2[@]}" optim.method=fzoo optim.lr=1e-3 optim.eps=1e-2 trainable.scheme=lora
+want fzoo-prefix && probe fzoo-prefix 10 1,10,100 "${sst2[@]}" optim.method=fzoo optim.lr=1e-3 optim.eps=1e-1 trainable.scheme=prefix
 # the prefix probe picked its grid's top (0.1): the next decade up
-want fzoo-prefix-wide && probe fzoo-prefix-wide 10 1,3,10 optim.method=fzoo optim.lr=1e-1 optim.eps=1e-1 trainable.scheme=prefix
+want fzoo-prefix-wide && probe fzoo-prefix-wide 10 1,3,10 "${sst2[@]}" optim.method=fzoo optim.lr=1e-1 optim.eps=1e-1 trainable.scheme=prefix
 # with the init seeded (the two probes above drew their prefixes from the global RNG), over 20 steps:
 # the 0.3 chosen at 10 steps oscillated around 50 % dev in the 56-step cross-task run
-want fzoo-prefix-20 && probe fzoo-prefix-20 20 0.1,0.3,1 optim.method=fzoo optim.lr=3e-1 optim.eps=1e-1 trainable.scheme=prefix
+want fzoo-prefix-20 && probe fzoo-prefix-20 20 0.1,0.3,1 "${sst2[@]}" optim.method=fzoo optim.lr=3e-1 optim.eps=1e-1 trainable.scheme=prefix
 # prefix from real activations (zotune train's init since 2026-12-03): the probes above started from
 # peft's random prefix, which raised the dev loss from 1.22 to 1.67 before any step
-want fzoo-prefix-act && probe fzoo-prefix-act 10 0.1,1,10 optim.method=fzoo optim.lr=1e-2 optim.eps=1e-1 trainable.scheme=prefix
-want fzoo-prompt && probe fzoo-prompt 10 1,10,100 optim.method=fzoo optim.lr=1e-3 optim.eps=1e-1 trainable.scheme=prompt
-want mezo-lora   && probe mezo-lora 30 1,10,100 optim.method=mezo optim.lr=3e-5 optim.eps=1e-2 trainable.scheme=lora
-want mezo-prefix && probe mezo-prefix 30 1,10,100 optim.method=mezo optim.lr=3e-5 optim.eps=1e-1 trainable.scheme=prefix
-want mezo-prompt && probe mezo-prompt 30 1,10,100 optim.method=mezo optim.lr=3e-5 optim.eps=1e-1 trainable.scheme=prompt
+want fzoo-prefix-act && probe fzoo-prefix-act 10 0.1,1,10 "${sst2[@]}" optim.method=fzoo optim.lr=1e-2 optim.eps=1e-1 trainable.scheme=prefix
+want fzoo-prompt && probe fzoo-prompt 10 1,10,100 "${sst2[@]}" optim.method=fzoo optim.lr=1e-3 optim.eps=1e-1 trainable.scheme=prompt
+want mezo-lora   && probe mezo-lora 30 1,10,100 "${sst2[@]}" optim.method=mezo optim.lr=3e-5 optim.eps=1e-2 trainable.scheme=lora
+want mezo-prefix && probe mezo-prefix 30 1,10,100 "${sst2[@]}" optim.method=mezo optim.lr=3e-5 optim.eps=1e-1 trainable.scheme=prefix
+want mezo-prompt && probe mezo-prompt 30 1,10,100 "${sst2[@]}" optim.method=mezo optim.lr=3e-5 optim.eps=1e-1 trainable.scheme=prompt
+# per task, the prefix (from real activations) at 0.03 .. 1 around SST-2's 0.1, on the task's own dev
+# rows with the cross-task grid's split sizes: the classification tasks did not move at SST-2's lr.
+# The test size must be the grid's too: these tasks carve test first, then dev, so another test
+# size would shift the dev rows (test=0 would make them the grid's test rows). tune never reads test.
+prefix=(optim.method=fzoo optim.lr=1e-1 optim.eps=1e-1 trainable.scheme=prefix)
+want task-wsc        && probe task-wsc 10 0.3,1,3,10 task.name=wsc task.test=200 task.train=304 task.dev=50 "${prefix[@]}"
+want task-winogrande && probe task-winogrande 10 0.3,1,3,10 task.name=winogrande task.test=500 task.train=1000 task.dev=100 "${prefix[@]}"
+want task-wic        && probe task-wic 10 0.3,1,3,10 task.name=wic task.test=500 task.train=1000 task.dev=100 "${prefix[@]}"
+want task-mnli       && probe task-mnli 10 0.3,1,3,10 task.name=mnli task.test=500 task.train=1000 task.dev=100 "${prefix[@]}"
+want task-rte        && probe task-rte 10 0.3,1,3,10 task.name=rte task.test=300 task.train=1000 task.dev=100 "${prefix[@]}"
+want task-copa       && probe task-copa 10 0.3,1,3,10 task.name=copa task.test=100 task.train=250 task.dev=50 "${prefix[@]}"

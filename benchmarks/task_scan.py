@@ -1,6 +1,7 @@
 """Zero-shot scan of the tasks on their carved dev rows: where can a short ZO run move?
 
-    python benchmarks/task_scan.py [--tasks sst2,cb,...] [--dev 100] [--out benchmarks/results/task_scan.json]
+    python benchmarks/task_scan.py [--tasks sst2,cb,...] [--dev 100] [--grid benchmarks/grids/cross-task.yaml]
+                                   [--out benchmarks/results/task_scan.json]
 
 Why: a few hundred ZO steps mostly re-balance the model's answers before they teach it the
 task, so a task whose zero-shot model answers one choice for nearly every row, while the labels
@@ -12,6 +13,10 @@ log-likelihood, fitted on the same dev rows: an upper bound on what re-balancing
 give, the first thing a short ZO run learns), and the seconds the scan took (a proxy for each
 task's forward cost). Generation tasks (SQuAD, DROP)
 report EM / F1 and the mean answer length in words.
+
+Splits carve test first, then dev, so the scan carves each task's test split with the size and
+seed of that task's first run in ``--grid`` (tasks not in it: the config's default test size)
+and reads the dev rows after it: the runs' own dev rows, never their test rows.
 """
 from __future__ import annotations
 
@@ -24,8 +29,10 @@ from datetime import datetime, timezone
 
 import torch
 
-from zotune.config import load_config
 import itertools
+
+from zotune.bench.grid import load_grid, run_config
+from zotune.config import Config, load_config
 
 from zotune.lm import choice_logprobs, generate
 from zotune.models import load_model
@@ -51,11 +58,28 @@ def rebalanced(scores: list[list[float]], rows, metric: str) -> float | None:
     return best
 
 
-def scan(task: str, dev: int, loaded, max_length: int | None) -> dict:
-    over = [f"task.name={task}", f"task.dev={dev}", "task.test=0", "task.train=0"]
+def grid_test_splits(path: str) -> dict[str, tuple[int, int]]:
+    """Per task, the (test size, split seed) of the grid's first run of it."""
+    grid = load_grid(path)
+    out: dict[str, tuple[int, int]] = {}
+    for run in grid.runs:
+        cfg = run_config(grid, run)
+        out.setdefault(cfg.task.name, (cfg.task.test, cfg.task.split_seed))
+    return out
+
+
+def scan_config(task: str, dev: int, max_length: int | None, test_split: tuple[int, int] | None) -> Config:
+    """The scan's config: ``dev`` rows carved after a test split of ``test_split`` = (size, seed)."""
+    test, seed = test_split or (Config().task.test, Config().task.split_seed)
+    over = [f"task.name={task}", f"task.dev={dev}", f"task.test={test}", f"task.split_seed={seed}", "task.train=0"]
     if max_length:
         over.append(f"task.max_length={max_length}")
-    cfg = load_config(None, over)
+    return load_config(None, over)
+
+
+def scan(task: str, dev: int, loaded, max_length: int | None, test_split: tuple[int, int] | None) -> dict:
+    cfg = scan_config(task, dev, max_length, test_split)
+    test, seed = cfg.task.test, cfg.task.split_seed
     data = load_data(cfg, ("dev",))
     rows, spec = list(data.dev), data.spec
     t0 = time.time()
@@ -76,7 +100,8 @@ def scan(task: str, dev: int, loaded, max_length: int | None) -> dict:
             out["top_prediction_share"] = collections.Counter(preds).most_common(1)[0][1] / len(preds)
             if labels:
                 out["top_label_share"] = collections.Counter(labels).most_common(1)[0][1] / len(labels)
-    out.update({"task": task, "n": len(rows), "max_length": cfg.task.max_length, "seconds": round(time.time() - t0, 1)})
+    out.update({"task": task, "n": len(rows), "max_length": cfg.task.max_length, "test_rows_skipped": test,
+                "split_seed": seed, "seconds": round(time.time() - t0, 1)})
     return out
 
 
@@ -87,15 +112,18 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--max-length", action="append", default=[], metavar="TASK=N",
                     help="a shorter max_length for a task (e.g. squad=384)")
+    ap.add_argument("--grid", default="benchmarks/grids/cross-task.yaml",
+                    help="the runs whose test rows the scan must not read (their test size and split seed)")
     ap.add_argument("--out", default="benchmarks/results/task_scan.json")
     a = ap.parse_args()
     lengths = dict(x.split("=") for x in a.max_length)
+    splits = grid_test_splits(a.grid)
     loaded = load_model(a.model, dtype="float32")
     results = []
     print("| task | dev rows | metric | top prediction share | top label share | re-balanced accuracy | s |\n"
           "|---|---:|---|---:|---:|---:|---:|")
     for task in a.tasks.split(","):
-        r = scan(task, a.dev, loaded, int(lengths[task]) if task in lengths else None)
+        r = scan(task, a.dev, loaded, int(lengths[task]) if task in lengths else None, splits.get(task))
         results.append(r)
         metric = ", ".join(f"{k} {100 * r[k]:.1f}" for k in ("accuracy", "f1a", "em", "f1") if k in r)
         extra = f" ({r['answer_words']:.1f} words)" if "answer_words" in r else ""
@@ -104,7 +132,8 @@ def main() -> None:
         reb = f"{100 * r['rebalanced_accuracy']:.1f}" if r.get("rebalanced_accuracy") is not None else "-"
         print(f"| {task} | {r['n']} | {metric}{extra} | {top_p} | {top_l} | {reb} | {r['seconds']} |", flush=True)
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.processor() or platform.machine(),
-            "cpus": torch.get_num_threads(), "torch": torch.__version__, "model": a.model, "dev_rows": a.dev}
+            "cpus": torch.get_num_threads(), "torch": torch.__version__, "model": a.model, "dev_rows": a.dev,
+            "grid": a.grid}
     with open(a.out, "w") as f:
         json.dump({"meta": meta, "tasks": results}, f, indent=2)
 

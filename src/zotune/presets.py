@@ -15,7 +15,7 @@ from torch import nn
 
 from zotune.estimators import Blockwise, ForwardGradient, Gaussian, HessianInformed, LowRankEstimator, MagnitudeMasked
 from zotune.estimators import PopulationLowRank as PopulationLowRankEstimator
-from zotune.fo import FOAdam, FOSGD
+from zotune.fo import FOAdam, FOSGD  # noqa: F401 (PRESETS below looks the presets up by name)
 from zotune.methods import METHODS
 from zotune.rules import adam, lowrank_momentum, momentum, sgd, sign
 from zotune.schemes import CentralWithCurvature, OneSidedNormalised

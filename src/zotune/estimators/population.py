@@ -31,7 +31,7 @@ from zotune.estimators.gaussian import draw
 from zotune.estimators.lowrank import MatrixFactors
 
 #: stream tag of the members' V factors (LOZO's V is shared by a period; a member's is its own)
-STREAM_POPULATION_V = 7
+STREAM_POPULATION_V = rng.STREAM_POPULATION_V
 
 
 class PopulationLowRank(MatrixFactors, Estimator):

@@ -17,7 +17,7 @@ import yaml
 
 from .base import TaskSpec
 from .definitions import template_scoring
-from .file_task import FORMATS, FileTaskSpec
+from .file_task import FileTaskSpec
 
 __all__ = ["BUILTIN_TEMPLATES", "task_to_yaml"]
 

@@ -9,6 +9,10 @@ says so, with the whole table; a candidate whose loss went non-finite or rose is
 such. If no candidate lowered the dev loss, it says that too instead of picking one. With
 ``eps_factors`` (``--eps-factors 0.1,1,10``) it tries every (lr, eps) pair and picks both.
 
+Run it with the training run's split sizes (its recipe as is): without a labeled evaluation file,
+test rows are carved first and dev rows after them, so a different ``task.test`` moves the dev
+rows, and ``task.test=0`` would make them the training run's test rows.
+
 The probe keeps one copy of the trainable tensors (to restart each candidate from the same
 point), so for full fine-tuning it needs the model's memory twice.
 """
