@@ -99,7 +99,9 @@ def scan_table(path: Path) -> str:
         reb = f"{100 * t['rebalanced_accuracy']:.1f}" if t.get("rebalanced_accuracy") is not None else "-"
         lines.append(f"| {t['task']} | {t['n']} | {metric} | {pct('top_prediction_share')} | {pct('top_label_share')} | {reb} |")
     m = scan["meta"]
-    return "\n".join(lines) + f"\n\n{m['model']}, {m['date'][:10]}, `python benchmarks/task_scan.py` (dev rows only)."
+    where = (f"the dev rows after each task's test split as `{m['grid']}` carves it" if m.get("grid") else
+             "its first rows with test=0, which for tasks without an evaluation file are the runs' test rows: rerun it")
+    return "\n".join(lines) + f"\n\n{m['model']}, {m['date'][:10]}, `python benchmarks/task_scan.py`: {where}."
 
 
 def main() -> None:

@@ -110,3 +110,17 @@ def test_runs_score_with_the_configured_scoring(monkeypatch, tmp_path):
                                     "train.eval_at_start=false", f"train.output_dir={tmp_path / 'run'}"])
     loop.train(cfg)
     assert seen and set(seen) == {"mean"}
+
+
+def test_probe_warns_when_test_0_makes_its_dev_rows_another_runs_test_rows(caplog):
+    """Test rows are carved before dev rows: with task.test=0 the probe's dev rows are the rows a
+    run with a test split tests on (how the SST-2 probes read test rows before 2026-12-03)."""
+    with caplog.at_level("WARNING", logger="zotune.tune"):
+        out = probe_lr(load_config(None, TINY + ["optim.lr=1e-3"]), factors=(1.0,), steps=1, progress=False)
+    assert "task.test=0" in caplog.text and out["split"]["test"] == 0
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="zotune.tune"):
+        out = probe_lr(load_config(None, TINY + ["optim.lr=1e-3", "task.test=8"]), factors=(1.0,), steps=1,
+                       progress=False)
+    assert "task.test=0" not in caplog.text and out["split"] == {"train": 48, "dev": 16, "test": 8, "seed": 0,
+                                                                  "eval_file": None}

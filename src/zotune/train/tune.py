@@ -65,6 +65,10 @@ def probe_lr(cfg: Config, *, factors=DEFAULT_FACTORS, steps: int = 20, rows: int
     probe = list(data.dev)[:rows]
     if not probe:
         raise ValueError("zotune tune needs dev rows: set task.dev > 0 (the probe never reads the test split)")
+    if cfg.task.test == 0 and cfg.task.eval_file is None:
+        log.warning("task.test=0 with no task.eval_file: dev rows are carved right after the test rows, so "
+                    "these dev rows are the ones a run with task.test > 0 tests on; give tune the training "
+                    "run's split sizes (its recipe) to probe on that run's dev rows")
     device = next(model.parameters()).device
     objective = resolve_objective(cfg, data.train)
     dev_loss_of = make_closure(setup.loaded, probe, cfg, device, objective)
@@ -116,6 +120,9 @@ def probe_lr(cfg: Config, *, factors=DEFAULT_FACTORS, steps: int = 20, rows: int
     best, reason = choose(before, rows_out)
     reason += f" (over {steps} steps of {cfg.train.batch_size} rows, dev loss on {len(probe)} dev rows)"
     return {"method": cfg.optim.method, "scheme": cfg.trainable.scheme, "task": cfg.task.name,
-            "steps": steps, "dev_rows": len(probe), "dev_loss_before": before, "candidates": rows_out,
+            "steps": steps, "dev_rows": len(probe), "split": {"train": cfg.task.train, "dev": cfg.task.dev,
+                                                              "test": cfg.task.test, "seed": cfg.task.split_seed,
+                                                              "eval_file": cfg.task.eval_file},
+            "dev_loss_before": before, "candidates": rows_out,
             "chosen_lr": best["lr"] if best else None, "chosen_eps": best["eps"] if best else None,
             "reason": reason}
