@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import json
 import platform
 import time
@@ -29,11 +30,8 @@ from datetime import datetime, timezone
 
 import torch
 
-import itertools
-
 from zotune.bench.grid import load_grid, run_config
 from zotune.config import Config, load_config
-
 from zotune.lm import choice_logprobs, generate
 from zotune.models import load_model
 from zotune.tasks.metrics import compute_metric
@@ -70,7 +68,8 @@ def grid_test_splits(path: str) -> dict[str, tuple[int, int]]:
 
 def scan_config(task: str, dev: int, max_length: int | None, test_split: tuple[int, int] | None) -> Config:
     """The scan's config: ``dev`` rows carved after a test split of ``test_split`` = (size, seed)."""
-    test, seed = test_split or (Config().task.test, Config().task.split_seed)
+    default = Config().task
+    test, seed = test_split or (default.test, default.split_seed)
     over = [f"task.name={task}", f"task.dev={dev}", f"task.test={test}", f"task.split_seed={seed}", "task.train=0"]
     if max_length:
         over.append(f"task.max_length={max_length}")

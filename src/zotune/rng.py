@@ -21,7 +21,7 @@ STREAM_MASK = 4
 STREAM_RADEMACHER = 5
 STREAM_ROUNDING = 6
 STREAM_ADAPTER_INIT = 7  # LoRA / prefix / prompt initial values (zotune.train.loop.adapter_init_seed)
-#: a population member's V (zotune.estimators.population). It shares 7 with the adapter init, a
+#: a population member's own V (LOZO's V is shared by a period). It shares 7 with the adapter init, a
 #: slip kept so recorded runs replay: the keys still differ, (7,) against (7, step, query, leaf)
 STREAM_POPULATION_V = 7
 

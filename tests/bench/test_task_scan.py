@@ -30,8 +30,8 @@ def test_scan_dev_rows_are_disjoint_from_the_grid_runs_test_rows(tmp_path, monke
 
     from zotune.bench.grid import load_grid, run_config
     g = load_grid(grid)
-    run_test = load_data(run_config(g, g.runs[0]), ("test",)).test
-    run_dev = load_data(run_config(g, g.runs[0]), ("dev",)).dev
+    run = load_data(run_config(g, g.runs[0]), ("dev", "test"))
+    run_test, run_dev = run.test, run.dev
     scanned = load_data(scan.scan_config("copa", 10, None, splits["copa"]), ("dev",)).dev
     key = lambda e: e.choices  # noqa: E731 (each synthetic row's choices are unique)
     assert {key(e) for e in scanned} == {key(e) for e in run_dev}

@@ -30,9 +30,6 @@ from zotune.estimators.base import DEFAULT_CHUNK, Dense, Direction, Estimator, L
 from zotune.estimators.gaussian import draw
 from zotune.estimators.lowrank import MatrixFactors
 
-#: stream tag of the members' V factors (LOZO's V is shared by a period; a member's is its own)
-STREAM_POPULATION_V = rng.STREAM_POPULATION_V
-
 
 class PopulationLowRank(MatrixFactors, Estimator):
     """``N = queries`` members per step, each a rank-``r`` direction ``U_k V_k^T`` per matrix.
@@ -56,7 +53,7 @@ class PopulationLowRank(MatrixFactors, Estimator):
         m, n = self.shapes[i]
         r = self.leaf_rank(i)
         gu = rng.leaf_generator(self.run_seed, d.step, d.query, i, rng.STREAM_LOWRANK_U, p.device)
-        gv = rng.leaf_generator(self.run_seed, d.step, d.query, i, STREAM_POPULATION_V, p.device)
+        gv = rng.leaf_generator(self.run_seed, d.step, d.query, i, rng.STREAM_POPULATION_V, p.device)
         return LowRank(randn_like_leaf(p, gu, (m, r)), randn_like_leaf(p, gv, (n, r)), d.step)
 
     def grad_scale(self, i: int) -> float:
