@@ -97,7 +97,8 @@ def scan_table(path: Path) -> str:
         metric = f"F1 {100 * t['f1']:.1f}" if "f1" in t else f"{100 * t['accuracy']:.1f}"
         pct = lambda k: f"{100 * t[k]:.0f} %" if t.get(k) is not None else "-"  # noqa: E731
         reb = f"{100 * t['rebalanced_accuracy']:.1f}" if t.get("rebalanced_accuracy") is not None else "-"
-        lines.append(f"| {t['task']} | {t['n']} | {metric} | {pct('top_prediction_share')} | {pct('top_label_share')} | {reb} |")
+        name = t["task"] + (f" ({t['template']})" if t.get("template") and t["template"] != "zotune" else "")
+        lines.append(f"| {name} | {t['n']} | {metric} | {pct('top_prediction_share')} | {pct('top_label_share')} | {reb} |")
     m = scan["meta"]
     where = (f"the dev rows after each task's test split as `{m['grid']}` carves it" if m.get("grid") else
              "its first rows with test=0, which for tasks without an evaluation file are the runs' test rows: rerun it")

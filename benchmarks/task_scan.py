@@ -1,6 +1,6 @@
 """Zero-shot scan of the tasks on their carved dev rows: where can a short ZO run move?
 
-    python benchmarks/task_scan.py [--tasks sst2,cb,...] [--dev 100] [--grid benchmarks/grids/cross-task.yaml]
+    python benchmarks/task_scan.py [--tasks sst2,cb,mnli:infer,...] [--dev 100] [--grid benchmarks/grids/cross-task.yaml]
                                    [--out benchmarks/results/task_scan.json]
 
 Why: a few hundred ZO steps mostly re-balance the model's answers before they teach it the
@@ -66,18 +66,23 @@ def grid_test_splits(path: str) -> dict[str, tuple[int, int]]:
     return out
 
 
-def scan_config(task: str, dev: int, max_length: int | None, test_split: tuple[int, int] | None) -> Config:
-    """The scan's config: ``dev`` rows carved after a test split of ``test_split`` = (size, seed)."""
+def scan_config(task: str, dev: int, max_length: int | None, test_split: tuple[int, int] | None,
+                template: str | None = None) -> Config:
+    """The scan's config: ``dev`` rows carved after a test split of ``test_split`` = (size, seed),
+    rendered with ``template`` (default: the task's)."""
     default = Config().task
     test, seed = test_split or (default.test, default.split_seed)
     over = [f"task.name={task}", f"task.dev={dev}", f"task.test={test}", f"task.split_seed={seed}", "task.train=0"]
     if max_length:
         over.append(f"task.max_length={max_length}")
+    if template:
+        over.append(f"task.template={template}")
     return load_config(None, over)
 
 
-def scan(task: str, dev: int, loaded, max_length: int | None, test_split: tuple[int, int] | None) -> dict:
-    cfg = scan_config(task, dev, max_length, test_split)
+def scan(task: str, dev: int, loaded, max_length: int | None, test_split: tuple[int, int] | None,
+         template: str | None = None) -> dict:
+    cfg = scan_config(task, dev, max_length, test_split, template)
     test, seed = cfg.task.test, cfg.task.split_seed
     data = load_data(cfg, ("dev",))
     rows, spec = list(data.dev), data.spec
@@ -99,14 +104,14 @@ def scan(task: str, dev: int, loaded, max_length: int | None, test_split: tuple[
             out["top_prediction_share"] = collections.Counter(preds).most_common(1)[0][1] / len(preds)
             if labels:
                 out["top_label_share"] = collections.Counter(labels).most_common(1)[0][1] / len(labels)
-    out.update({"task": task, "n": len(rows), "max_length": cfg.task.max_length, "test_rows_skipped": test,
+    out.update({"task": task, "template": cfg.task.template or spec.default_template, "n": len(rows), "max_length": cfg.task.max_length, "test_rows_skipped": test,
                 "split_seed": seed, "seconds": round(time.time() - t0, 1)})
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tasks", default=DEFAULT)
+    ap.add_argument("--tasks", default=DEFAULT, help="comma-separated TASK or TASK:TEMPLATE (e.g. mnli:infer)")
     ap.add_argument("--dev", type=int, default=100)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--max-length", action="append", default=[], metavar="TASK=N",
@@ -121,15 +126,16 @@ def main() -> None:
     results = []
     print("| task | dev rows | metric | top prediction share | top label share | re-balanced accuracy | s |\n"
           "|---|---:|---|---:|---:|---:|---:|")
-    for task in a.tasks.split(","):
-        r = scan(task, a.dev, loaded, int(lengths[task]) if task in lengths else None, splits.get(task))
+    for entry in a.tasks.split(","):
+        task, _, template = entry.partition(":")
+        r = scan(task, a.dev, loaded, int(lengths[task]) if task in lengths else None, splits.get(task), template or None)
         results.append(r)
         metric = ", ".join(f"{k} {100 * r[k]:.1f}" for k in ("accuracy", "f1a", "em", "f1") if k in r)
         extra = f" ({r['answer_words']:.1f} words)" if "answer_words" in r else ""
         top_p = f"{100 * r['top_prediction_share']:.0f} %" if "top_prediction_share" in r else "-"
         top_l = f"{100 * r['top_label_share']:.0f} %" if "top_label_share" in r else "-"
         reb = f"{100 * r['rebalanced_accuracy']:.1f}" if r.get("rebalanced_accuracy") is not None else "-"
-        print(f"| {task} | {r['n']} | {metric}{extra} | {top_p} | {top_l} | {reb} | {r['seconds']} |", flush=True)
+        print(f"| {entry} | {r['n']} | {metric}{extra} | {top_p} | {top_l} | {reb} | {r['seconds']} |", flush=True)
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.processor() or platform.machine(),
             "cpus": torch.get_num_threads(), "torch": torch.__version__, "model": a.model, "dev_rows": a.dev,
             "grid": a.grid}

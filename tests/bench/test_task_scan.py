@@ -39,3 +39,13 @@ def test_scan_dev_rows_are_disjoint_from_the_grid_runs_test_rows(tmp_path, monke
     # what the scan did before: test=0 made its dev rows the runs' test rows
     leaked = load_data(scan.scan_config("copa", 10, None, (0, 3)), ("dev",)).dev
     assert {key(e) for e in leaked} <= {key(e) for e in run_test}
+
+
+def test_scan_config_takes_a_template(tmp_path, monkeypatch, benchmark_script):
+    write_copa(tmp_path / "data")
+    monkeypatch.setenv("ZOTUNE_DATA", str(tmp_path / "data"))
+    scan = benchmark_script("task_scan")
+    assert scan.scan_config("copa", 10, None, (20, 3)).task.template is None
+    cfg = scan.scan_config("copa", 10, None, (20, 3), "mezo")
+    assert cfg.task.template == "mezo"
+    assert len(load_data(cfg, ("dev",)).dev) == 10

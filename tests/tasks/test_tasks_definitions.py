@@ -153,6 +153,18 @@ def test_snli_and_mnli_json(data_root):
     assert ex.label == 0 and ex.target[1] == " Yes, we are especially sad this year because we lost a lot of people."
 
 
+@pytest.mark.parametrize("name", ["mnli", "snli"])
+def test_nli_infer_template_shares_one_context(name, data_root):
+    """CB's prompt for MNLI / SNLI: one context, one-token answers, so one forward row scores all
+    three candidates (the LM-BFF template needs three rows, the answer sitting mid-sentence)."""
+    row, ex = first(name, data_root, template="infer")
+    assert ex.choices[0][0] == (f'Suppose {row["text_a"]} Can we infer that "{row["text_b"]}"? '
+                                "Yes, No, or Maybe?\n")
+    assert len({c for c, _ in ex.choices}) == 1
+    assert [c for _, c in ex.choices] == ["Yes", "Maybe", "No"]  # NLI_LABELS: entailment, neutral, contradiction
+    assert ex.target[1] == {"entailment": "Yes", "neutral": "Maybe", "contradiction": "No"}[row["label"]]
+
+
 @pytest.mark.parametrize("name, dev", [("MNLI", "dev_matched.tsv"), ("SNLI", "dev.tsv")])
 def test_lmbff_kshot_files(name, dev, data_root):
     data = load_task(name, data_root=data_root, split=SplitSpec(train=48, dev=0, test=48),

@@ -173,6 +173,19 @@ def _lmbff_nli(a: str, b: str, labels: Mapping[Any, int], words: Sequence[str]) 
     return template
 
 
+def _can_we_infer(a: str, b: str, labels: Mapping[Any, int], words: Sequence[str]) -> Template:
+    """CB's prompt (the MeZO appendix's) for any premise / hypothesis pair: the three answers are
+    one token each after one shared context, so a single forward row scores them all."""
+    def template(row):
+        context = f'Suppose {row[a]} Can we infer that "{row[b]}"? Yes, No, or Maybe?\n'
+        return _classify(context, words, labels[row["label"]])
+
+    template.__name__ = template.__qualname__ = "can_we_infer"
+    template.__doc__ = ("'Suppose <premise> Can we infer that \"<hypothesis>\"? Yes, No, or Maybe?\\n' + "
+                        + " / ".join(words) + " (CB's prompt; one forward row scores every answer).")
+    return template
+
+
 def boolq(row):
     """'<passage> <question>?' + ' No' / ' Yes' (the MeZO appendix's prompt)."""
     return _classify(f"{row['passage']} {row['question']}?", (" No", " Yes"), BINARY[row["label"]])
@@ -513,6 +526,7 @@ TASKS: tuple[TaskSpec, ...] = (
         name="SNLI", description="Three-way natural language inference on image captions (LM-BFF files).",
         loader=_nli, metric="accuracy",
         templates={"lmbff": _lmbff_nli("text_a", "text_b", NLI_LABELS, ("Yes", "Maybe", "No")),
+                   "infer": _can_we_infer("text_a", "text_b", NLI_LABELS, ("Yes", "Maybe", "No")),
                    "none": _unaligned(("text_a", "text_b"), NLI_LABELS)},
         default_template="lmbff", train_file="SNLI/train.json",
         fields=("text_a", "text_b", "label"), labels=NLI_LABELS,
@@ -523,6 +537,7 @@ TASKS: tuple[TaskSpec, ...] = (
         name="MNLI", description="Three-way multi-genre natural language inference (LM-BFF files).",
         loader=_nli, metric="accuracy",
         templates={"lmbff": _lmbff_nli("text_a", "text_b", NLI_LABELS, ("Yes", "Maybe", "No")),
+                   "infer": _can_we_infer("text_a", "text_b", NLI_LABELS, ("Yes", "Maybe", "No")),
                    "none": _unaligned(("text_a", "text_b"), NLI_LABELS)},
         default_template="lmbff", train_file="MNLI/train.json",
         fields=("text_a", "text_b", "label"), labels=NLI_LABELS, aliases=("multinli",),

@@ -112,6 +112,8 @@ BUILTIN_TEMPLATES: dict[tuple[str, str], dict] = {
 }
 for _nli in ("SNLI", "MNLI"):
     BUILTIN_TEMPLATES[(_nli, "lmbff")] = _lmbff("text_a", "text_b", ("Yes", "Maybe", "No"))
+    BUILTIN_TEMPLATES[(_nli, "infer")] = {"context": 'Suppose {{ text_a }} Can we infer that "{{ text_b }}"? '
+                                                 "Yes, No, or Maybe?\n", "choices": ["Yes", "Maybe", "No"]}
     BUILTIN_TEMPLATES[(_nli, "none")] = {"context": "{{ text_a }}\n{{ text_b }}", "choices": _IDX3}
 
 #: fields copied into Example.meta (MultiRC's metric groups answer options by question_id)
