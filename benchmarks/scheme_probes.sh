@@ -54,3 +54,6 @@ want task-copa       && probe task-copa 10 0.3,1,3,10 task.name=copa task.test=1
 want task-wic        && probe task-wic 10 0.3,1,3,10 task.name=wic task.test=500 task.train=1000 task.dev=100 "${prefix[@]}"
 want task-wsc        && probe task-wsc 10 0.3,1,3,10 task.name=wsc task.test=200 task.train=304 task.dev=50 "${prefix[@]}"
 want task-winogrande && probe task-winogrande 10 0.3,1,3,10 task.name=winogrande task.test=500 task.train=1000 task.dev=100 "${prefix[@]}"
+# 2026-12-03 (fifth session): MNLI with the infer template (one shared context, one-token answers:
+# a third of the LM-BFF template's forward cost), a decade around the other tasks' 0.03-0.1
+want task-mnli-infer && probe task-mnli-infer 10 0.1,0.3,1,3 task.name=mnli task.template=infer task.test=500 task.train=1000 task.dev=100 "${prefix[@]}"
