@@ -57,3 +57,12 @@ want task-winogrande && probe task-winogrande 10 0.3,1,3,10 task.name=winogrande
 # 2026-12-03 (fifth session): MNLI with the infer template (one shared context, one-token answers:
 # a third of the LM-BFF template's forward cost), a decade around the other tasks' 0.03-0.1
 want task-mnli-infer && probe task-mnli-infer 10 0.1,0.3,1,3 task.name=mnli task.template=infer task.test=500 task.train=1000 task.dev=100 "${prefix[@]}"
+# MeZO on the prefix from real activations (the mezo-prefix probe above ran from peft's random prefix,
+# and at 3e-5 .. 3e-3): its step shrinks with the loss differences, where FZOO's normalised step
+# keeps its length and drifted on SST-2 after step 60 (docs/equal-time.md)
+want mezo-prefix-act && probe mezo-prefix-act 30 1,10,100 "${sst2[@]}" optim.method=mezo optim.lr=1e-3 optim.eps=1e-1 trainable.scheme=prefix
+# a first-order reference: can the prefix learn WiC at all in 10 steps? (FO-Adam; none of 1e-3 .. 0.1
+# lowered WiC's dev loss, where FO-Adam on all weights moves WiC in 100 steps)
+want task-wic-fo-adam-prefix && probe task-wic-fo-adam-prefix 10 0.1,1,10 task.name=wic task.test=500 task.train=1000 task.dev=100 optim.method=fo-adam optim.lr=1e-2 trainable.scheme=prefix
+# mezo-prefix-act picked its grid's top (0.1; dev loss 0.975 -> 0.786, 0.01 gave 0.799): the next half decade up
+want mezo-prefix-act-wide && probe mezo-prefix-act-wide 30 1,3,10 "${sst2[@]}" optim.method=mezo optim.lr=1e-1 optim.eps=1e-1 trainable.scheme=prefix
