@@ -149,15 +149,21 @@ def sst2_none(row):
     return _classify(row["sentence"].strip(), (" 0", " 1"), SST2_LABELS[row["label"]])
 
 
-def _does_this_mean(labels: Mapping[Any, int], words: Sequence[str]) -> Template:
+def _shared_context(name: str, prompt: str, a: str, b: str, labels: Mapping[Any, int], words: Sequence[str],
+                    note: str = ".") -> Template:
+    """A premise / hypothesis ``prompt`` (``{premise}``, ``{hypothesis}``) whose candidates are the
+    label ``words`` after it: one shared context, so one forward row scores every candidate."""
     def template(row):
-        context = f'{row["premise"]}\nDoes this mean that "{row["hypothesis"]}" is true? Yes or No?\n'
-        return _classify(context, words, labels[row["label"]])
+        return _classify(prompt.format(premise=row[a], hypothesis=row[b]), words, labels[row["label"]])
 
-    template.__name__ = template.__qualname__ = "does_this_mean"
-    template.__doc__ = ("'<premise>\\nDoes this mean that \"<hypothesis>\" is true? Yes or No?\\n' + "
-                        + " / ".join(words) + ".")
+    template.__name__ = template.__qualname__ = name
+    template.__doc__ = f"{prompt.format(premise='<premise>', hypothesis='<hypothesis>')!r} + {' / '.join(words)}{note}"
     return template
+
+
+def _does_this_mean(labels: Mapping[Any, int], words: Sequence[str]) -> Template:
+    return _shared_context("does_this_mean", '{premise}\nDoes this mean that "{hypothesis}" is true? Yes or No?\n',
+                           "premise", "hypothesis", labels, words)
 
 
 def _lmbff_nli(a: str, b: str, labels: Mapping[Any, int], words: Sequence[str]) -> Template:
@@ -174,16 +180,9 @@ def _lmbff_nli(a: str, b: str, labels: Mapping[Any, int], words: Sequence[str]) 
 
 
 def _can_we_infer(a: str, b: str, labels: Mapping[Any, int], words: Sequence[str]) -> Template:
-    """CB's prompt (the MeZO appendix's) for any premise / hypothesis pair: the three answers are
-    one token each after one shared context, so a single forward row scores them all."""
-    def template(row):
-        context = f'Suppose {row[a]} Can we infer that "{row[b]}"? Yes, No, or Maybe?\n'
-        return _classify(context, words, labels[row["label"]])
-
-    template.__name__ = template.__qualname__ = "can_we_infer"
-    template.__doc__ = ("'Suppose <premise> Can we infer that \"<hypothesis>\"? Yes, No, or Maybe?\\n' + "
-                        + " / ".join(words) + " (CB's prompt; one forward row scores every answer).")
-    return template
+    """CB's prompt (the MeZO appendix's) for any premise / hypothesis pair."""
+    return _shared_context("can_we_infer", 'Suppose {premise} Can we infer that "{hypothesis}"? Yes, No, or Maybe?\n',
+                           a, b, labels, words, " (CB's prompt; one forward row scores every answer).")
 
 
 def boolq(row):
