@@ -30,6 +30,12 @@ def test_measured_values_are_the_benchmarks_dev_choices():
     assert derived.lr == pytest.approx(3e-3) and not derived.measured and "ratio" in derived.evidence
     assert starting_point("zo-adam", "lora").lr == pytest.approx(1e-4)  # normalised: FZOO's measured ratio
     assert starting_point("mezo", "prefix").eps == 1e-1
+    # MeZO on the prefix: 0.01 measured at equal time on SST-2 dev (0.1 never learned; OPT's grids' ratio gave 0.3)
+    prefix = starting_point("mezo", "prefix")
+    assert (prefix.lr, prefix.measured) == (1e-2, True) and "equal-time" in prefix.evidence
+    # other gradient-sized steps on the prefix / prompt follow MeZO's measured prefix ratio
+    assert starting_point("forward-grad", "prefix").lr == pytest.approx(1e-2)
+    assert starting_point("mezo", "prompt").lr == pytest.approx(1e-2)
 
 
 def test_a_config_without_lr_gets_the_starting_point_and_says_so(caplog):

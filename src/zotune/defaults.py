@@ -66,16 +66,20 @@ _FULL = {
 
 #: lr of a scheme over full fine-tuning's, for methods whose step is normalised (FZOO, Adam, sign:
 #: measured with FZOO) and for those whose step is the gradient's size (MeZO and the rest: MeZO's
-#: own grids, Table 15 of its paper: full 1e-6 / 1e-7, LoRA 1e-4 / 5e-5, prefix 1e-2 / 1e-3 on OPT)
+#: own grids, Table 15 of its paper: full 1e-6 / 1e-7, LoRA 1e-4 / 5e-5 on OPT; for the prefix, MeZO
+#: measured here, 1e-2 over 3e-5: the grids' ~1e4x ratio gave 0.3, and 0.1 already never learned)
 _MEZO_GRIDS = "MeZO's lr grids for OPT (its Table 15)"
+_EQUAL = "benchmarks/grids/sst2-equal-time.yaml, docs/equal-time.md"
 _SCHEME_RATIO = {
     "lora": {"normalised": (10.0, f"measured: FZOO LoRA probe, 1e-2 over full's 1e-3 ({_PROBES})"),
              "gradient": (100.0, f"derived: {_MEZO_GRIDS}, LoRA ~100x full")},
     "prefix": {"normalised": (100.0, f"measured: FZOO prefix probe, 0.1 over full's 1e-3 ({_PROBES})"),
-               "gradient": (1e4, f"derived: {_MEZO_GRIDS}, prefix ~1e4x full")},
+               "gradient": (1e-2 / 3e-5, f"measured: MeZO on the prefix, 1e-2 over full's 3e-5 ({_EQUAL}; "
+                                         f"{_MEZO_GRIDS} say ~1e4x, and 0.1 never learned here)")},
     "prompt": {"normalised": (100.0, f"derived: FZOO's prefix ratio ({_PROBES}); prompt vectors are "
                                      "embeddings, as prefix vectors are activations"),
-               "gradient": (1e4, f"derived: {_MEZO_GRIDS}' prefix ratio")},
+               "gradient": (1e-2 / 3e-5, "derived: MeZO's measured prefix ratio; prompt vectors are "
+                                         "embeddings, as prefix vectors are activations")},
 }
 _NORMALISED = {"fzoo", "zo-adam", "zo-sgd-sign", "fo-adam"}
 
@@ -85,6 +89,8 @@ _MEASURED = {
                                                f"({_PROBES})"),
     ("fzoo", "prefix"): StartingPoint(0.1, 1e-1, f"measured: `zotune tune` on SST-2 dev with the prefix from "
                                                 f"real activations, lr 1e-3 / 1e-2 / 1e-1 ({_PROBES})"),
+    ("mezo", "prefix"): StartingPoint(1e-2, 1e-1, f"measured: 30-minute SST-2 runs chosen on dev ({_EQUAL}): "
+                                                 "0.01 held 0.78-0.80 dev, 0.1 (its 30-step probe's pick) never learned"),
     ("fo-adam", "lora"): StartingPoint(1e-4, 1e-3, "measured: ZO-Bench studies' FO-Adam LoRA lr (docs/studies.md)"),
 }
 
