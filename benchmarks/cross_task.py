@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from zotune.bench.paired import paired_test
+from zotune.defaults import starting_point
 from zotune.train.evaluate import headline
 
 ALPHA = 0.05
@@ -54,19 +55,26 @@ def collect_rows(records: dict, stored: dict) -> dict:
 def summarise(records: dict, rows: dict) -> list[dict]:
     out = []
     for name, r in records.items():
-        if r["status"] != "ok" or name not in rows or "tuned" not in rows[name]:
+        if r["status"] != "ok" or "test" not in r.get("results", {}):
             continue
         res = r["results"]
         key, tuned = headline(res["test"])
-        test = paired_test(rows[name]["zero_shot"], rows[name]["tuned"])
-        zs = test["mean_a"]  # the rows' mean: the base model's (benchmarks/base_zero_shot.py re-measured older adapter runs)
+        if name in rows and "tuned" in rows[name]:
+            test = paired_test(rows[name]["zero_shot"], rows[name]["tuned"])
+            zs = test["mean_a"]  # the rows' mean: the base model's (benchmarks/base_zero_shot.py re-measured older adapter runs)
+            optim = rows[name]["optim"]
+        else:  # the run folder was lost before its rows were copied: no paired test, never counted as moved
+            test = {"p": None, "n": res["sizes"]["test"], "mean_a": None, "mean_b": None}
+            zs = headline(res["zero_shot"])[1]
+            start = starting_point(res["method"], res["scheme"])  # what the run resolved when its recipe set none
+            optim = {"lr": r["overrides"].get("optim.lr", start.lr), "eps": r["overrides"].get("optim.eps", start.eps)}
         out.append({
             "run": name, "task": res["task"], "method": res["method"], "scheme": res["scheme"],
-            "lr": rows[name]["optim"]["lr"], "eps": rows[name]["optim"]["eps"], "steps": res["steps"],
+            "lr": optim["lr"], "eps": optim["eps"], "steps": res["steps"],
             "tested_step": res["tested_step"], "forward_passes": res["forward_passes"],
             "mean_step_seconds": res["mean_step_seconds"], "wall_seconds": r["wall_seconds"],
             "metric": key, "zero_shot": zs, "tuned": tuned, "test_rows": test["n"],
-            "paired": test, "moved": test["p"] < ALPHA and test["mean_b"] > test["mean_a"],
+            "paired": test, "moved": test["p"] is not None and test["p"] < ALPHA and test["mean_b"] > test["mean_a"],
             "peak_rss_mib": res["peak_rss_bytes"] / 2 ** 20 if res.get("peak_rss_bytes") else None,
         })
     return out
@@ -78,11 +86,15 @@ def table(summary: list[dict]) -> str:
              "|---|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|"]
     for s in summary:
         p = s["paired"]
-        split = f"{p['only_a']} / {p['only_b']}" if "only_a" in p else f"mean F1 diff {100 * (p['mean_b'] - p['mean_a']):+.1f}"
+        if p["p"] is None:
+            split, pval = "rows not kept (run folder lost)", "-"
+        else:
+            split = f"{p['only_a']} / {p['only_b']}" if "only_a" in p else f"mean F1 diff {100 * (p['mean_b'] - p['mean_a']):+.1f}"
+            pval = f"{p['p']:.2g}"
         lines.append(
             f"| {s['run']} | {s['task']} | {s['scheme']} | {s['method']} | {s['lr']:g} | {s['steps']} ({s['tested_step']}) | "
             f"{s['forward_passes']:,} | {s['wall_seconds']:,.0f} | {s['metric']} | {100 * s['zero_shot']:.1f} | "
-            f"{100 * s['tuned']:.1f} | {s['test_rows']} | {split} | {p['p']:.2g} | {'yes' if s['moved'] else 'no'} |")
+            f"{100 * s['tuned']:.1f} | {s['test_rows']} | {split} | {pval} | {'yes' if s['moved'] else 'no'} |")
     return "\n".join(lines)
 
 

@@ -48,3 +48,23 @@ def test_table_marks_a_task_moved_only_when_the_paired_test_says_so(tmp_path, mo
     (moved_dir / "test_rows.json").unlink()
     cross.main()
     assert json.loads((tmp_path / "report.json").read_text())["moved"] == ["sst2 (full)"]
+
+
+def test_a_run_whose_rows_were_lost_is_listed_but_never_counted_as_moved(tmp_path, monkeypatch, benchmark_script):
+    cross = benchmark_script("cross_task")
+    r = record("rte-fzoo-full", tmp_path / "gone", "rte", 0.5, 0.75)
+    r["results"]["sizes"] = {"test": 300}
+    results = tmp_path / "r.jsonl"
+    results.write_text(json.dumps(r) + "\n")
+    doc = tmp_path / "results.md"
+    doc.write_text(f"{cross.START}\n{cross.END}\n")
+    argv = ["cross_task.py", "--results", str(results), "--rows", str(tmp_path / "rows.json"),
+            "--report", str(tmp_path / "report.json"), "--doc", str(doc), "--scan", str(tmp_path / "none.json")]
+    monkeypatch.setattr(sys, "argv", argv)
+    cross.main()
+    report = json.loads((tmp_path / "report.json").read_text())
+    (run,) = report["runs"]
+    assert run["paired"]["p"] is None and not run["moved"] and report["moved"] == []
+    assert run["lr"] == 1e-3  # FZOO's starting point on all weights: the recipe set none
+    assert "| rte-fzoo-full | rte | full | fzoo | 0.001 | 56 (42) | 504 | 480 | accuracy | 50.0 | 75.0 | 300 | " \
+           "rows not kept (run folder lost) | - | no |" in doc.read_text()
