@@ -161,7 +161,7 @@ def cmd_tune(args) -> int:
         given["factors"] = numbers(args.factors, "--factors")
     if args.eps_factors:
         given["eps_factors"] = numbers(args.eps_factors, "--eps-factors")
-    out = probe_lr(cfg, steps=args.steps, rows=args.rows, **given)
+    out = probe_lr(cfg, steps=args.steps, rows=args.rows, rule=args.rule, **given)
     print(f"{'lr':>10}  {'eps':>8}  {'dev loss':>9}  status", file=sys.stderr)
     for r in out["candidates"]:
         loss = "-" if r["dev_loss"] is None else f"{r['dev_loss']:.4f}"
@@ -268,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     tn.add_argument("--factors", help="comma-separated multiples of optim.lr to try (default 0.1,0.3,1,3,10)")
     tn.add_argument("--eps-factors", help="comma-separated multiples of optim.eps to try with each lr "
                                           "(default 1: eps as set; e.g. 0.1,1,10 tries 3 eps per lr)")
+    tn.add_argument("--rule", choices=("one-se", "min"), default="one-se",
+                    help="one-se (default): the smallest lr within one standard error of the lowest dev loss; "
+                         "min: the lowest dev loss")
     bp = command("bench", help="run a grid of training runs (one process each, resumable)")
     bp.add_argument("grid", help="a grid YAML file")
     bp.add_argument("--only", help="comma-separated run names")

@@ -35,6 +35,53 @@ def test_choose_takes_the_lowest_dev_loss_that_fell_and_flags_the_grid_edge():
     assert best is None and "no candidate lowered the dev loss (0.5000)" in why
 
 
+def chunked(factor, chunks):
+    return {**row(factor, sum(chunks) / len(chunks)), "dev_chunks": chunks}
+
+
+def test_one_se_rule_keeps_the_smallest_lr_within_one_standard_error_of_the_lowest_loss():
+    # lr x1 beats lr x0.3 by 0.01 on average, but the chunk differences (0.03, -0.01, 0.01, 0.01)
+    # have a standard error of sqrt(0.0008 / 3 / 4) = 0.00816 ... so 0.01 is not within it
+    low, high = chunked(0.3, [0.63, 0.61, 0.62, 0.62]), chunked(1.0, [0.60, 0.62, 0.61, 0.61])
+    assert high["dev_loss"] < low["dev_loss"]
+    best, why = choose(0.69, [low, high])
+    assert best is high and "lowered the dev loss most" in why
+    # a noisier difference (0.07, -0.05, 0.03, -0.01: se 0.0258) ties them: the smaller lr is kept
+    low = chunked(0.3, [0.67, 0.57, 0.64, 0.60])
+    best, why = choose(0.69, [low, high, chunked(0.1, [0.68, 0.68, 0.68, 0.68])])
+    assert best is low and "within one standard error (0.0258)" in why and "lr 1e-05 was lower" in why
+    assert choose(0.69, [low, high], rule="min")[0] is high
+    # a candidate that did not lower the loss is never kept, however small its lr
+    flat = {**chunked(0.1, [0.70, 0.60, 0.70, 0.60]), "status": "dev loss did not fall"}
+    assert choose(0.69, [flat, low, high])[0] is low
+    with pytest.raises(ValueError, match="unknown rule 'median'"):
+        choose(0.69, [low], rule="median")
+
+
+def test_paired_standard_error_is_the_standard_error_of_the_chunk_differences():
+    from zotune.train.tune import _paired_se
+
+    d = [0.07, -0.05, 0.03, -0.01]
+    mean = sum(d) / 4
+    expected = (sum((x - mean) ** 2 for x in d) / 3 / 4) ** 0.5
+    assert _paired_se([1 + x for x in d], [1.0] * 4) == pytest.approx(expected)
+    assert _paired_se([0.5], [0.4]) == 0.0
+
+
+def test_probe_scores_dev_rows_in_chunks_and_rejects_bad_chunks_and_rules():
+    cfg = load_config(None, TINY + ["optim.method=mezo", "optim.lr=1e-3"])
+    setup = build(cfg)
+    out = probe_lr(cfg, factors=(1.0,), steps=1, setup=setup, progress=False, rows=16, chunks=4)
+    (cand,) = out["candidates"]
+    assert out["chunks"] == 4 and out["rule"] == "one-se" and len(cand["dev_chunks"]) == 4
+    assert cand["dev_loss"] == pytest.approx(sum(cand["dev_chunks"]) / 4)  # equal chunks weigh equally
+    assert "16 dev rows in 4 chunks; rule one-se" in out["reason"]
+    with pytest.raises(ValueError, match="chunks must be an integer >= 1"):
+        probe_lr(cfg, steps=1, setup=setup, progress=False, chunks=0)
+    with pytest.raises(ValueError, match="unknown rule 'best'"):
+        probe_lr(cfg, steps=1, setup=setup, progress=False, rule="best")
+
+
 def test_probe_runs_every_candidate_from_the_same_weights_and_restores_them():
     cfg = load_config(None, TINY + ["optim.method=mezo", "optim.lr=1e-3"])
     setup = build(cfg)
@@ -53,7 +100,7 @@ def test_probe_runs_every_candidate_from_the_same_weights_and_restores_them():
 
 def test_probe_tries_every_lr_and_eps_pair_and_picks_both():
     cfg = load_config(None, TINY + ["optim.method=mezo", "optim.lr=1e-3"])
-    out = probe_lr(cfg, factors=(1e-9, 1.0), eps_factors=(1.0, 10.0), steps=2, progress=False)
+    out = probe_lr(cfg, factors=(1e-9, 1.0), eps_factors=(1.0, 10.0), steps=2, progress=False, rule="min")
     pairs = [(r["factor"], r["eps_factor"]) for r in out["candidates"]]
     assert pairs == [(1e-9, 1.0), (1.0, 1.0), (1e-9, 10.0), (1.0, 10.0)]
     assert [r["eps"] for r in out["candidates"]] == pytest.approx([1e-2, 1e-2, 1e-1, 1e-1])
@@ -79,13 +126,13 @@ def test_tune_command_prints_the_table_and_json_and_exits_by_outcome():
     import sys
 
     args = [sys.executable, "-m", "zotune.cli", "tune", *TINY, "optim.method=mezo", "optim.lr=1e-3",
-            "--steps", "2", "--factors", "1e-9,1"]
+            "--steps", "2", "--factors", "1e-9,1", "--rule", "min"]
     done = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert done.returncode in (0, 3), done.stderr
     out = json.loads(done.stdout)
     assert [r["factor"] for r in out["candidates"]] == [1e-9, 1.0]
     assert "dev loss" in done.stderr and out["reason"] in done.stderr
-    assert (done.returncode == 0) == (out["chosen_lr"] is not None)
+    assert (done.returncode == 0) == (out["chosen_lr"] is not None) and out["rule"] == "min"
     bad = subprocess.run([sys.executable, "-m", "zotune.cli", "tune", *TINY, "task.dev=0", "--steps", "1"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "needs dev rows" in bad.stderr and "Traceback" not in bad.stderr
