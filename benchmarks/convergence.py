@@ -60,6 +60,24 @@ def first_reaching(points: list[dict], target: float) -> dict | None:
     return None
 
 
+def against_reference(runs: list[dict], ref: list[dict], target: float, fwd_share: float = 1 / 3,
+                      seconds_share: float = 0.5) -> dict:
+    """Each run's forward passes and seconds to ``target`` as shares of the reference runs' whole
+    budget (issue 10: reach MeZO's 250-step accuracy with at most a third of its forward passes
+    and half its wall time). The reference budget is the mean over its runs (seeds)."""
+    fwd = statistics.mean(r["forward_passes"] for r in ref)
+    secs = statistics.mean(r["points"][-1]["seconds"] for r in ref)
+    per_seed = []
+    for r in runs:
+        hit = first_reaching(r["points"], target)
+        f = hit["forward_passes"] / fwd if hit else None
+        t = hit["seconds"] / secs if hit else None
+        per_seed.append({"seed": r["seed"], "fwd_share": f, "seconds_share": t,
+                         "met": hit is not None and f <= fwd_share + 1e-12 and t <= seconds_share + 1e-12})
+    return {"reference_forward_passes": fwd, "reference_seconds": round(secs, 1), "per_seed": per_seed,
+            "met_seeds": sum(x["met"] for x in per_seed), "seeds": len(per_seed)}
+
+
 def plot_dev_curves(series: dict[str, list[dict]], x_key: str, x_label: str, title: str, path: Path,
                     hline: tuple[float, str] | None = None) -> bool:
     """Dev accuracy against ``x_key`` of each labelled curve, as a PNG; False without matplotlib.
@@ -164,8 +182,15 @@ def main(argv=None) -> int:
             "forward_passes_to_target": [h["forward_passes"] if h else None for h in hits],
             "seconds_to_target": [h["seconds"] if h else None for h in hits],
         })
+    budget = []  # the issue's first target: each method's seeds against the reference's whole budget
+    if ref is not None:
+        ref_runs = [x for x in runs if x["method"] == args.reference and x["lr"] == ref["lr"] and x["points"]]
+        for method, r in chosen.items():
+            same = [x for x in runs if x["method"] == method and x["lr"] == r["lr"] and x["points"]]
+            budget.append({"method": method, "lr": r["lr"], **against_reference(same, ref_runs, target)})
     out = {
         "grid": grid["name"], "reference": args.reference, "target_dev_accuracy": target, "seeds": seeds,
+        "against_reference_budget": budget,
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
         "date": datetime.date.today().isoformat(), "table": table, "runs": runs,
     }
@@ -190,6 +215,17 @@ def main(argv=None) -> int:
         for x in seeds:
             lines.append(f"| {x['method']} | {x['lr']:g} | {len(x['seeds'])} | {x['test_mean']:.4f} +- {x['test_sd']:.4f} | "
                          f"{x['best_dev']} | {x['forward_passes_to_target']} | {x['seconds_to_target']} |")
+    if budget:
+        b0 = budget[0]
+        share = lambda v: "not reached" if v is None else f"{v:.2f}"  # noqa: E731
+        lines += ["", f"Against {args.reference}'s whole run ({b0['reference_forward_passes']:g} forward passes, "
+                  f"{b0['reference_seconds']:g} training seconds, the mean over its seeds): forward passes and seconds "
+                  "to the target as shares of it, per seed; the target (issue 10) is at most 1/3 of the forward "
+                  "passes and 1/2 of the seconds", "",
+                  "| method | lr | fwd share per seed | seconds share per seed | seeds meeting both |", "|---" * 5 + "|"]
+        for b in budget:
+            lines.append(f"| {b['method']} | {b['lr']:g} | {', '.join(share(x['fwd_share']) for x in b['per_seed'])} | "
+                         f"{', '.join(share(x['seconds_share']) for x in b['per_seed'])} | {b['met_seeds']} of {b['seeds']} |")
     lines += ["", "All runs of the sweep:", "", "| run | seed | best dev | final dev | test | forward passes | s / step |",
               "|---|---|---|---|---|---|---|"]
     for r in runs:

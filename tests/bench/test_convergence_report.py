@@ -1,0 +1,30 @@
+"""benchmarks/convergence.py: forward passes and seconds to the target against the reference's budget."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def run(seed, points, fwd=500):
+    return {"seed": seed, "forward_passes": fwd,
+            "points": [{"forward_passes": f, "seconds": s, "dev_accuracy": a} for f, s, a in points]}
+
+
+def test_shares_of_the_reference_budget_per_seed(benchmark_script):
+    conv = benchmark_script("convergence")
+    # the reference: 500 forward passes in 600 s and 400 s (mean budget 500 s)
+    ref = [run(0, [(250, 300, 0.60), (500, 600, 0.64)]), run(1, [(250, 200, 0.66), (500, 400, 0.63)])]
+    fast = [run(0, [(54, 25, 0.58), (108, 50, 0.65)], fwd=504),   # 108 / 500 fwd, 50 / 500 s: met
+            run(1, [(162, 74, 0.64)], fwd=504),                   # 0.324 and 0.148: met
+            run(2, [(324, 148, 0.70)], fwd=504),                  # 0.648 of the forward passes: not met
+            run(3, [(504, 200, 0.60)], fwd=504)]                  # never reached
+    out = conv.against_reference(fast, ref, target=0.635)
+    assert out["reference_forward_passes"] == 500 and out["reference_seconds"] == 500
+    shares = [(x["fwd_share"], x["seconds_share"]) for x in out["per_seed"]]
+    assert shares[:3] == [pytest.approx((0.216, 0.1)), pytest.approx((0.324, 0.148)), pytest.approx((0.648, 0.296))]
+    assert shares[3] == (None, None)
+    assert [x["met"] for x in out["per_seed"]] == [True, True, False, False]
+    assert out["met_seeds"] == 2 and out["seeds"] == 4
+    # the seconds matter too: a third of the forward passes in more than half the time is not met
+    slow = conv.against_reference([run(0, [(150, 260, 0.64)])], ref, target=0.635)
+    assert slow["per_seed"][0]["fwd_share"] == pytest.approx(0.3) and not slow["per_seed"][0]["met"]
