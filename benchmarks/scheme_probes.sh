@@ -66,3 +66,6 @@ want mezo-prefix-act && probe mezo-prefix-act 30 1,10,100 "${sst2[@]}" optim.met
 want task-wic-fo-adam-prefix && probe task-wic-fo-adam-prefix 10 0.1,1,10 task.name=wic task.test=500 task.train=1000 task.dev=100 optim.method=fo-adam optim.lr=1e-2 trainable.scheme=prefix
 # mezo-prefix-act picked its grid's top (0.1; dev loss 0.975 -> 0.786, 0.01 gave 0.799): the next half decade up
 want mezo-prefix-act-wide && probe mezo-prefix-act-wide 30 1,3,10 "${sst2[@]}" optim.method=mezo optim.lr=1e-1 optim.eps=1e-1 trainable.scheme=prefix
+# 2026-12-04: the same probe with the half decades between, picked by the one-standard-error rule
+# (zotune tune's default since): at equal time 0.1 never learned and 0.01 reached 77.75 % test
+want mezo-prefix-act-onese && probe mezo-prefix-act-onese 30 1,3,10,30,100 "${sst2[@]}" optim.method=mezo optim.lr=1e-3 optim.eps=1e-1 trainable.scheme=prefix
