@@ -14,6 +14,16 @@ def record(run, out_dir, task, zs, tuned, metric="accuracy"):
             "output_dir": str(out_dir), "results": res}
 
 
+def build_report(cross, tmp_path, monkeypatch, results, doc, text):
+    """Run the script on ``results`` into ``doc`` (holding ``text``); return its JSON report."""
+    doc.write_text(text)
+    argv = ["cross_task.py", "--results", str(results), "--rows", str(tmp_path / "rows.json"),
+            "--report", str(tmp_path / "report.json"), "--doc", str(doc), "--scan", str(tmp_path / "none.json")]
+    monkeypatch.setattr(sys, "argv", argv)
+    cross.main()
+    return json.loads((tmp_path / "report.json").read_text())
+
+
 def test_table_marks_a_task_moved_only_when_the_paired_test_says_so(tmp_path, monkeypatch, benchmark_script):
     cross = benchmark_script("cross_task")
     moved_dir, flat_dir = tmp_path / "a", tmp_path / "b"
@@ -30,12 +40,7 @@ def test_table_marks_a_task_moved_only_when_the_paired_test_says_so(tmp_path, mo
         {**record("wic-fo-adam", moved_dir, "wic", 0.25, 1.0),
          "results": {**record("x", moved_dir, "wic", 0.25, 1.0)["results"], "method": "fo-adam"}}]) + "\n")
     doc = tmp_path / "results.md"
-    doc.write_text(f"intro\n{cross.START}\nold\n{cross.END}\ntail\n")
-    argv = ["cross_task.py", "--results", str(results), "--rows", str(tmp_path / "rows.json"),
-            "--report", str(tmp_path / "report.json"), "--doc", str(doc), "--scan", str(tmp_path / "none.json")]
-    monkeypatch.setattr(sys, "argv", argv)
-    cross.main()
-    report = json.loads((tmp_path / "report.json").read_text())
+    report = build_report(cross, tmp_path, monkeypatch, results, doc, f"intro\n{cross.START}\nold\n{cross.END}\ntail\n")
     by_run = {r["run"]: r for r in report["runs"]}
     assert by_run["sst2-fzoo-full"]["moved"] and by_run["sst2-fzoo-full"]["paired"]["p"] < 0.001
     assert not by_run["rte-fzoo-full"]["moved"] and report["moved"] == ["sst2 (full)"]
@@ -57,12 +62,7 @@ def test_a_run_whose_rows_were_lost_is_listed_but_never_counted_as_moved(tmp_pat
     results = tmp_path / "r.jsonl"
     results.write_text(json.dumps(r) + "\n")
     doc = tmp_path / "results.md"
-    doc.write_text(f"{cross.START}\n{cross.END}\n")
-    argv = ["cross_task.py", "--results", str(results), "--rows", str(tmp_path / "rows.json"),
-            "--report", str(tmp_path / "report.json"), "--doc", str(doc), "--scan", str(tmp_path / "none.json")]
-    monkeypatch.setattr(sys, "argv", argv)
-    cross.main()
-    report = json.loads((tmp_path / "report.json").read_text())
+    report = build_report(cross, tmp_path, monkeypatch, results, doc, f"{cross.START}\n{cross.END}\n")
     (run,) = report["runs"]
     assert run["paired"]["p"] is None and not run["moved"] and report["moved"] == []
     assert run["lr"] == 1e-3  # FZOO's starting point on all weights: the recipe set none
