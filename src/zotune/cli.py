@@ -169,6 +169,8 @@ def cmd_tune(args) -> int:
     print(out["reason"], file=sys.stderr)
     if out["chosen_lr"] is not None:
         print(f"use: optim.lr={out['chosen_lr']:.3g} optim.eps={out['chosen_eps']:.3g}", file=sys.stderr)
+        if out["caution"]:
+            print(out["caution"], file=sys.stderr)
     print(json.dumps(out, allow_nan=False))
     return 0 if out["chosen_lr"] is not None else 3
 

@@ -9,7 +9,7 @@ import torch
 
 from zotune.config import load_config
 from zotune.train.loop import build
-from zotune.train.tune import choose, probe_lr
+from zotune.train.tune import choose, drift_caution, probe_lr
 
 DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="shared data not found beside the repo")
@@ -56,6 +56,15 @@ def test_one_se_rule_keeps_the_smallest_lr_within_one_standard_error_of_the_lowe
     assert choose(0.69, [flat, low, high])[0] is low
     with pytest.raises(ValueError, match="unknown rule 'median'"):
         choose(0.69, [low], rule="median")
+
+
+def test_drift_caution_only_for_runs_much_longer_than_the_probe_and_says_what_to_do():
+    assert drift_caution(run_steps=299, probe_steps=30, eval_every=0) is None
+    no_dev = drift_caution(run_steps=300, probe_steps=30, eval_every=0)
+    assert "300 steps, 10x the probe's 30" in no_dev and "set train.eval_every" in no_dev
+    assert "set train.eval_every" in drift_caution(run_steps=300, probe_steps=30, eval_every=300)
+    with_dev = drift_caution(run_steps=2000, probe_steps=30, eval_every=50)
+    assert "66x" in with_dev and "train.eval_every=50 keeps the best-dev checkpoint" in with_dev
 
 
 def test_paired_standard_error_is_the_standard_error_of_the_chunk_differences():
@@ -133,6 +142,8 @@ def test_tune_command_prints_the_table_and_json_and_exits_by_outcome():
     assert [r["factor"] for r in out["candidates"]] == [1e-9, 1.0]
     assert "dev loss" in done.stderr and out["reason"] in done.stderr
     assert (done.returncode == 0) == (out["chosen_lr"] is not None) and out["rule"] == "min"
+    run_steps = load_config(None, TINY).train.steps  # the default, far longer than the 2-step probe
+    assert out["caution"] == drift_caution(run_steps, 2, 0) and out["caution"] is not None
     bad = subprocess.run([sys.executable, "-m", "zotune.cli", "tune", *TINY, "task.dev=0", "--steps", "1"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "needs dev rows" in bad.stderr and "Traceback" not in bad.stderr

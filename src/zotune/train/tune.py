@@ -8,9 +8,14 @@ training objective, never the test split), in ``chunks`` groups of rows so that 
 difference between two candidates on the same rows can be measured. It picks by the
 one-standard-error rule (``rule="one-se"``, the default): among the candidates whose dev loss is
 within one standard error of the lowest, the smallest lr. Why: a short probe favours a large lr
-that keeps drifting in a long run. On SST-2's prefix MeZO's probe preferred lr 0.1 to 0.01 by
-0.013 in 30 steps; over 30 minutes 0.1 never learned while 0.01 reached 77.75 % (docs/equal-time.md).
-``rule="min"`` takes the lowest dev loss whatever the noise. It says what it picked and why,
+that keeps drifting in a long run, and a difference within the noise is no reason to take the
+larger one. ``rule="min"`` takes the lowest dev loss whatever the noise. The rule guards against
+noise, not against drift: on SST-2's prefix MeZO's 30-step probe (factors 1-100 from 1e-3) picks
+0.03 by either rule (dev loss 0.607 against 0.01's 0.799, far outside one standard error), and over
+250 steps 0.03 peaked at dev 0.71 and fell back to 0.615 while 0.01 held 0.695
+(docs/convergence.md). So when the recipe trains many times longer than the probe, the probe says
+so: evaluate on dev during the run (``train.eval_every``; the best-dev checkpoint is what is
+tested), or probe with more ``steps``. It says what it picked and why,
 with the whole table; a candidate whose loss went non-finite or rose is reported as such. If no
 candidate lowered the dev loss, it says that too instead of picking one. With ``eps_factors``
 (``--eps-factors 0.1,1,10``) it tries every (lr, eps) pair and picks both.
@@ -42,6 +47,23 @@ DEFAULT_FACTORS = (0.1, 0.3, 1.0, 3.0, 10.0)
 
 
 RULES = ("one-se", "min")
+LONG_RUN = 10  # a run this many times longer than the probe gets the drift caution
+
+
+def drift_caution(run_steps: int, probe_steps: int, eval_every: int) -> str | None:
+    """What to do when the run is much longer than the probe, or None when it is not.
+
+    Why: a short probe measures how fast an lr lowers the loss at the start, not whether it keeps
+    the gain; the lr that looks best over 30 steps can drift over 250 (see the module docstring)."""
+    if run_steps < LONG_RUN * probe_steps:
+        return None
+    text = (f"caution: the recipe trains {run_steps} steps, {run_steps // probe_steps}x the probe's {probe_steps}; "
+            "an lr that looks best over a short probe can drift over a long run")
+    if eval_every <= 0 or eval_every >= run_steps:
+        return text + (": set train.eval_every (dev evaluation during the run; the best-dev checkpoint "
+                       "is the one tested) or probe with more --steps")
+    return text + (f": train.eval_every={eval_every} keeps the best-dev checkpoint; "
+                   "if dev accuracy falls back, try the next smaller lr")
 
 
 def _paired_se(a: list[float], b: list[float]) -> float:
@@ -174,4 +196,4 @@ def probe_lr(cfg: Config, *, factors=DEFAULT_FACTORS, steps: int = 20, rows: int
                                                               "eval_file": cfg.task.eval_file},
             "dev_loss_before": before, "rule": rule, "chunks": len(parts), "candidates": rows_out,
             "chosen_lr": best["lr"] if best else None, "chosen_eps": best["eps"] if best else None,
-            "reason": reason}
+            "reason": reason, "caution": drift_caution(cfg.train.steps, steps, cfg.train.eval_every)}
