@@ -28,7 +28,7 @@ def test_measured_values_are_the_benchmarks_dev_choices():
     assert starting_point("fzoo", "prefix").lr == 0.1
     derived = starting_point("mezo", "lora")  # MeZO's own grids' LoRA / full ratio applied to its measured lr
     assert derived.lr == pytest.approx(3e-3) and not derived.measured and "ratio" in derived.evidence
-    assert starting_point("zo-adam", "lora").lr == pytest.approx(1e-4)  # normalised: FZOO's measured ratio
+    assert starting_point("zo-adam", "lora").lr == pytest.approx(5e-3)  # normalised: FZOO's measured ratio
     assert starting_point("mezo", "prefix").eps == 1e-1
     # MeZO on the prefix: 0.01 measured at equal time on SST-2 dev (0.1 never learned; OPT's grids' ratio gave 0.3)
     prefix = starting_point("mezo", "prefix")
@@ -56,3 +56,35 @@ def test_errors_name_what_is_unknown():
     with pytest.raises(ConfigError) as e:  # an unknown method is one error, not also "lr must be > 0"
         load_config(None, ["optim.method=mezzo"])
     assert "optim.method" in str(e.value) and "optim.lr" not in str(e.value)
+
+
+def test_zo_adam_moves_along_the_gradient_as_zo_sign_does_at_equal_lr_so_it_shares_its_lr():
+    """Why ZO-Adam starts at ZO-Sign's lr, not FO-Adam's: on ZO estimates ``c z`` (``c = g . z``),
+    Adam's ``m / sqrt(v)`` moves along ``g / ||g||`` by about 1 per unit lr and ZO-Sign's
+    ``sign(c) z`` by sqrt(2 / pi) ~ 0.8, while Adam's noise per coordinate is a fifth of sign's."""
+    import torch
+
+    from zotune.rules.adam import adam
+    from zotune.rules.base import DenseGrad
+
+    gen = torch.Generator().manual_seed(0)
+    d = 2000
+    g = 0.5 * torch.randn(d, generator=gen)
+    unit = g / g.norm()
+    rule = adam()
+    state = rule.init(torch.zeros(d))
+    adam_along, sign_along, adam_rms = [], [], []
+    for step in range(1, 301):
+        z = torch.randn(d, generator=gen)
+        c = float(g @ z)
+        u = rule.update(DenseGrad(z, c), state, None, step).dense()
+        if step > 20:  # past Adam's first steps, where m / sqrt(v) is +-1 per coordinate
+            adam_along.append(float(u @ unit))
+            sign_along.append(float(torch.sign(torch.tensor(c)) * z @ unit))
+            adam_rms.append(float(u.pow(2).mean().sqrt()))
+    adam_mean = sum(adam_along) / len(adam_along)
+    sign_mean = sum(sign_along) / len(sign_along)
+    assert abs(sign_mean - (2 / torch.pi) ** 0.5) < 0.1
+    assert 0.7 < adam_mean < 1.2 and 0.8 < adam_mean / sign_mean < 1.5
+    assert sum(adam_rms) / len(adam_rms) < 0.35  # sign(c) z has rms 1 per coordinate
+    assert starting_point("zo-adam").lr == starting_point("zo-sgd-sign").lr

@@ -56,8 +56,11 @@ _FULL = {
     "forward-grad": (3e-5, "derived: MeZO's measured lr (exact directional derivative, same step)"),
     # momentum's steady state is 1 / (1 - beta) = 10 estimates: a tenth of MeZO's lr
     "zo-sgd-momentum": (3e-6, "derived: MeZO's measured lr / 10 (momentum 0.9 sums ~10 estimates)"),
-    # per-coordinate step of about lr whatever the gradient's size: FZOO's normalised step
-    "zo-adam": (1e-5, "derived: FO-Adam's measured lr (Adam's step is about lr per coordinate)"),
+    # m / sqrt(v) of ZO estimates c z moves along g / ||g|| by about lr per step (E[c z] = g, rms(c z) ~ ||g||),
+    # as sign(c) z does (by sqrt(2 / pi) lr), with a fifth of sign's noise: ZO-Sign's lr. FO-Adam's 1e-5
+    # (whose exact gradients move along g by ~sqrt(2 d / pi) lr) did not move SST-2 in 4 minutes (docs/defaults.md)
+    "zo-adam": (5e-4, "derived: ZO-Sign's lr (ZO-Adam moves along the gradient as fast per lr, tests/test_defaults.py); "
+                      "FO-Adam's 1e-5 did not move SST-2 (docs/defaults.md)"),
     # sign(c) z moves a weight by lr E|z| = 0.8 lr; MeZO's c z by lr E|c| E|z|, with c ~ N(0, ||g||^2) and
     # ||g|| ~ 21 on SST-2 batches (benchmarks/grad_scale.py): the same movement as MeZO at 3e-5 needs 5e-4
     "zo-sgd-sign": (5e-4, "derived: the per-weight movement of MeZO at its measured lr (||g|| ~ 21 on SST-2, "
