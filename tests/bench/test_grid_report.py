@@ -113,3 +113,25 @@ def test_report_figures_are_written(tmp_path):
     assert sorted(p.name for p in paths) == ["accuracy_vs_forward_passes.png", "accuracy_vs_forward_passes.svg",
                                             "loss_curves.png", "loss_curves.svg"]
     assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_a_grid_that_is_not_valid_yaml_or_not_a_mapping_is_a_config_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nruns:\n - {name: a\n")  # an unclosed flow mapping
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_grid(bad)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- name: a\n")
+    with pytest.raises(ConfigError, match="list.yaml: expected a mapping .* got list"):
+        load_grid(listed)
+
+
+def test_bench_command_reports_a_broken_grid_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nruns:\n - {name: a\n")
+    done = subprocess.run([sys.executable, "-m", "zotune.cli", "bench", str(bad)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and "not valid YAML" in done.stderr and "Traceback" not in done.stderr

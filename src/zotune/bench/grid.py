@@ -59,7 +59,12 @@ def load_grid(path: str | Path) -> Grid:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"grid file not found: {p}")
-    data = yaml.safe_load(p.read_text()) or {}
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping (name, base, runs, ...), got {type(data).__name__}")
     unknown = set(data) - {"name", "base", "grid", "runs", "seeds", "output_dir", "results"}
     if unknown:
         raise ConfigError(f"{p}: unknown keys {sorted(unknown)}")
