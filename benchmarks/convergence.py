@@ -154,13 +154,16 @@ def main(argv=None) -> int:
             continue
         if r["method"] not in chosen or r["best_dev"] > chosen[r["method"]]["best_dev"]:
             chosen[r["method"]] = r
+    tried = {m: sorted({r["lr"] for r in runs if r["method"] == m and r["seed"] == base_seed and r["best_dev"] is not None})
+             for m in chosen}  # one lr: not swept, the method's starting point as run
     ref = chosen.get(args.reference)
     target = ref["final_dev"] if ref else None
     table = []
     for method, r in chosen.items():
         hit = first_reaching(r["points"], target) if target is not None else None
         table.append({
-            "method": method, "lr": r["lr"], "best_dev": r["best_dev"], "final_dev": r["final_dev"],
+            "method": method, "lr": r["lr"], "lrs_tried": tried[method], "best_dev": r["best_dev"],
+            "final_dev": r["final_dev"],
             "test_of_best_dev": r["test"], "zero_shot_test": r["zero_shot_test"],
             "forward_passes_run": r["forward_passes"], "mean_step_seconds": r["mean_step_seconds"],
             "peak_rss_mib": r["peak_rss_mib"], "peak_rss_whole_run": r["peak_rss_whole_run"],
@@ -197,10 +200,10 @@ def main(argv=None) -> int:
     json_path = ROOT / grid["results"].replace(".jsonl", "-report.json")
     json_path.write_text(json.dumps(out, indent=1, allow_nan=False) + "\n")
     lines = [f"Target: {args.reference}'s final dev accuracy, {target}", "",
-             "| method | lr (chosen on dev) | best dev | final dev | test (best-dev ckpt) | zero-shot test | "
-             "fwd to target | s to target | s / step | peak RSS MiB |", "|---" * 10 + "|"]
+             "| method | lr (chosen on dev) | lrs tried | best dev | final dev | test (best-dev ckpt) | zero-shot test | "
+             "fwd to target | s to target | s / step | peak RSS MiB |", "|---" * 11 + "|"]
     for t in table:
-        lines.append(f"| {t['method']} | {t['lr']:g} | {t['best_dev']} | {t['final_dev']} | {t['test_of_best_dev']} | "
+        lines.append(f"| {t['method']} | {t['lr']:g} | {', '.join(f'{x:g}' for x in t['lrs_tried'])} | {t['best_dev']} | {t['final_dev']} | {t['test_of_best_dev']} | "
                      f"{t['zero_shot_test']} | {t['forward_passes_to_target']} | {t['seconds_to_target']} | "
                      f"{t['mean_step_seconds']} | {t['peak_rss_mib']}{' *' if t['peak_rss_whole_run'] else ''} |")
     if any(t["peak_rss_whole_run"] for t in table):
@@ -242,7 +245,8 @@ def main(argv=None) -> int:
         "sum of its step times; dev evaluations excluded), so they compare across methods only when the",
         "runs had the machine to themselves (`s / step` in the table shows a disturbed run).",
         "", "Each method's lr is the one whose run reached the best dev accuracy (200 dev rows carved from",
-        "SST-2/train.tsv); test accuracy (400 rows) is that of the run's own best-dev checkpoint. Forward",
+        "SST-2/train.tsv), among the lrs tried (a single one: the method ran at its starting point in",
+        "`src/zotune/defaults.py`, not swept); test accuracy (400 rows) is that of the run's own best-dev checkpoint. Forward",
         "passes: what the optimizer counts; a first-order step (forward and backward) counts as one.",
         "Peak RSS: the process's peak resident memory after the model was loaded.", "",
         *lines, "",
