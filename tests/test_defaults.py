@@ -66,12 +66,13 @@ def test_zo_adam_moves_along_the_gradient_as_zo_sign_does_at_equal_lr_so_it_shar
 
     from zotune.rules.adam import adam
     from zotune.rules.base import DenseGrad
+    from zotune.rules.sgd import sign
 
     gen = torch.Generator().manual_seed(0)
     d = 2000
     g = 0.5 * torch.randn(d, generator=gen)
     unit = g / g.norm()
-    rule = adam()
+    rule, sign_rule = adam(), sign()
     state = rule.init(torch.zeros(d))
     adam_along, sign_along, adam_rms = [], [], []
     for step in range(1, 301):
@@ -80,7 +81,7 @@ def test_zo_adam_moves_along_the_gradient_as_zo_sign_does_at_equal_lr_so_it_shar
         u = rule.update(DenseGrad(z, c), state, None, step).dense()
         if step > 20:  # past Adam's first steps, where m / sqrt(v) is +-1 per coordinate
             adam_along.append(float(u @ unit))
-            sign_along.append(float(torch.sign(torch.tensor(c)) * z @ unit))
+            sign_along.append(float(sign_rule.coeff(torch.tensor(c)) * z @ unit))  # ZO-Sign's step: coeff(c) z
             adam_rms.append(float(u.pow(2).mean().sqrt()))
     adam_mean = sum(adam_along) / len(adam_along)
     sign_mean = sum(sign_along) / len(sign_along)

@@ -246,6 +246,18 @@ def parse_overrides(overrides: list[str]) -> dict:
     return out
 
 
+def read_yaml_mapping(p: Path, expected: str) -> dict:
+    """A YAML file's top-level mapping (empty file: {}); bad YAML or another shape is a ConfigError
+    naming the file, since recipes and grids are what users write by hand."""
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of {expected}, got {type(data).__name__}")
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML recipe (optional), apply overrides, and validate the whole config."""
     data: dict = {}
@@ -253,12 +265,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: expected a mapping of sections, got {type(data).__name__}")
+        data = read_yaml_mapping(p, "sections")
     for section, values in parse_overrides(overrides or []).items():
         data.setdefault(section, {})
         if not isinstance(data[section], dict):

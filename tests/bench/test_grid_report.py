@@ -122,7 +122,7 @@ def test_a_grid_that_is_not_valid_yaml_or_not_a_mapping_is_a_config_error(tmp_pa
         load_grid(bad)
     listed = tmp_path / "list.yaml"
     listed.write_text("- name: a\n")
-    with pytest.raises(ConfigError, match="list.yaml: expected a mapping .* got list"):
+    with pytest.raises(ConfigError, match="list.yaml: expected a mapping of name, base, runs, ..., got list"):
         load_grid(listed)
 
 

@@ -29,9 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from zotune.config import ConfigError, load_config
+from zotune.config import ConfigError, load_config, read_yaml_mapping
 
 
 @dataclass
@@ -59,12 +57,7 @@ def load_grid(path: str | Path) -> Grid:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"grid file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: expected a mapping (name, base, runs, ...), got {type(data).__name__}")
+    data = read_yaml_mapping(p, "name, base, runs, ...")
     unknown = set(data) - {"name", "base", "grid", "runs", "seeds", "output_dir", "results"}
     if unknown:
         raise ConfigError(f"{p}: unknown keys {sorted(unknown)}")
