@@ -312,3 +312,46 @@ def test_as_loaded_reads_a_module_once_and_scores_as_the_loader_does(tiny_llama,
         assert torch.equal(pair_loss(as_loaded(tiny_llama.model), batch), pair_loss(tiny_llama, batch))
     with pytest.raises(ValueError, match="Did you mean 'masked'"):
         as_loaded(tiny_llama.model, kind="mask")
+
+
+@pytest.mark.parametrize("scheme", ["full", "lora", "prefix", "prompt"])
+def test_the_lm_head_reads_contiguous_rows_in_scoring_and_generation(scheme):
+    """transformers hands the head a strided view of the last positions; on a strided input the
+    head's matmul runs batched against its weight copied per row (4x slower on SmolLM2)."""
+    from zotune.lm import contiguous_head
+    from zotune.params import select_trainable
+
+    lm = tiny_model("llama", seed=0)
+    if scheme != "full":
+        lm, _ = select_trainable(lm, scheme, init_seed=0)
+    seen = []
+    head = lm.model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda _, args, out: seen.append(args[0].is_contiguous()))
+    with torch.no_grad():
+        sum_logprobs(lm, encode_pairs(lm.tokenizer, PAIRS, 64))
+        generate(lm, lm.tokenizer, ["a b c", "The capital of France is"], max_new_tokens=3)
+    handle.remove()
+    assert seen and all(seen)
+    with contiguous_head(lm.model):  # the hook is gone after the block
+        pass
+    assert not head._forward_pre_hooks
+
+
+def test_prompt_tuned_rows_score_as_peft_scores_each_row_alone():
+    """Prompt-tuned rows keep left padding with explicit positions (peft's forward drops positions
+    and needs right padding, which runs the head over every column): each row scores as peft's own
+    forward scores it alone, after the virtual tokens."""
+    from zotune.params import select_trainable
+
+    lm, named = select_trainable(tiny_model("llama", seed=0), "prompt", num_virtual_tokens=3, init_seed=0)
+    with torch.no_grad():
+        for p in named.values():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+        together = sum_logprobs(lm, encode_pairs(lm.tokenizer, PAIRS, 64)).sum
+        for i, (ctx, cont) in enumerate(PAIRS):
+            alone = encode_pairs(lm.tokenizer, [(ctx, cont)], 64)
+            ids, n_cont = alone.input_ids[0].tolist(), int(alone.cont_mask.sum())
+            logits = lm.model(input_ids=torch.tensor([ids])).logits[0, 3:]  # after the virtual tokens
+            logp = torch.log_softmax(logits.float(), -1)
+            expected = sum(logp[t - 1, ids[t]] for t in range(len(ids) - n_cont, len(ids)))
+            torch.testing.assert_close(together[i], expected, rtol=1e-5, atol=1e-5)

@@ -402,8 +402,8 @@ def test_the_loaded_model_carries_its_adapter_to_the_closure(monkeypatch):
     monkeypatch.setattr(lm_mod, "_continuation_logits", lambda lm, b: seen.append(lm) or real(lm, b))
     batch = setup.data.train[:4]
     objective = resolve_objective(cfg, batch)
-    wrapper = torch.nn.Module()  # stands for a DDP wrapper: forwards to the model
-    wrapper.forward = setup.model.forward
+    wrapper = torch.nn.Module()  # stands for a DDP wrapper: forwards to the model, holds it as .module
+    wrapper.forward, wrapper.module = setup.model.forward, setup.model
     with torch.no_grad():
         whole = make_closure(setup.loaded, batch, cfg, "cpu", objective)()
         wrapped = make_closure(setup.loaded.with_module(wrapper), batch, cfg, "cpu", objective)()
