@@ -35,7 +35,16 @@ def test_measured_values_are_the_benchmarks_dev_choices():
     assert (prefix.lr, prefix.measured) == (1e-2, True) and "equal-time" in prefix.evidence
     # other gradient-sized steps on the prefix / prompt follow MeZO's measured prefix ratio
     assert starting_point("forward-grad", "prefix").lr == pytest.approx(1e-2)
-    assert starting_point("mezo", "prompt").lr == pytest.approx(1e-2)
+
+def test_a_prompt_starts_a_tenth_as_far_as_the_prefix_its_entries_being_a_tenth_the_size():
+    """A prompt starts from token embeddings (rms 0.13 on SmolLM2-135M), a prefix from activations
+    (1.5; benchmarks/trainable_scale.py): eps and a normalised step a tenth of the prefix's; a gradient step's lr a hundredth
+    (reparametrising x = s y turns SGD's lr on y into s^2 lr on x)."""
+    assert starting_point("mezo", "prompt").eps == pytest.approx(starting_point("mezo", "prefix").eps / 10)
+    assert starting_point("zo-adam", "prompt").lr == pytest.approx(starting_point("zo-adam", "prefix").lr / 10)
+    assert starting_point("fzoo", "prompt").lr == pytest.approx(starting_point("fzoo", "prefix").lr / 10)
+    assert starting_point("mezo", "prompt").lr == pytest.approx(starting_point("mezo", "prefix").lr / 100)
+    assert starting_point("forward-grad", "prompt").lr == pytest.approx(1e-4)
 
 
 def test_a_config_without_lr_gets_the_starting_point_and_says_so(caplog):

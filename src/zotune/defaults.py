@@ -34,8 +34,10 @@ class StartingPoint:
 
 
 #: eps per scheme (MeZO's appendix: 1e-3 for weights, 1e-2 for LoRA, 1e-1 for prefix vectors,
-#: whose entries are activations of order 1 rather than weights of order 1e-2)
-SCHEME_EPS = {"full": 1e-3, "lora": 1e-2, "prefix": 1e-1, "prompt": 1e-1}
+#: whose entries are activations of order 1 rather than weights of order 1e-2). A prompt starts
+#: from token embeddings, whose entries are about a tenth of the prefix's (rms 0.13 against 1.5 on
+#: SmolLM2-135M, benchmarks/trainable_scale.py): a tenth of the prefix's eps
+SCHEME_EPS = {"full": 1e-3, "lora": 1e-2, "prefix": 1e-1, "prompt": 1e-2}
 
 _CONV = "benchmarks/grids/sst2-convergence.yaml, docs/convergence.md"
 _PROBES = "benchmarks/scheme_probes.sh, benchmarks/results/tune/"
@@ -79,10 +81,14 @@ _SCHEME_RATIO = {
     "prefix": {"normalised": (100.0, f"measured: FZOO prefix probe, 0.1 over full's 1e-3 ({_PROBES})"),
                "gradient": (1e-2 / 3e-5, f"measured: MeZO on the prefix, 1e-2 over full's 3e-5 ({_EQUAL}; "
                                          f"{_MEZO_GRIDS} say ~1e4x, and 0.1 never learned here)")},
-    "prompt": {"normalised": (100.0, f"derived: FZOO's prefix ratio ({_PROBES}); prompt vectors are "
-                                     "embeddings, as prefix vectors are activations"),
-               "gradient": (1e-2 / 3e-5, "derived: MeZO's measured prefix ratio; prompt vectors are "
-                                         "embeddings, as prefix vectors are activations")},
+    # a prompt's entries are a tenth of a prefix's (benchmarks/trainable_scale.py): a normalised step
+    # a tenth as long moves them as far relative to their size; a gradient step (lr g, with g ten times
+    # larger per entry when the entries are ten times smaller) needs a hundredth of the lr
+    "prompt": {"normalised": (10.0, f"derived: FZOO's measured prefix ratio ({_PROBES}) / 10, the prompt's "
+                                    "entries being a tenth of the prefix's (benchmarks/trainable_scale.py)"),
+               "gradient": (1e-2 / 3e-5 / 100, "derived: MeZO's measured prefix ratio / 100 (lr scales with the "
+                                               "square of the entries' size: a tenth of the prefix's, "
+                                               "benchmarks/trainable_scale.py)")},
 }
 _NORMALISED = {"fzoo", "zo-adam", "zo-sgd-sign", "fo-adam"}
 

@@ -552,3 +552,18 @@ def test_the_zero_shot_of_a_prefix_run_is_the_base_models(tmp_path):
         train(load_config(None, common + [f"trainable.scheme={scheme}", f"train.output_dir={run}"]))
         rows[scheme] = json.loads((run / "test_rows.json").read_text())["zero_shot"]
     assert rows["prefix"] == rows["full"]
+
+
+def test_a_prompt_starts_from_rows_of_the_vocabulary_drawn_with_the_run_seed():
+    """peft's default prompt is N(0, 1) vectors, far larger than any token embedding; a run's
+    prompt starts from real token embeddings (Lester et al.), the same ones for the same seed."""
+    def prompt(seed):
+        setup = build(load_config(None, TINY + ["trainable.scheme=prompt", f"optim.seed={seed}"]))
+        (p,) = setup.named.values()
+        return p.detach().clone(), setup.model.get_base_model().get_input_embeddings().weight
+
+    a, vocab = prompt(0)
+    b, _ = prompt(0)
+    c, _ = prompt(1)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert all(bool((vocab == row).all(1).any()) for row in a)  # every row is a token's embedding

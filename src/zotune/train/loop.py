@@ -93,7 +93,10 @@ def scheme_options(cfg: Config) -> dict:
         "full": {},
         "lora": {"r": tr.lora_r, "lora_alpha": tr.lora_alpha},
         "prefix": {"num_virtual_tokens": tr.prefix_tokens},
-        "prompt": {"num_virtual_tokens": tr.prompt_tokens},
+        # rows of the vocabulary's embeddings, as Lester et al. (2021) initialise prompts: peft's
+        # default N(0, 1) vectors are about 8x the size of SmolLM2's token embeddings, so eps and lr sized
+        # for real embeddings would not move them (as the prefix starts from real activations)
+        "prompt": {"num_virtual_tokens": tr.prompt_tokens, "prompt_tuning_init": "SAMPLE_VOCAB"},
     }[tr.scheme]
 
 
