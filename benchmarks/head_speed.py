@@ -19,16 +19,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
-import json
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 import zotune.lm
+from zotune.bench.record import write_record
 from zotune.config import load_config
 from zotune.train.loop import build, make_closure, resolve_objective
 
@@ -93,14 +90,7 @@ def main(argv=None) -> dict:
     for r in rows:
         print(f"| {r['scheme']} | {r['before_s']:.3f} | {r['after_s']:.3f} | {r['speedup']:.2f}x "
               f"| {r['loss_before']:.5f} | {r['loss_after']:.5f} |")
-    result = {"meta": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                       "machine": platform.machine(), "threads": torch.get_num_threads(),
-                       "torch": torch.__version__, "model": args.model, "batch": args.batch},
-              "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
-    return result
+    return write_record(args.out, {"rows": rows}, model=args.model, batch=args.batch)
 
 
 if __name__ == "__main__":

@@ -14,13 +14,10 @@ trained entries at step 0 for each scheme (LoRA: its A factors, B being zero), a
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
-from pathlib import Path
 
 import torch
 
+from zotune.bench.record import write_record
 from zotune.config import load_config
 from zotune.train.loop import build
 
@@ -47,13 +44,7 @@ def main(argv=None) -> dict:
     print("|---|---:|---:|---:|")
     for r in rows:
         print(f"| {r['scheme']} | {r['entries']:,} | {r['rms']:.4g} | {r['median_abs']:.4g} |")
-    result = {"meta": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                       "machine": platform.machine(), "torch": torch.__version__, "model": args.model},
-              "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
-    return result
+    return write_record(args.out, {"rows": rows}, model=args.model)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,34 @@
+"""A benchmark's JSON record: its rows with the machine, software and date they were measured on.
+
+Why: every number in the docs comes from a script's JSON, and a number without its machine and
+date cannot be compared with a later one; one writer keeps the scripts' records alike.
+
+    write_record("benchmarks/results/x.json", {"rows": rows}, model="smollm2-135m")
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+__all__ = ["machine_meta", "write_record"]
+
+
+def machine_meta(**extra) -> dict:
+    """Date (UTC), machine, torch threads and version, and ``extra``."""
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__, **extra}
+
+
+def write_record(path: str | Path, payload: dict, **meta) -> dict:
+    """Write ``{"meta": machine_meta(**meta), **payload}`` as JSON to ``path`` (folders made); returns it."""
+    record = {"meta": machine_meta(**meta), **payload}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {path}")
+    return record
