@@ -98,3 +98,35 @@ def test_zo_adam_moves_along_the_gradient_as_zo_sign_does_at_equal_lr_so_it_shar
     assert 0.7 < adam_mean < 1.2 and 0.8 < adam_mean / sign_mean < 1.5
     assert sum(adam_rms) / len(adam_rms) < 0.35  # sign(c) z has rms 1 per coordinate
     assert starting_point("zo-adam").lr == starting_point("zo-sgd-sign").lr
+
+
+def test_block_wise_noise_is_a_blocks_share_of_a_whole_model_direction():
+    """ZO-SGD-Block's starting lr is MeZO's times the number of blocks: one query per block makes
+    the estimate's noise ||g_b||^2 (d_b + 1) per block, about 1/B of one whole-model direction's
+    ||g||^2 (d + 1), so B times the lr keeps a step's noise per forward pass where MeZO's is
+    (a step costs 2B forwards). Measured on a linear loss split into 8 equal blocks."""
+    import torch
+
+    import zotune
+
+    blocks, width = 8, 16
+    g = torch.linspace(-1, 1, blocks * width, dtype=torch.float64).view(blocks, width) + 0.3
+
+    def noise(estimator, seeds=300):
+        total = 0.0
+        for seed in range(seeds):
+            params = [torch.nn.Parameter(torch.zeros(width, dtype=torch.float64)) for _ in range(blocks)]
+            opt = zotune.ZOOptimizer([(f"model.layers.{b}.w", p) for b, p in enumerate(params)],
+                                     estimator=estimator, lr=1.0, eps=1e-3, seed=seed)
+            opt.step(lambda: sum((p * g[b]).sum() for b, p in enumerate(params)))
+            estimate = -torch.stack([p.detach() for p in params])  # one step of lr 1 from zero
+            total += float((estimate - g).pow(2).sum())
+        return total / seeds
+
+    ratio = noise("blockwise") / noise("gaussian")
+    assert 0.5 / blocks < ratio < 2.0 / blocks  # expected (16 + 1) / (128 + 1) = 0.13
+    assert starting_point("zo-sgd-block").lr == pytest.approx(30 * starting_point("mezo").lr)
+    assert starting_point("zo-sgd-block", "lora").lr == pytest.approx(30 * starting_point("mezo", "lora").lr)
+    # a prefix or a prompt is one tensor, so one block: MeZO's own estimate and lr
+    assert starting_point("zo-sgd-block", "prefix").lr == starting_point("mezo", "prefix").lr
+    assert starting_point("zo-sgd-block", "prompt").lr == pytest.approx(starting_point("mezo", "prompt").lr)

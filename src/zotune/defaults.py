@@ -54,7 +54,12 @@ _FULL = {
     "fo-sgd": (1e-3, "measured: SST-2 alignment study (docs/studies.md): test 70.5 after 60 steps"),
     # same estimate and step size as MeZO: MeZO's lr
     "zo-sgd-cons": (3e-5, "derived: MeZO's measured lr (same estimate and step)"),
-    "zo-sgd-block": (3e-5, "derived: MeZO's measured lr (same estimate per block)"),
+    # one query per block: the estimate's noise is about 1 / B of a whole-model direction's, so B times
+    # MeZO's lr keeps the noise per forward pass at MeZO's (a step costs 2 B forwards; B = 30-32 blocks,
+    # one per layer, on SmolLM2-135M; tests/test_defaults.py). At MeZO's own lr 4 minutes moved nothing
+    "zo-sgd-block": (3e-5 * 30, "derived: MeZO's measured lr x 30 blocks (one query per block: 1/30 of the "
+                                "noise of a whole-model direction, tests/test_defaults.py); at MeZO's lr "
+                                "it did not move SST-2 (docs/defaults.md)"),
     "forward-grad": (3e-5, "derived: MeZO's measured lr (exact directional derivative, same step)"),
     # momentum's steady state is 1 / (1 - beta) = 10 estimates: a tenth of MeZO's lr
     "zo-sgd-momentum": (3e-6, "derived: MeZO's measured lr / 10 (momentum 0.9 sums ~10 estimates)"),
@@ -104,12 +109,22 @@ _MEASURED = {
 }
 
 
+#: (method, scheme) whose estimate is another method's there: a prefix or a prompt is one tensor, so
+#: ZO-SGD-Block's one block is MeZO's whole-model direction
+_SAME_AS = {("zo-sgd-block", "prefix"): "mezo", ("zo-sgd-block", "prompt"): "mezo"}
+
+
 def starting_point(method: str, scheme: str = "full") -> StartingPoint:
     """The lr and eps a run of ``method`` on ``scheme`` starts from when the recipe sets none."""
     if method not in _FULL:
         raise ValueError(f"no starting point for method {method!r}; known: {', '.join(sorted(_FULL))}")
     if scheme not in SCHEME_EPS:
         raise ValueError(f"unknown trainable scheme {scheme!r}; known: {', '.join(SCHEME_EPS)}")
+    if (method, scheme) in _SAME_AS:
+        other = _SAME_AS[(method, scheme)]
+        start = starting_point(other, scheme)
+        return StartingPoint(start.lr, start.eps, f"derived: {other}'s on {scheme} (one tensor, one block; "
+                                                  f"{other}: {start.evidence})")
     if (method, scheme) in _MEASURED:
         return _MEASURED[(method, scheme)]
     lr, evidence = _FULL[method]
