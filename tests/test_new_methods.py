@@ -212,6 +212,23 @@ def test_sparse_mezo_moves_only_small_weights():
     assert opt.estimator.kept_fraction([w]) == pytest.approx(0.25, abs=0.02)
 
 
+def test_sparse_mezo_keeps_training_a_zero_initialised_matrix():
+    """LoRA's B starts at zero: every |w| equals the threshold 0, so after its first step every
+    entry was above it and the matrix froze (Sparse-MeZO on LoRA changed no test row of SST-2).
+    A leaf with no magnitude differences at bind time has no small weights to pick: it trains whole."""
+    g = torch.Generator().manual_seed(0)
+    b = torch.nn.Parameter(torch.zeros(6, 4))
+    a = torch.nn.Parameter(torch.randn(4, 5, generator=g))
+    x, y = torch.randn(8, 5, generator=g), torch.randn(8, 6, generator=g)
+    opt = zotune.SparseMeZO([("lora_B", b), ("lora_A", a)], lr=1e-2, sparsity=0.75)
+    assert opt.estimator.thresholds[0] is None and opt.estimator.thresholds[1] is not None
+    before = b.detach().clone()
+    for _ in range(3):
+        opt.step(lambda: (x @ (b @ a).T - y).pow(2).mean())
+        assert (b.detach() != before).all()  # every entry moves at every step
+        before = b.detach().clone()
+
+
 def test_sparse_mezo_expectation_is_the_masked_gradient():
     a, b, w0 = problem(6, seed=1)
     w0 = w0.float()

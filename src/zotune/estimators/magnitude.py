@@ -66,7 +66,8 @@ class MagnitudeMasked(DenseWrapper):
     Args:
         inner: the estimator whose directions are masked (Gaussian in the paper).
         sparsity: fraction of each leaf's weights (the largest in magnitude) left untouched, in [0, 1).
-        min_dim: leaves with fewer dimensions (biases, norms) are not masked.
+        min_dim: leaves with fewer dimensions (biases, norms) are not masked; nor is a leaf whose
+            magnitudes are all equal at bind time (LoRA's zero-initialised B), which has none to pick.
     """
 
     name = "magnitude"
@@ -81,11 +82,16 @@ class MagnitudeMasked(DenseWrapper):
     def bind(self, names: Sequence[str], params: Sequence[torch.Tensor], run_seed: int) -> None:
         super().bind(names, params, run_seed)
         keep = 1.0 - self.sparsity
-        self.thresholds = [
-            magnitude_threshold(p, keep, rng.derive_seed(run_seed, rng.STREAM_MASK, 0, 0, i, 0))
-            if p.dim() >= self.min_dim and self.sparsity > 0 else None
-            for i, p in enumerate(params)
-        ]
+        self.thresholds = []
+        for i, p in enumerate(params):
+            tau = None
+            if p.dim() >= self.min_dim and self.sparsity > 0:
+                tau = magnitude_threshold(p, keep, rng.derive_seed(run_seed, rng.STREAM_MASK, 0, 0, i, 0))
+                if float(p.detach().abs().max()) <= tau:
+                    # every |w| is the threshold (LoRA's zero-initialised B): no small weights to pick,
+                    # and once a step moved them all would be above it and the leaf would freeze
+                    tau = None
+            self.thresholds.append(tau)
         self._masks.clear()
 
     def mask(self, d: Direction, i: int, p: torch.Tensor, k: int) -> torch.Tensor | None:
