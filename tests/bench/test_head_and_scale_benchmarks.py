@@ -35,4 +35,4 @@ def test_a_record_carries_machine_and_date_and_makes_its_folder(tmp_path):
 
     record = write_record(tmp_path / "a" / "b.json", {"rows": [1, 2]}, model="m")
     assert json.loads((tmp_path / "a" / "b.json").read_text()) == record
-    assert record["rows"] == [1, 2] and record["meta"]["model"] == "m" and "date" in record["meta"]
+    assert record["rows"] == [1, 2] and record["meta"]["model"] == "m" and {"date", "cpu"} <= set(record["meta"])

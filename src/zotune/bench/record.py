@@ -15,13 +15,26 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["machine_meta", "write_record"]
+__all__ = ["cpu_model", "machine_meta", "write_record"]
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), or the platform's processor string: two
+    sessions' timings compare only on the same CPU, and "x86_64" does not say which."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def machine_meta(**extra) -> dict:
-    """Date (UTC), machine, torch threads and version, and ``extra``."""
+    """Date (UTC), machine and CPU model, torch threads and version, and ``extra``."""
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__, **extra}
+            "machine": platform.machine(), "cpu": cpu_model(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, **extra}
 
 
 def write_record(path: str | Path, payload: dict, **meta) -> dict:
