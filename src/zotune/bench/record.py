@@ -9,6 +9,7 @@ date cannot be compared with a later one; one writer keeps the scripts' records 
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import json
 import platform
 from pathlib import Path
@@ -30,11 +31,19 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def machine_meta(**extra) -> dict:
-    """Date (UTC), machine and CPU model, torch threads and version, and ``extra``."""
+    """Date (UTC), machine and CPU model, torch threads, the versions of torch, transformers and
+    peft (transformers is not pinned, and a forward's speed depends on it), and ``extra``."""
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": platform.machine(), "cpu": cpu_model(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, **extra}
+            "torch": torch.__version__, "transformers": _version("transformers"), "peft": _version("peft"), **extra}
 
 
 def write_record(path: str | Path, payload: dict, **meta) -> dict:
