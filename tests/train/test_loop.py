@@ -267,6 +267,7 @@ def test_every_json_file_a_run_writes_is_strict_json(tmp_path):
                                     f"train.output_dir={run}"]))
     results = _strict_json((run / "results.json").read_text())
     assert results["best_dev"] == {"value": None, "step": None} and results["tested_step"] == 2
+    assert {"cpu", "threads", "torch", "transformers"} <= set(results["machine"])  # what its step times ran on
     for name in ("config.json", "ckpt-last/meta.json"):
         _strict_json((run / name).read_text())
     for name in ("metrics.jsonl", "steps.jsonl"):

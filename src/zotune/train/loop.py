@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from zotune._validate import unknown_choice
+from zotune.bench.record import machine_meta
 from zotune.config import Config
 from zotune.distributed import DistContext, DistributedError, scalar_reduce
 from zotune.fo import FOSGD, HybridOptimizer
@@ -546,6 +547,8 @@ def train(cfg: Config, *, world: DistContext | None = None, setup: Setup | None 
         "method": cfg.optim.method,
         "scheme": cfg.trainable.scheme,
         "model": setup.loaded.name,
+        # step seconds compare only on the same CPU and software (transformers is not pinned)
+        "machine": machine_meta(),
     })
     if is_main:
         _write_json_atomic(out / "results.json", results)
