@@ -328,7 +328,9 @@ def _continuation_logits(lm: LoadedModel, batch: Batch) -> tuple[torch.Tensor, t
     if kind == "causal":
         # prompt tuning runs as peft builds it, but with positions (needs the base forward to take them)
         prompt_tuned = lm.adapter == "PROMPT_TUNING" and hasattr(model, "get_prompt") and "position_ids" in params
-        if lm.prompt_learning and lm.adapter != "PREFIX_TUNING" and not prompt_tuned:
+        if prompt_tuned:
+            pass  # _prompt_tuned_inputs gives the positions, virtual tokens included
+        elif lm.prompt_learning and lm.adapter != "PREFIX_TUNING":
             # peft drops position ids for prompt tuning; right padding keeps positions exact instead.
             batch = _right_align(batch)
         elif "position_ids" in params:
@@ -342,7 +344,7 @@ def _continuation_logits(lm: LoadedModel, batch: Batch) -> tuple[torch.Tensor, t
             kwargs["use_cache"] = False
         with contiguous_head(model):
             if prompt_tuned:
-                out = model.get_base_model()(**{**kwargs, **_prompt_tuned_inputs(model, batch)})
+                out = model.get_base_model()(**kwargs, **_prompt_tuned_inputs(model, batch))
             else:
                 out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs)
         logits = out.logits[:, -keep:][:, :-1]  # column j predicts token first + j
