@@ -28,3 +28,20 @@ def test_shares_of_the_reference_budget_per_seed(benchmark_script):
     # the seconds matter too: a third of the forward passes in more than half the time is not met
     slow = conv.against_reference([run(0, [(150, 260, 0.64)])], ref, target=0.635)
     assert slow["per_seed"][0]["fwd_share"] == pytest.approx(0.3) and not slow["per_seed"][0]["met"]
+
+
+def test_fastest_lr_is_the_one_reaching_the_target_soonest_on_the_base_seed(benchmark_script):
+    conv = benchmark_script("convergence")
+
+    def sweep(method, lr, seed, points):
+        return {**run(seed, points), "method": method, "lr": lr}
+
+    runs = [sweep("mezo (prefix)", 1e-2, 0, [(100, 50, 0.60), (220, 103, 0.64), (500, 230, 0.715)]),  # ends highest
+            sweep("mezo (prefix)", 3e-2, 0, [(80, 36, 0.67), (500, 230, 0.62)]),                      # gets there first
+            sweep("mezo (prefix)", 3e-2, 1, [(40, 18, 0.70)]),       # another seed: never the one chosen on
+            sweep("mezo (prefix)", 3e-3, 0, [(500, 230, 0.61)]),     # never reaches it
+            sweep("fzoo", 1e-3, 0, [(270, 227, 0.64)]), sweep("fzoo", 3e-3, 0, [(270, 300, 0.64)])]
+    fastest = conv.fastest_to_target(runs, target=0.635, base_seed=0)
+    assert fastest["mezo (prefix)"]["lr"] == 3e-2 and fastest["mezo (prefix)"]["seed"] == 0
+    assert fastest["fzoo"]["lr"] == 1e-3                            # same forward passes: fewer seconds wins
+    assert conv.fastest_to_target(runs, target=0.9, base_seed=0) == {}
