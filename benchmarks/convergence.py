@@ -54,6 +54,17 @@ def curve(run_dir: Path) -> list[dict]:
     return points
 
 
+def method_label(overrides: dict) -> str:
+    """A method on adapters is its own row ("fzoo (prefix)"), and a prefix of another length its own
+    again ("mezo (prefix, 1 token)"): runs with one label share the lr choice and the seed rows."""
+    label = overrides["optim.method"]
+    scheme = overrides.get("trainable.scheme", "full")
+    if scheme == "full":
+        return label
+    tokens = overrides.get("trainable.prefix_tokens")
+    return f"{label} ({scheme}" + (f", {tokens} token{'s' if tokens != 1 else ''})" if tokens is not None else ")")
+
+
 def first_reaching(points: list[dict], target: float) -> dict | None:
     for p in points:
         if p["dev_accuracy"] is not None and p["dev_accuracy"] >= target:
@@ -149,8 +160,7 @@ def main(argv=None) -> int:
         res = r["results"]
         runs.append({
             # a method on adapters is its own row: "fzoo (prefix)"
-            "run": spec["name"], "method": spec["set"]["optim.method"] + (
-                f" ({spec['set']['trainable.scheme']})" if spec["set"].get("trainable.scheme", "full") != "full" else ""),
+            "run": spec["name"], "method": method_label(spec["set"]),
             "lr": spec["set"]["optim.lr"],
             "seed": spec["set"].get("optim.seed", base_seed),
             "points": pts,

@@ -45,3 +45,12 @@ def test_fastest_lr_is_the_one_reaching_the_target_soonest_on_the_base_seed(benc
     assert fastest["mezo (prefix)"]["lr"] == 3e-2 and fastest["mezo (prefix)"]["seed"] == 0
     assert fastest["fzoo"]["lr"] == 1e-3                            # same forward passes: fewer seconds wins
     assert conv.fastest_to_target(runs, target=0.9, base_seed=0) == {}
+
+
+def test_method_labels_keep_schemes_and_prefix_lengths_apart(benchmark_script):
+    label = benchmark_script("convergence").method_label
+    assert label({"optim.method": "mezo"}) == "mezo"
+    assert label({"optim.method": "mezo", "trainable.scheme": "full"}) == "mezo"
+    assert label({"optim.method": "fzoo", "trainable.scheme": "prefix"}) == "fzoo (prefix)"
+    assert label({"optim.method": "mezo", "trainable.scheme": "prefix", "trainable.prefix_tokens": 1}) == "mezo (prefix, 1 token)"
+    assert label({"optim.method": "mezo", "trainable.scheme": "prefix", "trainable.prefix_tokens": 10}) == "mezo (prefix, 10 tokens)"
