@@ -159,7 +159,6 @@ def main(argv=None) -> int:
         pts = curve(run_dir if (run_dir / "metrics.jsonl").exists() else kept)
         res = r["results"]
         runs.append({
-            # a method on adapters is its own row: "fzoo (prefix)"
             "run": spec["name"], "method": method_label(spec["set"]),
             "lr": spec["set"]["optim.lr"],
             "seed": spec["set"].get("optim.seed", base_seed),
