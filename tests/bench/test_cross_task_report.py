@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
+
 
 def record(run, out_dir, task, zs, tuned, metric="accuracy"):
     res = {"task": task, "method": "fzoo", "scheme": "full", "steps": 56, "tested_step": 42, "forward_passes": 504,
@@ -68,3 +70,37 @@ def test_a_run_whose_rows_were_lost_is_listed_but_never_counted_as_moved(tmp_pat
     assert run["lr"] == 1e-3  # FZOO's starting point on all weights: the recipe set none
     assert "| rte-fzoo-full | rte | full | fzoo | 0.001 | 56 (42) | 504 | 480 | accuracy | 50.0 | 75.0 | 300 | " \
            "rows not kept (run folder lost) | - | no |" in doc.read_text()
+
+
+def _rows(zs, tuned):
+    return {"zero_shot": zs, "tuned": tuned, "optim": {"lr": 1e-2, "eps": 0.1}}
+
+
+def test_a_rerun_counts_as_moved_only_when_its_fresh_rows_say_so(benchmark_script):
+    cross = benchmark_script("cross_task")
+    earlier = _rows([0, 1, 0, 1], [1, 1, 0, 1])
+    # the rerun's first 4 rows are the earlier run's; tuning wins on all 12 rows after them: p = 2 / 2^12
+    strong = _rows(earlier["zero_shot"] + [0] * 12, [1] * 16)
+    # the gain is all in the earlier rows: significant over 16 + 12 rows, nothing on the fresh 12
+    front = _rows([0] * 12 + [1, 0, 1, 0] * 3, [1] * 12 + [1, 0, 1, 0] * 3)
+    front_earlier = _rows(front["zero_shot"][:12], [1] * 12)
+    records = {name: record(name, "gone", "snli", 0.25, 1.0) for name in ("a", "a-more", "b", "b-more")}
+    rows = {"a": earlier, "a-more": strong, "b": front_earlier, "b-more": front}
+    summary = {s["run"]: s for s in cross.summarise(records, rows, reruns={"a-more": "a", "b-more": "b"})}
+    fresh = summary["a-more"]["fresh_rows"]
+    assert (fresh["n"], fresh["only_b"], fresh["earlier_rows"]) == (12, 12, 4) and fresh["p"] == 2 / 2 ** 12
+    assert summary["a-more"]["moved"]
+    assert summary["b-more"]["paired"]["p"] < 0.05 and summary["b-more"]["fresh_rows"]["p"] == 1.0
+    assert not summary["b-more"]["moved"]  # the whole split says moved, the fresh rows do not
+    assert "fresh_rows" not in summary["a"]
+    assert "a-more reruns a with more test rows; on the 12 rows after a's 4: zero-shot 0.0, tuned 100.0, " \
+           "0 / 12 rows only zero-shot / only tuned got right" in cross.rerun_lines(list(summary.values()))
+
+
+def test_a_rerun_on_other_rows_is_refused(benchmark_script):
+    cross = benchmark_script("cross_task")
+    rows = {"a": _rows([0, 1], [1, 1]), "a-more": _rows([1, 1, 0], [1, 1, 1])}  # its first rows score otherwise
+    with pytest.raises(ValueError, match="do not start with a's 2 rows"):
+        cross.fresh_rows_test(rows, "a-more", "a")
+    with pytest.raises(ValueError, match="no more rows"):
+        cross.fresh_rows_test({"a": rows["a"], "a-more": rows["a"]}, "a-more", "a")
