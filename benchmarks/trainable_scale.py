@@ -36,7 +36,7 @@ def scale(model_name: str, scheme: str) -> dict:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--schemes", default="full,lora,prefix,prompt")
+    ap.add_argument("--schemes", default="full,norms,lora,prefix,prompt")
     ap.add_argument("--out", default="benchmarks/results/trainable_scale.json")
     args = ap.parse_args(argv)
     rows = [scale(args.model, s) for s in args.schemes.split(",")]

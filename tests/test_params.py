@@ -3,7 +3,7 @@ import torch
 
 from zotune.lm import encode_pairs, pair_loss, sum_logprobs
 from zotune.testing import tiny_model
-from zotune.params import hybrid_split, layer_of, num_layers, select_trainable, unique_parameters
+from zotune.params import hybrid_split, layer_of, norm_parameters, num_layers, select_trainable, unique_parameters
 
 PAIRS = [("The capital of France is", " Paris is great"), ("It was", " good"), ("a b c d e f g h", " yes")]
 MASKED_PAIRS = [("The capital of France is a", " city"), ("It was", " good")]
@@ -17,6 +17,46 @@ def test_full_counts_a_tied_head_once():
     assert "model.embed_tokens.weight" in named and "lm_head.weight" not in named
     assert sum(p.numel() for p in named.values()) == lm.fingerprint["num_params"]
     assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("arch, expected", [
+    # LLaMA: two RMSNorm gains per layer and the final one; OPT / GPT-2 / RoBERTa: LayerNorm gains and biases
+    ("llama", {"model.layers.0.input_layernorm.weight", "model.layers.0.post_attention_layernorm.weight",
+               "model.norm.weight"}),
+    ("opt", {"model.decoder.layers.0.self_attn_layer_norm.weight", "model.decoder.layers.0.self_attn_layer_norm.bias",
+             "model.decoder.final_layer_norm.weight"}),
+    ("gpt2", {"transformer.h.0.ln_1.weight", "transformer.h.0.ln_2.bias", "transformer.ln_f.weight"}),
+    ("roberta", {"roberta.embeddings.LayerNorm.weight", "roberta.encoder.layer.0.output.LayerNorm.bias"}),
+])
+def test_norms_trains_the_normalisation_layers_only(arch, expected):
+    lm = tiny_model(arch)
+    out, named = select_trainable(lm, "norms")
+    assert out is lm and out.adapter is None  # no wrapper: the base model's own tensors
+    assert expected <= set(named) and set(named) == set(norm_parameters(lm.model))
+    assert all(p.dim() == 1 for p in named.values())  # gains and biases, never a weight matrix
+    assert {n for n, p in lm.model.named_parameters() if p.requires_grad} == set(named)
+    assert sum(p.numel() for p in named.values()) < 0.05 * lm.fingerprint["num_params"]
+    pairs = PAIRS if lm.kind == "causal" else MASKED_PAIRS
+    batch = encode_pairs(lm.tokenizer, pairs, 48, kind=lm.kind)
+    with torch.no_grad():
+        before = pair_loss(out, batch)
+        name = list(named)[-1]  # the last norm: every prediction passes through it
+        named[name].add_(0.5)
+        after = pair_loss(out, batch)
+    assert torch.isfinite(before) and abs(float(after - before)) > 1e-4
+    pair_loss(out, batch).backward()  # first order: gradients reach the gains only
+    assert all(p.grad is not None for p in named.values())
+    assert all(p.grad is None for n, p in lm.model.named_parameters() if n not in named)
+
+
+def test_norms_on_a_model_without_normalisation_layers_is_refused():
+    lm = tiny_model("llama")
+    for module in list(lm.model.modules()):
+        for child_name, child in list(module.named_children()):
+            if "norm" in type(child).__name__.lower():
+                setattr(module, child_name, torch.nn.Identity())
+    with pytest.raises(ValueError, match="scheme 'norms' selects no tensors of LlamaForCausalLM"):
+        select_trainable(lm, "norms")
 
 
 def test_unique_parameters_catches_parameters_sharing_memory():
@@ -106,6 +146,8 @@ def test_scheme_and_option_errors():
         select_trainable(model, "lora", lora_alpah=32)
     with pytest.raises(ValueError, match="takes no options"):
         select_trainable(model, "full", r=8)
+    with pytest.raises(ValueError, match="scheme 'norms' takes no options"):
+        select_trainable(model, "norms", r=8)
     wrapped, _ = select_trainable(model, "lora")
     with pytest.raises(ValueError, match="already has peft adapters"):
         select_trainable(wrapped, "prompt")

@@ -37,7 +37,9 @@ class StartingPoint:
 #: whose entries are activations of order 1 rather than weights of order 1e-2). A prompt starts
 #: from token embeddings, whose entries are about a tenth of the prefix's (rms 0.13 against 1.5 on
 #: SmolLM2-135M, benchmarks/trainable_scale.py): a tenth of the prefix's eps
-SCHEME_EPS = {"full": 1e-3, "lora": 1e-2, "prefix": 1e-1, "prompt": 1e-2}
+#: The normalisation gains (rms 0.37 on SmolLM2-135M, benchmarks/trainable_scale.py) are a quarter of
+#: the prefix's entries: 1e-2, as LoRA's and the prompt's
+SCHEME_EPS = {"full": 1e-3, "norms": 1e-2, "lora": 1e-2, "prefix": 1e-1, "prompt": 1e-2}
 
 _CONV = "benchmarks/grids/sst2-convergence.yaml, docs/convergence.md"
 _PROBES = "benchmarks/scheme_probes.sh, benchmarks/results/tune/"
@@ -86,6 +88,13 @@ _SCHEME_RATIO = {
     "prefix": {"normalised": (100.0, f"measured: FZOO prefix probe, 0.1 over full's 1e-3 ({_PROBES})"),
                "gradient": (1e-2 / 3e-5, f"measured: MeZO on the prefix, 1e-2 over full's 3e-5 ({_EQUAL}; "
                                          f"{_MEZO_GRIDS} say ~1e4x, and 0.1 never learned here)")},
+    # the gains' entries are a quarter of the prefix's (benchmarks/trainable_scale.py): as for the prompt, a
+    # normalised step scales with the entries' size, a gradient step with its square
+    "norms": {"normalised": (100.0 / 4, f"derived: FZOO's measured prefix ratio ({_PROBES}) / 4, the gains' entries "
+                                        "being a quarter of the prefix's (benchmarks/trainable_scale.py)"),
+              "gradient": (1e-2 / 3e-5 / 16, "derived: MeZO's measured prefix ratio / 16 (lr scales with the square "
+                                             "of the entries' size: a quarter of the prefix's, "
+                                             "benchmarks/trainable_scale.py)")},
     # a prompt's entries are a tenth of a prefix's (benchmarks/trainable_scale.py): a normalised step
     # a tenth as long moves them as far relative to their size; a gradient step (lr g, with g ten times
     # larger per entry when the entries are ten times smaller) needs a hundredth of the lr

@@ -174,7 +174,7 @@ def export(path: str | os.PathLike, out: str | os.PathLike, *, merge: bool = Fal
     """
     from zotune.config import from_dict
     from zotune.models import forget_gguf_quantization
-    from zotune.params import select_trainable
+    from zotune.params import OWN_TENSOR_SCHEMES, select_trainable
     from zotune.train.loop import load_base, scheme_options
 
     source = find_source(path, from_log=from_log)
@@ -183,7 +183,7 @@ def export(path: str | os.PathLike, out: str | os.PathLike, *, merge: bool = Fal
     scheme = cfg.trainable.scheme
     if merge and scheme != "lora":
         raise ExportError(f"merge folds LoRA into the base weights; this run's scheme is {scheme!r}, which is "
-                          "exported as " + ("a plain model folder already" if scheme == "full"
+                          "exported as " + ("a plain model folder already" if scheme in OWN_TENSOR_SCHEMES
                                             else "a peft adapter folder (drop --merge)"))
     log.info("exporting %s: %s", source.run_dir, source.reason)
     tensors, facts = _tensors(source)
@@ -205,7 +205,7 @@ def export(path: str | os.PathLike, out: str | os.PathLike, *, merge: bool = Fal
         for name, p in named.items():
             p.copy_(tensors[name])
 
-    if scheme == "full" or merge:
+    if scheme in OWN_TENSOR_SCHEMES or merge:
         if merge:
             model = model.merge_and_unload()  # W + (alpha / r) B A, the LoRA layers removed
         fmt = "transformers (LoRA merged)" if merge else "transformers"

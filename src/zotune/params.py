@@ -1,4 +1,5 @@
-"""Which tensors train: all of them, or peft adapters (LoRA, prefix, prompt), and the ZO/FO split.
+"""Which tensors train: all of them, the normalisation gains, or peft adapters (LoRA, prefix, prompt),
+and the ZO/FO split.
 
 The optimizers work on an ordered mapping ``name -> Parameter``; this module builds it.
 
@@ -20,7 +21,7 @@ import torch
 from zotune._validate import unknown_choice
 from zotune.models import LoadedModel, require_loaded
 
-SCHEMES = ("full", "lora", "prefix", "prompt")
+SCHEMES = ("full", "norms", "lora", "prefix", "prompt")
 
 # peft defaults for each scheme; any peft config field can be overridden through **options.
 # LoRA's target modules come from peft's own per-architecture table (attention q and v
@@ -62,6 +63,25 @@ def unique_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return named
 
 
+def norm_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The tensors of the model's normalisation layers (RMSNorm / LayerNorm gains and biases), in
+    registration order: a few tens of thousands of entries on a 135 M model, so a ZO estimate's
+    dimension is a prefix's while each gain still rescales a feature of every layer."""
+    named = {}
+    for module_name, module in model.named_modules():
+        if "norm" in type(module).__name__.lower():
+            for name, p in module.named_parameters(recurse=False):
+                named[f"{module_name}.{name}" if module_name else name] = p
+    return named
+
+
+#: schemes that train some of the base model's own tensors, and which: no adapter, so a run exports
+#: a plain model folder
+OWN_TENSOR_SCHEMES = {
+    "full": unique_parameters,
+    "norms": lambda model: {n: p for n, p in unique_parameters(model).items() if n in norm_parameters(model)},
+}
+
 PREFIX_INITS = ("random", "activations")
 
 
@@ -96,7 +116,8 @@ def select_trainable(
 ) -> tuple[LoadedModel, dict[str, torch.nn.Parameter]]:
     """Choose what trains; returns (the model to use from now on, ordered name -> trainable Parameter).
 
-    ``full``: every parameter, tied weights once. ``lora`` / ``prefix`` / ``prompt``: wraps the
+    ``full``: every parameter, tied weights once. ``norms``: the normalisation layers' gains (and
+    biases), LayerNorm tuning (Zhao et al., 2024: "Tuning LayerNorm in Attention"). ``lora`` / ``prefix`` / ``prompt``: wraps the
     model with peft (modifying it in place; use the returned :class:`~zotune.models.LoadedModel`,
     whose ``model`` is the wrapper and whose ``adapter`` / ``prompt_learning`` say so: decided
     here, from the config that made it) and returns only the adapter tensors. ``options``
@@ -116,10 +137,13 @@ def select_trainable(
         raise ValueError(unknown_choice("prefix_init", str(prefix_init), PREFIX_INITS))
     if loaded.adapter is not None or hasattr(model, "peft_config"):
         raise ValueError("the model already has peft adapters; call select_trainable on the plain model")
-    if scheme == "full":
+    if scheme in OWN_TENSOR_SCHEMES:
         if options:
-            raise ValueError(f"scheme 'full' takes no options, got {sorted(options)}")
-        named = unique_parameters(model)
+            raise ValueError(f"scheme {scheme!r} takes no options, got {sorted(options)}")
+        named = OWN_TENSOR_SCHEMES[scheme](model)
+        if not named:
+            raise ValueError(f"scheme {scheme!r} selects no tensors of {type(model).__name__} (norms: no module "
+                             "whose class name contains 'Norm' has parameters)")
         for p in model.parameters():
             p.requires_grad_(False)
         for p in named.values():

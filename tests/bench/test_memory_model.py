@@ -298,3 +298,11 @@ def test_half_precision_lozo_needs_no_whole_matrix_float32_copy(synthetic):
     largest = max(t.numel for t in synthetic.tensors if len(t.shape) == 2)
     half = predict(synthetic, "lozo", dtype="bfloat16", chunk_size=1 << 12, workers=1)
     assert half.dynamic_bytes < 4 * largest
+
+
+def test_a_scheme_without_memory_terms_is_refused_by_name(synthetic):
+    """The norms scheme trains (zotune.params) but has no terms here: refused, not predicted as full."""
+    with pytest.raises(mm.MemoryModelError, match="no terms for scheme 'norms' yet"):
+        predict(synthetic, "mezo", scheme="norms")
+    with pytest.raises(mm.MemoryModelError, match="Did you mean 'lora'"):
+        predict(synthetic, "mezo", scheme="lroa")

@@ -23,7 +23,7 @@ METHODS = ["fzoo", "hizoo", "sparse-mezo"]
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("scheme", ["full", "lora", "prefix", "prompt"])
+@pytest.mark.parametrize("scheme", ["full", "norms", "lora", "prefix", "prompt"])
 def test_new_methods_train_every_scheme(tmp_path, method, scheme):
     extra = [] if scheme in ("full", "lora") else ["optim.lr=1e-2", "optim.eps=1e-1"]
     if method == "fzoo":

@@ -55,7 +55,10 @@ from zotune._validate import check_int, check_range, unknown_choice
 from zotune.errors import ZotuneError
 from zotune.estimators.base import DEFAULT_CHUNK  # elements per chunk of a dense ZO direction
 from zotune.methods import METHODS as _REGISTRY
-from zotune.params import SCHEMES
+from zotune.params import SCHEMES as TRAINABLE_SCHEMES
+
+#: the trainable schemes this model has terms for (``norms``, the normalisation gains, has none yet)
+SCHEMES = ("full", "lora", "prefix", "prompt")
 
 __all__ = [
     "Activations",
@@ -375,6 +378,14 @@ def _bert_tensors(c, model_type: str, tied: bool) -> list[ParamTensor]:
     return ts
 
 
+def _check_scheme(scheme: str) -> None:
+    if scheme in TRAINABLE_SCHEMES and scheme not in SCHEMES:
+        raise MemoryModelError(f"the memory model has no terms for scheme {scheme!r} yet; it covers "
+                               f"{', '.join(SCHEMES)} (a zotune train run reports its measured peak memory)")
+    if scheme not in SCHEMES:
+        raise MemoryModelError(unknown_choice("scheme", str(scheme), SCHEMES))
+
+
 def adapter_tensors(shape: ModelShape, scheme: str, *, lora_r: int = 8, prefix_tokens: int = 5,
                     prompt_tokens: int = 10) -> list[ParamTensor]:
     """The tensors a peft scheme trains (zotune.params defaults): LoRA ``A`` (r x in) and ``B``
@@ -454,8 +465,7 @@ def activation_bytes_per_layer(shape: ModelShape, batch: int, seq_len: int, dtyp
     batch = check_int("batch", batch)
     seq_len = check_int("seq_len", seq_len)
     b = check_int("dtype_bytes", dtype_bytes)
-    if scheme not in SCHEMES:
-        raise MemoryModelError(unknown_choice("scheme", str(scheme), SCHEMES))
+    _check_scheme(scheme)
     T, n = _tokens(batch, seq_len, logits_positions)
     h, hq, i, V = shape.hidden, shape.q_dim, shape.intermediate, shape.vocab
     lse = batch * shape.heads * seq_len * _F32
@@ -632,8 +642,7 @@ def predict(
             f"the memory model has no terms for {method!r} (estimator {spec.estimator!r}, rule {spec.rule!r}): "
             f"it accounts for estimators {', '.join(ESTIMATORS)} and rules {', '.join(RULES)}"
         )
-    if scheme not in SCHEMES:
-        raise MemoryModelError(unknown_choice("scheme", str(scheme), SCHEMES))
+    _check_scheme(scheme)
     if variant not in VARIANTS:
         raise MemoryModelError(unknown_choice("variant", str(variant), VARIANTS))
     if queries is None:

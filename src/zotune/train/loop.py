@@ -92,6 +92,7 @@ def scheme_options(cfg: Config) -> dict:
     tr = cfg.trainable
     return {
         "full": {},
+        "norms": {},
         "lora": {"r": tr.lora_r, "lora_alpha": tr.lora_alpha},
         "prefix": {"num_virtual_tokens": tr.prefix_tokens},
         # rows of the vocabulary's embeddings, as Lester et al. (2021) initialise prompts: peft's
