@@ -69,3 +69,6 @@ want mezo-prefix-act-wide && probe mezo-prefix-act-wide 30 1,3,10 "${sst2[@]}" o
 # 2026-12-04: the same probe with the half decades between, picked by the one-standard-error rule
 # (zotune tune's default since): at equal time 0.1 never learned and 0.01 reached 77.75 % test
 want mezo-prefix-act-onese && probe mezo-prefix-act-onese 30 1,3,10,30,100 "${sst2[@]}" optim.method=mezo optim.lr=1e-3 optim.eps=1e-1 trainable.scheme=prefix
+# 2026-12-04 (tenth session): MeZO on the normalisation gains (trainable.scheme=norms, 35,136 entries),
+# around the derived starting point (6.25e-4: the prefix's measured ratio scaled by the gains' size)
+want mezo-norms && probe mezo-norms 30 1,3,10,30,100 "${sst2[@]}" optim.method=mezo optim.lr=1e-4 optim.eps=1e-2 trainable.scheme=norms
