@@ -88,13 +88,11 @@ _SCHEME_RATIO = {
     "prefix": {"normalised": (100.0, f"measured: FZOO prefix probe, 0.1 over full's 1e-3 ({_PROBES})"),
                "gradient": (1e-2 / 3e-5, f"measured: MeZO on the prefix, 1e-2 over full's 3e-5 ({_EQUAL}; "
                                          f"{_MEZO_GRIDS} say ~1e4x, and 0.1 never learned here)")},
-    # the gains' entries are a quarter of the prefix's (benchmarks/trainable_scale.py): as for the prompt, a
-    # normalised step scales with the entries' size, a gradient step with its square
+    # the gains' entries are a quarter of the prefix's (benchmarks/trainable_scale.py): a normalised step
+    # scales with the entries' size, as for the prompt; MeZO's lr on the gains is measured
     "norms": {"normalised": (100.0 / 4, f"derived: FZOO's measured prefix ratio ({_PROBES}) / 4, the gains' entries "
                                         "being a quarter of the prefix's (benchmarks/trainable_scale.py)"),
-              "gradient": (1e-2 / 3e-5 / 16, "derived: MeZO's measured prefix ratio / 16 (lr scales with the square "
-                                             "of the entries' size: a quarter of the prefix's, "
-                                             "benchmarks/trainable_scale.py)")},
+              "gradient": (3e-4 / 3e-5, f"measured: MeZO on the gains, 3e-4 over full's 3e-5 ({_CONV})")},
     # a prompt's entries are a tenth of a prefix's (benchmarks/trainable_scale.py): a normalised step
     # a tenth as long moves them as far relative to their size; a gradient step (lr g, with g ten times
     # larger per entry when the entries are ten times smaller) needs a hundredth of the lr
@@ -114,6 +112,9 @@ _MEASURED = {
                                                 f"real activations, lr 1e-3 / 1e-2 / 1e-1 ({_PROBES})"),
     ("mezo", "prefix"): StartingPoint(1e-2, 1e-1, f"measured: 30-minute SST-2 runs chosen on dev ({_EQUAL}): "
                                                  "0.01 held 0.78-0.80 dev, 0.1 (its 30-step probe's pick) never learned"),
+    ("mezo", "norms"): StartingPoint(3e-4, 1e-2, f"measured: `zotune tune` on SST-2 dev picked 3e-4 of 1e-4 .. 1e-2 "
+                                                 f"({_PROBES}); over 250 steps ({_CONV}) 3e-4 rose steadily to 0.62 dev, "
+                                                 "1e-3 swung between 0.45 and 0.57"),
     ("fo-adam", "lora"): StartingPoint(1e-4, 1e-3, "measured: ZO-Bench studies' FO-Adam LoRA lr (docs/studies.md)"),
 }
 
