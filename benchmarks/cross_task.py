@@ -59,6 +59,8 @@ def collect_rows(records: dict, stored: dict) -> dict:
 
 def fresh_rows_test(rows: dict, rerun: str, earlier: str) -> dict:
     """The paired test of ``rerun`` on its test rows after the ones ``earlier`` had scored."""
+    if earlier not in rows:
+        raise ValueError(f"{rerun} reruns {earlier}, whose test rows are not kept: its fresh rows cannot be told apart")
     new, old = rows[rerun], rows[earlier]
     n = len(old["zero_shot"])
     if len(new["zero_shot"]) <= n or new["zero_shot"][:n] != old["zero_shot"]:
@@ -94,7 +96,7 @@ def summarise(records: dict, rows: dict, reruns: dict | None = None) -> list[dic
             "peak_rss_mib": res["peak_rss_bytes"] / 2 ** 20 if res.get("peak_rss_bytes") else None,
         })
         earlier = reruns.get(name)
-        if earlier in rows and name in rows and "tuned" in rows[name]:
+        if earlier is not None and "tuned" in rows.get(name, {}):
             fresh = fresh_rows_test(rows, name, earlier)
             out[-1]["fresh_rows"] = fresh
             out[-1]["moved"] = out[-1]["moved"] and fresh["p"] < ALPHA and fresh["mean_b"] > fresh["mean_a"]

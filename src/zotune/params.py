@@ -75,12 +75,14 @@ def norm_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return named
 
 
+def _unique_norm_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    norms = norm_parameters(model)
+    return {n: p for n, p in unique_parameters(model).items() if n in norms}
+
+
 #: schemes that train some of the base model's own tensors, and which: no adapter, so a run exports
 #: a plain model folder
-OWN_TENSOR_SCHEMES = {
-    "full": unique_parameters,
-    "norms": lambda model: {n: p for n, p in unique_parameters(model).items() if n in norm_parameters(model)},
-}
+OWN_TENSOR_SCHEMES = {"full": unique_parameters, "norms": _unique_norm_parameters}
 
 PREFIX_INITS = ("random", "activations")
 

@@ -104,3 +104,5 @@ def test_a_rerun_on_other_rows_is_refused(benchmark_script):
         cross.fresh_rows_test(rows, "a-more", "a")
     with pytest.raises(ValueError, match="no more rows"):
         cross.fresh_rows_test({"a": rows["a"], "a-more": rows["a"]}, "a-more", "a")
+    with pytest.raises(ValueError, match="reruns a, whose test rows are not kept"):
+        cross.fresh_rows_test({"a-more": rows["a-more"]}, "a-more", "a")
