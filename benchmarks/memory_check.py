@@ -2,6 +2,7 @@
 
     python benchmarks/memory_check.py                          # SmolLM2-135M, batch 16 x 64, float32
     python benchmarks/memory_check.py --seq-lens 64,256,1024 --methods mezo,fo-sgd --batch 2   # Figure 3
+    python benchmarks/memory_check.py --scheme norms --out benchmarks/results/memory_check_norms.json
 
 Measured: the model's bytes, plus what the optimizer keeps between steps (state, scratch
 buffers), plus the peak of every tensor allocated during the second step (directions, gradients,
@@ -24,6 +25,7 @@ import torch
 
 import zotune
 from zotune.bench.memory_model import predict
+from zotune.params import OWN_TENSOR_SCHEMES
 from zotune.bench.profile import (
     estimator_buffer_bytes,
     model_bytes,
@@ -53,6 +55,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq-lens", default="64")
+    ap.add_argument("--scheme", default="full", choices=sorted(OWN_TENSOR_SCHEMES),
+                    help="what trains: all weights, or only the normalisation gains (schemes without an adapter)")
     ap.add_argument("--methods", default=",".join(BUILDERS))
     ap.add_argument("--out", default="benchmarks/results/memory_check.json")
     ap.add_argument("--plot", help="write a figure of peak memory against sequence length here (.png and .svg)")
@@ -74,10 +78,11 @@ def main(argv=None) -> int:
         for method in args.methods.split(","):
             attn = "eager" if method == "forward-grad" else "sdpa"
             model.set_attn_implementation(attn)
-            for p in model.parameters():
-                p.requires_grad_(True)
+            trained = OWN_TENSOR_SCHEMES[args.scheme](model)
+            for name, p in model.named_parameters():
+                p.requires_grad_(name in trained)
                 p.grad = None
-            named = list(model.named_parameters())
+            named = list(trained.items())
             if method == "inference":
                 from zotune.bench.profile import AllocationTracker
 
@@ -94,17 +99,17 @@ def main(argv=None) -> int:
                 del opt
             measured = model_bytes(model.parameters()) + kept + peak
             # torch.optim.Adam uses its multi-tensor ("foreach") path only for CUDA tensors
-            predicted = predict(args.model, method, seq_len=seq, batch=args.batch, logits_positions=args.batch,
+            predicted = predict(args.model, method, scheme=args.scheme, seq_len=seq, batch=args.batch, logits_positions=args.batch,
                                 foreach=torch.cuda.is_available()).peak_bytes
-            rows.append({"method": method, "seq_len": seq, "batch": args.batch, "measured_bytes": measured,
+            rows.append({"method": method, "scheme": args.scheme, "seq_len": seq, "batch": args.batch, "measured_bytes": measured,
                          "predicted_bytes": predicted, "predicted_over_measured": predicted / measured})
             print(f"{method:>16} seq {seq:>5}: measured {measured / 2**20:8.1f} MiB, predicted "
                   f"{predicted / 2**20:8.1f} MiB ({predicted / measured:.3f})", flush=True)
             gc.collect()
-    print("\n| method | seq len | measured MiB | predicted MiB | predicted / measured |")
-    print("|---|---|---|---|---|")
+    print("\n| method | scheme | seq len | measured MiB | predicted MiB | predicted / measured |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['seq_len']} | {r['measured_bytes'] / 2**20:,.1f} | "
+        print(f"| {r['method']} | {r['scheme']} | {r['seq_len']} | {r['measured_bytes'] / 2**20:,.1f} | "
               f"{r['predicted_bytes'] / 2**20:,.1f} | {r['predicted_over_measured']:.3f} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

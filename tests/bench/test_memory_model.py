@@ -214,6 +214,25 @@ def test_fo_sgd_and_inference_predictions_match_measured_allocations(arch):
     assert fo.weights_bytes == sum(p.numel() for p in lm.model.parameters()) * 4
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fo_sgd_on_the_norms_matches_measured_allocations(arch):
+    """Only the gains need gradients: the backward keeps less than full tuning's, as measured."""
+    from zotune.params import OWN_TENSOR_SCHEMES
+
+    lm = tiny_model(arch)
+    norms = set(OWN_TENSOR_SCHEMES["norms"](lm.model))
+    for name, p in lm.model.named_parameters():
+        p.requires_grad_(name in norms)
+    batch, seq = 4, 48
+    data = _batch(lm.kind, len(lm.tokenizer), batch, seq)
+    with AllocationTracker() as step:
+        pair_loss(lm, data).backward()
+    pred = predict(lm.model.config, "fo-sgd", scheme="norms", seq_len=seq, batch=batch)
+    full = predict(lm.model.config, "fo-sgd", seq_len=seq, batch=batch)
+    assert 0.5 < (pred.peak_bytes - pred.weights_bytes) / step.peak_bytes < 2.0
+    assert pred.peak_bytes < full.peak_bytes
+
+
 # ----------------------------------------------------------------------------------- errors
 def test_errors_say_what_to_pass(synthetic):
     with pytest.raises(ValueError, match="Did you mean 'mezo'"):
@@ -300,9 +319,36 @@ def test_half_precision_lozo_needs_no_whole_matrix_float32_copy(synthetic):
     assert half.dynamic_bytes < 4 * largest
 
 
-def test_a_scheme_without_memory_terms_is_refused_by_name(synthetic):
-    """The norms scheme trains (zotune.params) but has no terms here: refused, not predicted as full."""
+def test_a_scheme_without_memory_terms_is_refused_by_name(synthetic, monkeypatch):
+    """A scheme zotune.params trains but this model has no terms for is refused, not predicted as full."""
+    monkeypatch.setattr(mm, "SCHEMES", ("full", "lora", "prefix", "prompt"))
     with pytest.raises(mm.MemoryModelError, match="no terms for scheme 'norms' yet"):
         predict(synthetic, "mezo", scheme="norms")
+
+
+def test_an_unknown_scheme_is_refused_by_name(synthetic):
     with pytest.raises(mm.MemoryModelError, match="Did you mean 'lora'"):
         predict(synthetic, "mezo", scheme="lroa")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_norms_scheme_trains_exactly_the_norm_tensors_zotune_selects(tiny, arch):
+    """The memory model's norms are zotune.params' (every family's gains and biases, once)."""
+    from zotune.params import OWN_TENSOR_SCHEMES
+
+    lm = tiny[arch]
+    selected = OWN_TENSOR_SCHEMES["norms"](lm.model)
+    predicted = mm.trainable_tensors(model_shape(lm.model.config), "norms")
+    assert {t.name: t.shape for t in predicted} == {n: tuple(p.shape) for n, p in selected.items()}
+    assert predict(lm.model.config, "mezo", scheme="norms").trainable_params == sum(p.numel() for p in selected.values())
+
+
+def test_norms_state_is_the_gains_and_activations_between_frozen_and_full(synthetic):
+    """ZO-Adam's moments and FO-Adam's gradients are the gains' size; a backward through a frozen
+    base keeps what the inputs' gradients need plus (LLaMA) RMSNorm's normalised inputs."""
+    gains = sum(t.numel for t in synthetic.tensors if t.norm) * 4
+    assert predict(synthetic, "zo-adam", scheme="norms").state_bytes == 2 * gains
+    assert predict(synthetic, "fo-adam", scheme="norms").state_bytes == 2 * gains
+    acts = {s: activation_bytes_per_layer(synthetic, 4, 32, 4, scheme=s).per_layer for s in ("prefix", "norms", "full")}
+    assert acts["prefix"] < acts["norms"] < acts["full"]
+    assert acts["norms"] - acts["prefix"] == 2 * 4 * 32 * synthetic.hidden * 4  # two RMSNorms' outputs x hat

@@ -57,8 +57,8 @@ from zotune.estimators.base import DEFAULT_CHUNK  # elements per chunk of a dens
 from zotune.methods import METHODS as _REGISTRY
 from zotune.params import SCHEMES as TRAINABLE_SCHEMES
 
-#: the trainable schemes this model has terms for (``norms``, the normalisation gains, has none yet)
-SCHEMES = ("full", "lora", "prefix", "prompt")
+#: the trainable schemes this model has terms for
+SCHEMES = ("full", "norms", "lora", "prefix", "prompt")
 
 __all__ = [
     "Activations",
@@ -72,6 +72,7 @@ __all__ = [
     "VARIANTS",
     "activation_bytes_per_layer",
     "adapter_tensors",
+    "trainable_tensors",
     "build_parser",
     "forward_working_set",
     "format_table",
@@ -131,12 +132,14 @@ _F32 = 4  # norm statistics, softmax log-sum-exp and log-probabilities are float
 
 # ----------------------------------------------------------------------------------- shapes
 class ParamTensor(NamedTuple):
-    """One parameter tensor: its name (as transformers names it), shape, and block: ``"embed"``
-    (input side), a layer index, or ``"head"`` (final norm and LM head)."""
+    """One parameter tensor: its name (as transformers names it), shape, block (``"embed"``,
+    the input side; a layer index; or ``"head"``, final norm and LM head), and whether it is a
+    normalisation layer's gain or bias (what ``trainable.scheme: norms`` trains)."""
 
     name: str
     shape: tuple[int, ...]
     block: str | int
+    norm: bool = False
 
     @property
     def numel(self) -> int:
@@ -286,8 +289,8 @@ def _linear(prefix: str, out: int, inp: int, block, bias: bool) -> list[ParamTen
 
 
 def _norm(prefix: str, h: int, block, bias: bool = True) -> list[ParamTensor]:
-    ts = [ParamTensor(f"{prefix}.weight", (h,), block)]
-    return ts + [ParamTensor(f"{prefix}.bias", (h,), block)] if bias else ts
+    ts = [ParamTensor(f"{prefix}.weight", (h,), block, norm=True)]
+    return ts + [ParamTensor(f"{prefix}.bias", (h,), block, norm=True)] if bias else ts
 
 
 def _llama_tensors(c, h: int, layers: int, hq: int, hkv: int, tied: bool) -> list[ParamTensor]:
@@ -411,6 +414,17 @@ def adapter_tensors(shape: ModelShape, scheme: str, *, lora_r: int = 8, prefix_t
     return []
 
 
+def trainable_tensors(shape: ModelShape, scheme: str, **adapter_sizes: int) -> list[ParamTensor]:
+    """What ``scheme`` trains: every tensor (``full``), the normalisation layers' gains and biases
+    (``norms``), or a peft adapter's tensors (:func:`adapter_tensors`, sized by ``adapter_sizes``)."""
+    _check_scheme(scheme)
+    if scheme == "full":
+        return list(shape.tensors)
+    if scheme == "norms":
+        return [t for t in shape.tensors if t.norm]
+    return adapter_tensors(shape, scheme, **adapter_sizes)
+
+
 # ------------------------------------------------------------------------------ activations
 class Activations(NamedTuple):
     """Bytes of activations that autograd keeps for the backward pass (see
@@ -454,7 +468,10 @@ def activation_bytes_per_layer(shape: ModelShape, batch: int, seq_len: int, dtyp
     only its output); GPT-2 ``9 T h b + 5 T i b`` (fused qkv, a q copy, gelu_new's Python
     intermediates); BERT/RoBERTa ``4 T h b + 4 T hq b + 2 T i b``. With a frozen base
     (``lora``, ``prefix``, ``prompt``) the second group is not kept, except the input of the
-    LoRA-adapted projections and LoRA's ``T x r`` hidden activations.
+    LoRA-adapted projections and LoRA's ``T x r`` hidden activations. Training only the gains
+    (``norms``) adds to the frozen base's what their gradients need: LLaMA's RMSNorm multiplies
+    its gain by the normalised input, which it keeps (``T h b`` per norm, the final norm's in the
+    head); LayerNorm's fused backward uses the input and statistics it keeps anyway.
 
     The head keeps the final norm's input, the LM-head input rows and the float32
     log-probabilities of the scored positions. zotune computes logits only at the continuation
@@ -493,6 +510,8 @@ def activation_bytes_per_layer(shape: ModelShape, batch: int, seq_len: int, dtyp
         layer, head = needed + weight, head_needed + head_weight
     else:
         layer, head = needed, head_needed
+        if scheme == "norms" and shape.family == "llama":  # RMSNorm's x-hat, for its gain's gradient
+            layer, head = layer + 2 * T * h * b, head + T * h * b
         if scheme == "lora":  # lora_A keeps its input (the targets' input) and lora_B lora_A's output
             layer += T * h * b + len(_LORA_TARGETS[shape.family]) * T * lora_r * b
     shared = batch * seq_len * seq_len * b
@@ -617,7 +636,8 @@ def predict(
     Args:
         model: a config source for :func:`load_config`, a ``PretrainedConfig`` or a :class:`ModelShape`.
         method: one of :data:`METHODS` (zotune's method names, plus ``"inference"``).
-        scheme: ``full`` | ``lora`` | ``prefix`` | ``prompt`` (what trains; zotune.params defaults).
+        scheme: ``full`` | ``norms`` | ``lora`` | ``prefix`` | ``prompt`` (what trains; zotune.params
+            defaults).
         seq_len, batch: tokens per example (prompt tuning adds ``prompt_tokens``) and examples per step.
         dtype: ``float32``; ``bfloat16`` / ``float16`` (F16: half-precision weights, activations,
             gradients and state); ``fp16-mixed`` / ``bf16-mixed`` (FP16: float32 weights with
@@ -669,9 +689,9 @@ def predict(
     shape = model_shape(model)
     wb, ab = DTYPES[dtype]
     seq = seq_len + (prompt_tokens if scheme == "prompt" else 0)
-    adapters = adapter_tensors(shape, scheme, lora_r=lora_r, prefix_tokens=prefix_tokens, prompt_tokens=prompt_tokens)
-    trainable = list(shape.tensors) if scheme == "full" else adapters
-    n_params = shape.total_params + sum(t.numel for t in adapters)
+    sizes = {"lora_r": lora_r, "prefix_tokens": prefix_tokens, "prompt_tokens": prompt_tokens}
+    trainable = trainable_tensors(shape, scheme, **sizes)
+    n_params = shape.total_params + sum(t.numel for t in adapter_tensors(shape, scheme, **sizes))
     ctx = _Context(
         shape=shape, method=method, estimator=spec.estimator if spec else None, rule=spec.rule if spec else None,
         scheme=scheme, dtype=dtype, variant=variant, wb=wb, ab=ab,
