@@ -161,7 +161,7 @@ def cmd_tune(args) -> int:
         given["factors"] = numbers(args.factors, "--factors")
     if args.eps_factors:
         given["eps_factors"] = numbers(args.eps_factors, "--eps-factors")
-    out = probe_lr(cfg, steps=args.steps, rows=args.rows, rule=args.rule, **given)
+    out = probe_lr(cfg, steps=args.steps, rows=args.rows, rule=args.rule, progress=cfg.train.progress, **given)
     print(f"{'lr':>10}  {'eps':>8}  {'dev loss':>9}  status", file=sys.stderr)
     for r in out["candidates"]:
         loss = "-" if r["dev_loss"] is None else f"{r['dev_loss']:.4f}"

@@ -141,6 +141,7 @@ def test_tune_command_prints_the_table_and_json_and_exits_by_outcome():
     out = json.loads(done.stdout)
     assert [r["factor"] for r in out["candidates"]] == [1e-9, 1.0]
     assert "dev loss" in done.stderr and out["reason"] in done.stderr
+    assert "tune:" not in done.stderr  # train.progress=false: no progress bar (logs, CI)
     assert (done.returncode == 0) == (out["chosen_lr"] is not None) and out["rule"] == "min"
     run_steps = load_config(None, TINY).train.steps  # the default, far longer than the 2-step probe
     assert out["caution"] == drift_caution(run_steps, 2, 0) and out["caution"] is not None
