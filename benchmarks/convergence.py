@@ -33,6 +33,19 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def test_against_zero_shot(run_dir: Path) -> dict | None:
+    """Paired test of the run's tested checkpoint against the base model on the same test rows
+    (exact McNemar; :func:`zotune.bench.paired.paired_test`), or None when the rows were not kept."""
+    path = run_dir / "test_rows.json"
+    if not path.exists():
+        return None
+    from zotune.bench.paired import paired_test
+
+    rows = json.loads(path.read_text())
+    test = paired_test(rows["zero_shot"], rows["tuned"])
+    return {"p": test["p"], "n": test["n"], "better": test["mean_b"] > test["mean_a"]}
+
+
 def curve(run_dir: Path) -> list[dict]:
     """Dev points of one run: step, forward passes, cumulative training seconds, dev accuracy."""
     rows = read_jsonl(run_dir / "metrics.jsonl")
@@ -153,9 +166,10 @@ def main(argv=None) -> int:
         if r is None:
             continue
         run_dir, kept = ROOT / r["output_dir"], archive / spec["name"]
-        if (run_dir / "metrics.jsonl").exists():
-            kept.mkdir(parents=True, exist_ok=True)
-            (kept / "metrics.jsonl").write_text((run_dir / "metrics.jsonl").read_text())
+        for name in ("metrics.jsonl", "test_rows.json"):
+            if (run_dir / name).exists():
+                kept.mkdir(parents=True, exist_ok=True)
+                (kept / name).write_text((run_dir / name).read_text())
         pts = curve(run_dir if (run_dir / "metrics.jsonl").exists() else kept)
         res = r["results"]
         runs.append({
@@ -167,7 +181,7 @@ def main(argv=None) -> int:
             "final_dev": pts[-1]["dev_accuracy"] if pts else None,
             "test": res.get("test", {}).get("accuracy"), "zero_shot_test": res.get("zero_shot", {}).get("accuracy"),
             "tested_step": res.get("tested_step"), "forward_passes": res.get("forward_passes"),
-            "mean_step_seconds": res.get("mean_step_seconds"),
+            "mean_step_seconds": res.get("mean_step_seconds"), "paired": test_against_zero_shot(kept),
             # training's own peak where the run recorded it; older runs only have the whole run's,
             # which includes re-reading the best-dev checkpoint before the test (marked)
             "peak_rss_mib": round((res.get("peak_rss_train_bytes") or res.get("peak_rss_bytes") or 0) / 2**20),
@@ -270,11 +284,15 @@ def main(argv=None) -> int:
         for b in budget_fastest:
             lines.append(f"| {b['method']} | {b['lr']:g} | {', '.join(share(x['fwd_share']) for x in b['per_seed'])} | "
                          f"{', '.join(share(x['seconds_share']) for x in b['per_seed'])} | {b['met_seeds']} of {b['seeds']} |")
-    lines += ["", "All runs of the sweep:", "", "| run | seed | best dev | final dev | test | forward passes | s / step |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "All runs of the sweep. p: exact McNemar test of the tested checkpoint against the base model on "
+              "the same test rows (- : the rows were not kept; runs before 2026-12-04's eleventh session kept "
+              "only their metrics here)", "",
+              "| run | seed | best dev | final dev | test | zero-shot test | p (paired) | forward passes | s / step |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
+        pv = "-" if r["paired"] is None else f"{r['paired']['p']:.2g}"
         lines.append(f"| {r['run']} | {r['seed']} | {r['best_dev']} | {r['final_dev']} | {r['test']} | "
-                     f"{r['forward_passes']} | {r['mean_step_seconds']} |")
+                     f"{r['zero_shot_test']} | {pv} | {r['forward_passes']} | {r['mean_step_seconds']} |")
     print("\n".join(lines))
     print(f"\n{out['machine']}, {out['date']}; JSON: {json_path.relative_to(ROOT)}")
     page = [

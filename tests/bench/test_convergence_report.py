@@ -54,3 +54,15 @@ def test_method_labels_keep_schemes_and_prefix_lengths_apart(benchmark_script):
     assert label({"optim.method": "fzoo", "trainable.scheme": "prefix"}) == "fzoo (prefix)"
     assert label({"optim.method": "mezo", "trainable.scheme": "prefix", "trainable.prefix_tokens": 1}) == "mezo (prefix, 1 token)"
     assert label({"optim.method": "mezo", "trainable.scheme": "prefix", "trainable.prefix_tokens": 10}) == "mezo (prefix, 10 tokens)"
+
+
+def test_paired_test_against_zero_shot_from_the_kept_rows(benchmark_script, tmp_path):
+    import json
+
+    conv = benchmark_script("convergence")
+    assert conv.test_against_zero_shot(tmp_path) is None  # rows not kept: no test, not a pass
+    # 10 rows only the tuned model gets right, none the other way: exact McNemar p = 2 / 2**10
+    rows = {"zero_shot": [0.0] * 10 + [1.0] * 20, "tuned": [1.0] * 30}
+    (tmp_path / "test_rows.json").write_text(json.dumps(rows))
+    out = conv.test_against_zero_shot(tmp_path)
+    assert out["p"] == pytest.approx(2 / 2**10) and out["n"] == 30 and out["better"]
