@@ -285,8 +285,8 @@ def main(argv=None) -> int:
             lines.append(f"| {b['method']} | {b['lr']:g} | {', '.join(share(x['fwd_share']) for x in b['per_seed'])} | "
                          f"{', '.join(share(x['seconds_share']) for x in b['per_seed'])} | {b['met_seeds']} of {b['seeds']} |")
     lines += ["", "All runs of the sweep. p: exact McNemar test of the tested checkpoint against the base model on "
-              "the same test rows (- : the rows were not kept; runs before 2026-12-04's eleventh session kept "
-              "only their metrics here)", "",
+              "the same test rows (- : the run's folder was gone before its test rows were archived beside its "
+              "metrics, from 2026-12-04 on)", "",
               "| run | seed | best dev | final dev | test | zero-shot test | p (paired) | forward passes | s / step |",
               "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
