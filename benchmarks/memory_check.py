@@ -25,7 +25,6 @@ import torch
 
 import zotune
 from zotune.bench.memory_model import predict
-from zotune.params import OWN_TENSOR_SCHEMES
 from zotune.bench.profile import (
     estimator_buffer_bytes,
     model_bytes,
@@ -33,6 +32,7 @@ from zotune.bench.profile import (
     sequential_chunks,
     step_memory,
 )
+from zotune.params import OWN_TENSOR_SCHEMES
 
 BUILDERS = {
     "inference": None,
@@ -66,6 +66,7 @@ def main(argv=None) -> int:
     loaded = load_model(args.model)
     model = loaded.model
     vocab = model.config.vocab_size
+    trained = OWN_TENSOR_SCHEMES[args.scheme](model)  # the same tensors for every method and length
     rows = []
     for seq in [int(s) for s in args.seq_lens.split(",")]:
         ids = torch.randint(0, vocab, (args.batch, seq), generator=torch.Generator().manual_seed(0))
@@ -78,7 +79,6 @@ def main(argv=None) -> int:
         for method in args.methods.split(","):
             attn = "eager" if method == "forward-grad" else "sdpa"
             model.set_attn_implementation(attn)
-            trained = OWN_TENSOR_SCHEMES[args.scheme](model)
             for name, p in model.named_parameters():
                 p.requires_grad_(name in trained)
                 p.grad = None
