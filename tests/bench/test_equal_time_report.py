@@ -11,7 +11,7 @@ import yaml
 
 
 def fake_run(root: Path, name: str, method: str, scheme: str, tuned: list[int], peak_mib: int,
-             best_dev: float = 0.8) -> dict:
+             best_dev: float = 0.8, overrides: dict | None = None) -> dict:
     run = root / name
     run.mkdir(parents=True)
     metrics = [{"step": 10, "loss": 0.5, "step_time": 2.0, "forward_passes": 90},
@@ -24,7 +24,7 @@ def fake_run(root: Path, name: str, method: str, scheme: str, tuned: list[int], 
            "stopped_by_time_budget": True, "best_dev": {"value": best_dev, "step": 20}, "tested_step": 20,
            "zero_shot": {"accuracy": 0.0}, "test": {"accuracy": sum(tuned) / len(tuned), "n": len(tuned)},
            "peak_rss_train_bytes": peak_mib * 2 ** 20}
-    return {"run": name, "status": "ok", "output_dir": str(run), "results": res}
+    return {"run": name, "status": "ok", "output_dir": str(run), "results": res, "overrides": overrides or {}}
 
 
 def test_report_compares_the_best_zo_run_with_fo_adam_on_the_same_rows(tmp_path, monkeypatch, benchmark_script):
@@ -65,3 +65,37 @@ def test_the_zo_run_compared_is_chosen_on_dev_never_on_test(tmp_path, benchmark_
     better_on_dev = et.summarise(fake_run(tmp_path, "b", "fzoo", "prefix", [1] * 10 + [0] * 10, 1000, best_dev=0.75))
     tied_later = et.summarise(fake_run(tmp_path, "c", "mezo", "full", [1] * 20, 1000, best_dev=0.75))
     assert et.best_on_dev([better_on_test, better_on_dev, tied_later])["run"] == "b"
+
+
+def test_a_hybrid_run_is_compared_apart_from_the_pure_zo_runs(tmp_path, monkeypatch, benchmark_script):
+    """A hybrid (trainable.zo_layers: FO-SGD above layer k) reports as its own kind: it never stands
+    for "the best ZO run", however high its dev accuracy, and gets its own line against FO-Adam."""
+    et = benchmark_script("equal_time")
+    records = [fake_run(tmp_path, "zo", "mezo", "prefix", [1] * 12 + [0] * 8, 1000, best_dev=0.7),
+               fake_run(tmp_path, "hyb", "mezo", "full", [1] * 19 + [0] * 1, 2000, best_dev=0.9,
+                        overrides={"trainable.zo_layers": 20}),
+               fake_run(tmp_path, "fo", "fo-adam", "full", [1] * 18 + [0] * 2, 4000)]
+    results = tmp_path / "r.jsonl"
+    results.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    grid = tmp_path / "g.yaml"
+    grid.write_text(yaml.safe_dump({"name": "eq", "results": str(results)}))
+    out, report = tmp_path / "eq.md", tmp_path / "eq.json"
+    monkeypatch.setattr(sys, "argv", ["equal_time.py"])
+    assert et.main(["--grid", str(grid), "--out", str(out), "--report", str(report),
+                    "--figures", str(tmp_path / "fig")]) == 0
+    data = json.loads(report.read_text())
+    assert data["comparison"]["zo"] == "zo" and data["comparison"]["gap_points"] == 30.0
+    h = data["hybrid_comparison"]
+    assert h["zo"] == "hyb" and h["gap_points"] == -5.0 and h["memory_ratio"] == 0.5
+    assert {r["run"]: r["kind"] for r in data["runs"]} == {"zo": "zero-order", "hyb": "hybrid (20 ZO layers)",
+                                                          "fo": "first-order"}
+    text = out.read_text()
+    assert "FO-Adam is 30.0 points ahead" in text
+    assert "5.0 points ahead of FO-Adam" in text
+
+
+def test_without_a_hybrid_run_there_is_no_hybrid_comparison(tmp_path, benchmark_script):
+    et = benchmark_script("equal_time")
+    runs = [et.summarise(fake_run(tmp_path, "zo", "mezo", "prefix", [1, 0], 1000)),
+            et.summarise(fake_run(tmp_path, "fo", "fo-adam", "full", [1, 1], 4000))]
+    assert et.comparisons(runs)[1] is None
