@@ -45,6 +45,8 @@ def test_recipe_and_overrides_combine_and_every_error_is_listed(tmp_path):
     (["optim.sparsity=1.5"], "optim.sparsity must be in [0, 1)"),
     (["train.objective=mse"], "Unknown objective 'mse'"),
     (["optim.perturbation=swp"], "Did you mean 'swap'"),
+    (["trainable.scheme=prefix", "trainable.prompt_init_text=It was"], "scheme 'prefix' has none"),
+    (["trainable.scheme=prompt", "trainable.prompt_init_text='  '"], "must be a non-empty text"),
 ])
 def test_cross_field_rules(overrides, message):
     with pytest.raises(ConfigError) as e:
@@ -57,6 +59,9 @@ def test_fingerprint_tracks_what_defines_the_trajectory():
     assert a.fingerprint() == load_config(None, ["train.steps=5", "train.output_dir=x"]).fingerprint()
     assert a.fingerprint() != load_config(None, ["optim.lr=2e-6"]).fingerprint()
     assert a.fingerprint() != load_config(None, ["train.batch_size=8"]).fingerprint()
+    prompt = load_config(None, ["trainable.scheme=prompt"])
+    assert prompt.fingerprint() != load_config(None, ["trainable.scheme=prompt",
+                                                      "trainable.prompt_init_text=It was"]).fingerprint()
 
 
 @pytest.mark.parametrize("name", list(METHODS))

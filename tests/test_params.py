@@ -228,6 +228,33 @@ def test_a_prefix_of_real_activations_is_the_same_as_real_tokens_before_the_inpu
         select_trainable(tiny_model("llama"), "prefix", prefix_init="real")
 
 
+@pytest.mark.parametrize("arch", ["llama", "opt", "roberta"])
+def test_a_prompt_from_text_is_the_same_as_the_texts_tokens_before_the_input(arch):
+    """prompt_init_text: the virtual tokens hold the embeddings of the text's tokens, repeated to fill
+    them (peft's TEXT init, with the run's own tokenizer), so the model starts out computing what
+    it computes on those real tokens followed by the input."""
+    lm = tiny_model(arch, seed=0)
+    ids = lm.tokenizer("b c", add_special_tokens=False)["input_ids"]
+    assert len(ids) == 2
+    x = torch.tensor([[7, 3, 12, 30]])
+    prompted, named = select_trainable(tiny_model(arch, seed=0), "prompt", num_virtual_tokens=5,
+                                       prompt_init_text="b c")
+    table = lm.model.get_input_embeddings().weight
+    torch.testing.assert_close(next(iter(named.values())).detach(), table[ids * 2 + ids[:1]].detach())
+    if lm.kind == "causal":  # an encoder's position ids and token types make a plain prefix a different input
+        with torch.no_grad():
+            want = lm.model(input_ids=torch.cat([torch.tensor([ids * 2 + ids[:1]]), x], dim=1)).logits[:, 5:]
+            got = prompted.model(input_ids=x).logits[:, 5:]  # peft returns the virtual positions' logits too
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_prompt_init_text_is_refused_where_it_cannot_apply():
+    with pytest.raises(ValueError, match="no tokens"):
+        select_trainable(tiny_model("llama"), "prompt", prompt_init_text="")
+    with pytest.raises(ValueError, match="prompt_init_text.*prompt"):
+        select_trainable(tiny_model("llama"), "prefix", prompt_init_text="b c")
+
+
 @pytest.mark.parametrize("scheme, options", [
     ("prefix", {"prefix_init": "activations"}), ("prefix", {}), ("prompt", {}), ("lora", {}), ("full", {}),
 ])

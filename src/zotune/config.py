@@ -93,6 +93,7 @@ class TrainableConfig:
     lora_alpha: int = 16
     prefix_tokens: int = 5
     prompt_tokens: int = 10
+    prompt_init_text: str | None = None  # prompt: start from this text's tokens (None: sampled vocabulary rows)
     zo_layers: int | None = None  # hybrid ZO/FO: first k layers by ZO, the rest by FO (FO-SGD)
 
 
@@ -348,6 +349,11 @@ def validate(cfg: Config) -> list[str]:
                                                               ("auto", "inplace", "swap", "dual", "side")))
     if tr.scheme not in ALL_SCHEMES:
         errors.append("trainable.scheme: " + unknown_choice("scheme", tr.scheme, ALL_SCHEMES))
+    if tr.prompt_init_text is not None:
+        if tr.scheme != "prompt":
+            errors.append(f"trainable.prompt_init_text starts a prompt's virtual tokens; scheme {tr.scheme!r} has none")
+        elif not isinstance(tr.prompt_init_text, str) or not tr.prompt_init_text.strip():
+            errors.append(f"trainable.prompt_init_text must be a non-empty text, got {tr.prompt_init_text!r}")
     if tr.zo_layers is not None:
         if tr.scheme != "full":
             errors.append("trainable.zo_layers (hybrid ZO/FO) needs trainable.scheme: full")

@@ -112,9 +112,26 @@ def _prefix_from_activations(wrapped, seed: int | None) -> None:
         embedding.copy_(rows.to(embedding.dtype))
 
 
+def _prompt_from_text(wrapped, tokenizer, text: str) -> None:
+    """Set a prompt-tuning model's virtual tokens to the input embeddings of ``text``'s tokens,
+    repeated to fill them or cut to fit (peft's ``TEXT`` init, with the run's own tokenizer rather
+    than one loaded by name): the model starts out as if that text preceded every input, where
+    sampled vocabulary rows start it on gibberish that can push every answer one way."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"prompt_init_text {text!r} has no tokens")
+    config = wrapped.peft_config[wrapped.active_adapter]
+    n = config.num_virtual_tokens * config.num_transformer_submodules
+    ids = (ids * -(-n // len(ids)))[:n]
+    table = wrapped.get_base_model().get_input_embeddings().weight
+    embedding = wrapped.prompt_encoder[wrapped.active_adapter].embedding.weight
+    with torch.no_grad():
+        embedding.copy_(table[torch.tensor(ids, device=table.device)].to(embedding.dtype))
+
+
 def select_trainable(
     loaded: LoadedModel, scheme: str = "full", *, init_seed: int | None = None, prefix_init: str = "random",
-    **options
+    prompt_init_text: str | None = None, **options
 ) -> tuple[LoadedModel, dict[str, torch.nn.Parameter]]:
     """Choose what trains; returns (the model to use from now on, ordered name -> trainable Parameter).
 
@@ -130,6 +147,8 @@ def select_trainable(
     starting adapters are a function of its config (a replay rebuilds them); None: peft's draw.
     ``prefix_init`` (prefix tuning of a causal LM): ``"random"`` (peft's) or ``"activations"``
     (the keys and values of real tokens, as MeZO initialises its prefixes; what ``zotune train`` uses).
+    ``prompt_init_text`` (prompt tuning): start the virtual tokens as this text's tokens (None: the
+    ``prompt_tuning_init`` of the options, peft's random vectors by default).
     """
     loaded = require_loaded(loaded, "select_trainable")
     model = loaded.model
@@ -137,6 +156,8 @@ def select_trainable(
         raise ValueError(unknown_choice("scheme", str(scheme), SCHEMES))
     if prefix_init not in PREFIX_INITS:
         raise ValueError(unknown_choice("prefix_init", str(prefix_init), PREFIX_INITS))
+    if prompt_init_text is not None and scheme != "prompt":
+        raise ValueError(f"prompt_init_text starts the virtual tokens of scheme 'prompt'; scheme {scheme!r} has none")
     if loaded.adapter is not None or hasattr(model, "peft_config"):
         raise ValueError("the model already has peft adapters; call select_trainable on the plain model")
     if scheme in OWN_TENSOR_SCHEMES:
@@ -175,6 +196,8 @@ def select_trainable(
             wrapped = get_peft_model(model, config)
         if scheme == "prefix" and prefix_init == "activations" and loaded.kind == "causal":
             _prefix_from_activations(wrapped, init_seed)
+        if prompt_init_text is not None:
+            _prompt_from_text(wrapped, loaded.tokenizer, prompt_init_text)
     except ValueError as err:
         raise ValueError(
             f"peft could not apply scheme '{scheme}' to {type(model).__name__}: {err} "

@@ -568,3 +568,19 @@ def test_a_prompt_starts_from_rows_of_the_vocabulary_drawn_with_the_run_seed():
     c, _ = prompt(1)
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert all(bool((vocab == row).all(1).any()) for row in a)  # every row is a token's embedding
+
+
+def test_a_prompt_starts_from_the_recipes_text_whatever_the_seed():
+    """trainable.prompt_init_text: the virtual tokens are that text's token embeddings, repeated to
+    fill the prompt, for every seed (a replay rebuilds the same start from the config)."""
+    def prompt(seed):
+        setup = build(load_config(None, TINY + ["trainable.scheme=prompt", "trainable.prompt_tokens=4",
+                                                "trainable.prompt_init_text=It was", f"optim.seed={seed}"]))
+        (p,) = setup.named.values()
+        ids = setup.loaded.tokenizer("It was", add_special_tokens=False)["input_ids"]
+        table = setup.model.get_base_model().get_input_embeddings().weight
+        return p.detach().clone(), table[(ids * 4)[:4]].detach()
+
+    a, want = prompt(0)
+    b, _ = prompt(1)
+    assert torch.equal(a, want) and torch.equal(a, b)

@@ -97,8 +97,10 @@ def scheme_options(cfg: Config) -> dict:
         "prefix": {"num_virtual_tokens": tr.prefix_tokens},
         # rows of the vocabulary's embeddings, as Lester et al. (2021) initialise prompts: peft's
         # default N(0, 1) vectors are about 8x the size of SmolLM2's token embeddings, so eps and lr sized
-        # for real embeddings would not move them (as the prefix starts from real activations)
-        "prompt": {"num_virtual_tokens": tr.prompt_tokens, "prompt_tuning_init": "SAMPLE_VOCAB"},
+        # for real embeddings would not move them (as the prefix starts from real activations);
+        # trainable.prompt_init_text replaces the sampled rows with a text's
+        "prompt": {"num_virtual_tokens": tr.prompt_tokens, "prompt_tuning_init": "SAMPLE_VOCAB",
+                   **({} if tr.prompt_init_text is None else {"prompt_init_text": tr.prompt_init_text})},
     }[tr.scheme]
 
 
