@@ -196,21 +196,33 @@ def _batch(kind: str, vocab: int, batch: int, seq: int) -> Batch:
     return Batch(ids, mask, cont, labels, lengths, kind)
 
 
+BATCH, SEQ = 4, 48
+
+
+def _measured(lm, trainable: set | None = None) -> tuple[int, int]:
+    """Allocation peaks of one batch through ``lm`` (the weights exist already): (forward without
+    autograd, forward and backward with gradients for the ``trainable`` names only; None: all)."""
+    if trainable is not None:
+        for name, p in lm.model.named_parameters():
+            p.requires_grad_(name in trainable)
+    data = _batch(lm.kind, len(lm.tokenizer), BATCH, SEQ)
+    with torch.no_grad(), AllocationTracker() as forward:
+        pair_loss(lm, data)
+    with AllocationTracker() as step:  # activations + gradients
+        pair_loss(lm, data).backward()
+    return forward.peak_bytes, step.peak_bytes
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fo_sgd_and_inference_predictions_match_measured_allocations(arch):
     lm = tiny_model(arch)  # fresh: backward writes .grad
-    batch, seq = 4, 48
-    data = _batch(lm.kind, len(lm.tokenizer), batch, seq)
-    with torch.no_grad(), AllocationTracker() as forward:
-        pair_loss(lm, data)
-    with AllocationTracker() as step:  # the weights exist already: this is activations + gradients
-        pair_loss(lm, data).backward()
-    fo = predict(lm.model.config, "fo-sgd", seq_len=seq, batch=batch)
-    paper = predict(lm.model.config, "fo-sgd", seq_len=seq, batch=batch, variant="paper")
-    inference = predict(lm.model.config, "inference", seq_len=seq, batch=batch)
-    assert 0.5 < (fo.peak_bytes - fo.weights_bytes) / step.peak_bytes < 2.0
-    assert 0.5 < paper.dynamic_bytes / step.peak_bytes < 2.0
-    assert 0.5 < inference.activation_bytes / forward.peak_bytes < 2.0
+    forward, step = _measured(lm)
+    fo = predict(lm.model.config, "fo-sgd", seq_len=SEQ, batch=BATCH)
+    paper = predict(lm.model.config, "fo-sgd", seq_len=SEQ, batch=BATCH, variant="paper")
+    inference = predict(lm.model.config, "inference", seq_len=SEQ, batch=BATCH)
+    assert 0.5 < (fo.peak_bytes - fo.weights_bytes) / step < 2.0
+    assert 0.5 < paper.dynamic_bytes / step < 2.0
+    assert 0.5 < inference.activation_bytes / forward < 2.0
     assert fo.weights_bytes == sum(p.numel() for p in lm.model.parameters()) * 4
 
 
@@ -220,16 +232,10 @@ def test_fo_sgd_on_the_norms_matches_measured_allocations(arch):
     from zotune.params import OWN_TENSOR_SCHEMES
 
     lm = tiny_model(arch)
-    norms = set(OWN_TENSOR_SCHEMES["norms"](lm.model))
-    for name, p in lm.model.named_parameters():
-        p.requires_grad_(name in norms)
-    batch, seq = 4, 48
-    data = _batch(lm.kind, len(lm.tokenizer), batch, seq)
-    with AllocationTracker() as step:
-        pair_loss(lm, data).backward()
-    pred = predict(lm.model.config, "fo-sgd", scheme="norms", seq_len=seq, batch=batch)
-    full = predict(lm.model.config, "fo-sgd", seq_len=seq, batch=batch)
-    assert 0.5 < (pred.peak_bytes - pred.weights_bytes) / step.peak_bytes < 2.0
+    _, step = _measured(lm, set(OWN_TENSOR_SCHEMES["norms"](lm.model)))
+    pred = predict(lm.model.config, "fo-sgd", scheme="norms", seq_len=SEQ, batch=BATCH)
+    full = predict(lm.model.config, "fo-sgd", seq_len=SEQ, batch=BATCH)
+    assert 0.5 < (pred.peak_bytes - pred.weights_bytes) / step < 2.0
     assert pred.peak_bytes < full.peak_bytes
 
 

@@ -691,7 +691,8 @@ def predict(
     seq = seq_len + (prompt_tokens if scheme == "prompt" else 0)
     sizes = {"lora_r": lora_r, "prefix_tokens": prefix_tokens, "prompt_tokens": prompt_tokens}
     trainable = trainable_tensors(shape, scheme, **sizes)
-    n_params = shape.total_params + sum(t.numel for t in adapter_tensors(shape, scheme, **sizes))
+    added = [] if scheme in ("full", "norms") else trainable  # a peft scheme's tensors are new ones
+    n_params = shape.total_params + sum(t.numel for t in added)
     ctx = _Context(
         shape=shape, method=method, estimator=spec.estimator if spec else None, rule=spec.rule if spec else None,
         scheme=scheme, dtype=dtype, variant=variant, wb=wb, ab=ab,
