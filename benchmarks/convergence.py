@@ -46,6 +46,17 @@ def test_against_zero_shot(run_dir: Path) -> dict | None:
     return {"p": test["p"], "n": test["n"], "better": test["mean_b"] > test["mean_a"]}
 
 
+def keep(run_dir: Path, kept: Path) -> Path:
+    """Copy a run's ``metrics.jsonl`` and ``test_rows.json`` into ``kept`` (runs/ is not committed,
+    so a report can be made again from the repository alone); the folder to read: the run's while
+    it exists, else the copy."""
+    for name in ("metrics.jsonl", "test_rows.json"):
+        if (run_dir / name).exists():
+            kept.mkdir(parents=True, exist_ok=True)
+            (kept / name).write_text((run_dir / name).read_text())
+    return run_dir if (run_dir / "metrics.jsonl").exists() else kept
+
+
 def curve(run_dir: Path) -> list[dict]:
     """Dev points of one run: step, forward passes, cumulative training seconds, dev accuracy."""
     rows = read_jsonl(run_dir / "metrics.jsonl")
@@ -156,8 +167,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     grid = yaml.safe_load(Path(args.grid).read_text())
     results = {r["run"]: r for r in read_jsonl(ROOT / grid["results"]) if r.get("status") == "ok"}
-    # each run's metrics.jsonl is kept beside the results (runs/ is not committed), so the report
-    # can be made again from the repository alone
     archive = ROOT / grid["results"].replace(".jsonl", "-metrics")
     base_seed = (grid.get("base", {}).get("optim") or {}).get("seed", 0)
     runs = []
@@ -165,12 +174,8 @@ def main(argv=None) -> int:
         r = results.get(spec["name"])
         if r is None:
             continue
-        run_dir, kept = ROOT / r["output_dir"], archive / spec["name"]
-        for name in ("metrics.jsonl", "test_rows.json"):
-            if (run_dir / name).exists():
-                kept.mkdir(parents=True, exist_ok=True)
-                (kept / name).write_text((run_dir / name).read_text())
-        pts = curve(run_dir if (run_dir / "metrics.jsonl").exists() else kept)
+        kept = archive / spec["name"]
+        pts = curve(keep(ROOT / r["output_dir"], kept))
         res = r["results"]
         runs.append({
             "run": spec["name"], "method": method_label(spec["set"]),

@@ -29,7 +29,7 @@ import yaml
 from zotune.bench.paired import paired_test
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from convergence import curve, plot_dev_curves, read_jsonl  # noqa: E402  (one reading and drawing of dev curves)
+from convergence import curve, keep, plot_dev_curves, read_jsonl  # noqa: E402  (one reading and drawing of dev curves)
 
 ROOT = Path(__file__).resolve().parent.parent
 FIRST_ORDER = ("fo-sgd", "fo-adam")
@@ -43,9 +43,16 @@ def kind_of(method: str, zo_layers: int | None) -> str:
     return "zero-order" if zo_layers is None else f"hybrid ({zo_layers} ZO layers)"
 
 
-def summarise(record: dict) -> dict:
+def summarise(record: dict, archive: Path | None = None, previous: dict | None = None) -> dict:
+    """One run's row. Its metrics and test rows are read from its folder and copied into
+    ``archive``/NAME, or read from there once the folder is gone; a run whose files were never
+    archived keeps the dev curve of the ``previous`` report (run name -> its entry) and has no rows."""
     res = record["results"]
     run_dir = Path(record["output_dir"])
+    if archive is not None:
+        run_dir = keep(run_dir, archive / record["run"])
+    points = curve(run_dir) if (run_dir / "metrics.jsonl").exists() else (previous or {}).get(record["run"], {}).get("points", [])
+    rows = run_dir / "test_rows.json"
     peak = res.get("peak_rss_train_bytes") or res.get("peak_rss_bytes")
     return {
         "run": record["run"], "method": res["method"], "scheme": res["scheme"],
@@ -56,8 +63,8 @@ def summarise(record: dict) -> dict:
         "zero_shot": res["zero_shot"].get("accuracy"), "test": res["test"].get("accuracy"),
         "test_rows": res["test"].get("n"),
         "peak_rss_train_mib": round(peak / 2 ** 20) if peak else None,
-        "points": curve(run_dir),
-        "rows": json.loads((run_dir / "test_rows.json").read_text())["tuned"],
+        "points": points,
+        "rows": json.loads(rows.read_text())["tuned"] if rows.exists() else None,
     }
 
 
@@ -67,10 +74,14 @@ def best_on_dev(runs: list[dict]) -> dict:
 
 
 def compare(zo: dict, fo: dict) -> dict:
-    if len(zo["rows"]) != len(fo["rows"]):
+    """The test gap in points, the memory ratio, and an exact paired test where both runs' rows were kept."""
+    if zo["rows"] is None or fo["rows"] is None:
+        test = None
+    elif len(zo["rows"]) != len(fo["rows"]):
         raise SystemExit(f"{zo['run']} and {fo['run']} were tested on different rows ({len(zo['rows'])} "
                          f"and {len(fo['rows'])}): rerun them with the same task sizes and split seed")
-    test = paired_test(fo["rows"], zo["rows"])
+    else:
+        test = paired_test(fo["rows"], zo["rows"])
     out = {"zo": zo["run"], "fo": fo["run"], "gap_points": round(100 * (fo["test"] - zo["test"]), 2),
            "paired": test}
     if zo["peak_rss_train_mib"] and fo["peak_rss_train_mib"]:
@@ -96,8 +107,10 @@ def gap_words(points: float) -> str:
 
 def comparison_line(what: str, c: dict) -> str:
     p = c["paired"]
-    return (f"{what}, `{c['zo']}`, against `{c['fo']}`: {gap_words(c['gap_points'])} on the same {p['n']} test "
-            f"rows (exact McNemar p = {p['p']:.2g}); its peak memory is {c.get('memory_ratio', 'n/a')} of FO-Adam's.")
+    test = (f"on the same {p['n']} test rows (exact McNemar p = {p['p']:.2g})" if p else
+            "on the same test rows (one run's rows were not kept: no paired test)")
+    return (f"{what}, `{c['zo']}`, against `{c['fo']}`: {gap_words(c['gap_points'])} {test}; its peak memory is "
+            f"{c.get('memory_ratio', 'n/a')} of FO-Adam's.")
 
 
 def last_dev(run: dict) -> str:
@@ -145,10 +158,18 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     grid = {**yaml.safe_load(Path(args.grid).read_text()), "path": args.grid}
     records = {r["run"]: r for r in read_jsonl(Path(grid["results"]))}  # a rerun's record replaces the older
-    runs = [summarise(r) for r in records.values() if r["status"] == "ok"]
+    report = Path(args.report)
+    previous = {r["run"]: r for r in json.loads(report.read_text())["runs"]} if report.exists() else {}
+    archive = ROOT / grid["results"].replace(".jsonl", "-metrics")
+    runs = [summarise(r, archive, previous) for r in records.values() if r["status"] == "ok"]
     if not runs:
         raise SystemExit(f"no finished run in {grid['results']}: run `zotune bench {args.grid}` first")
     comparison, hybrid = comparisons(runs)
+    if report.exists():  # a paired test made while both runs' rows existed outlives the rows
+        old = json.loads(report.read_text())
+        for c, was in ((comparison, old.get("comparison")), (hybrid, old.get("hybrid_comparison"))):
+            if c and was and c["paired"] is None and (c["zo"], c["fo"]) == (was["zo"], was["fo"]):
+                c["paired"] = was["paired"]
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
             "torch": torch.__version__}

@@ -99,3 +99,40 @@ def test_without_a_hybrid_run_there_is_no_hybrid_comparison(tmp_path, benchmark_
     runs = [et.summarise(fake_run(tmp_path, "zo", "mezo", "prefix", [1, 0], 1000)),
             et.summarise(fake_run(tmp_path, "fo", "fo-adam", "full", [1, 1], 4000))]
     assert et.comparisons(runs)[1] is None
+
+
+def test_a_run_whose_folder_is_gone_is_read_from_the_archive_or_the_previous_report(tmp_path, monkeypatch,
+                                                                                    benchmark_script):
+    """runs/ is not committed: the report copies each run's files beside the results and reads them
+    from there once the folder is gone; older runs that were never copied keep the previous report's
+    curve, and a paired test made while both runs' rows existed is kept rather than dropped."""
+    import shutil
+
+    et = benchmark_script("equal_time")
+    records = [fake_run(tmp_path, "zo", "mezo", "prefix", [1] * 12 + [0] * 8, 1000),
+               fake_run(tmp_path, "fo", "fo-adam", "full", [1] * 20, 4000)]
+    results = tmp_path / "r.jsonl"
+    results.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    grid = tmp_path / "g.yaml"
+    grid.write_text(yaml.safe_dump({"name": "eq", "results": str(results)}))
+    out, report = tmp_path / "eq.md", tmp_path / "eq.json"
+    args = ["--grid", str(grid), "--out", str(out), "--report", str(report), "--figures", str(tmp_path / "fig")]
+    monkeypatch.setattr(sys, "argv", ["equal_time.py"])
+    assert et.main(args) == 0
+    first = json.loads(report.read_text())
+    assert (tmp_path / "r-metrics" / "zo" / "test_rows.json").exists()
+    shutil.rmtree(tmp_path / "zo")  # the run folder is gone: the archived copy stands in
+    assert et.main(args) == 0
+    assert json.loads(report.read_text())["comparison"] == first["comparison"]
+    shutil.rmtree(tmp_path / "r-metrics" / "fo")  # never archived: the curve and the paired test of the last report
+    shutil.rmtree(tmp_path / "fo")
+    assert et.main(args) == 0
+    again = json.loads(report.read_text())
+    assert again["comparison"] == first["comparison"]
+    fo = next(r for r in again["runs"] if r["run"] == "fo")
+    assert fo["points"] == next(r for r in first["runs"] if r["run"] == "fo")["points"]
+    report.unlink()  # with no earlier report either: the gap and memory ratio, no paired test
+    assert et.main(args) == 0
+    c = json.loads(report.read_text())["comparison"]
+    assert c["paired"] is None and c["gap_points"] == 40.0
+    assert "no paired test" in out.read_text()
