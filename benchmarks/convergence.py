@@ -79,14 +79,20 @@ def curve(run_dir: Path) -> list[dict]:
 
 
 def method_label(overrides: dict) -> str:
-    """A method on adapters is its own row ("fzoo (prefix)"), and a prefix of another length its own
-    again ("mezo (prefix, 1 token)"): runs with one label share the lr choice and the seed rows."""
+    """A method on adapters is its own row ("fzoo (prefix)"), and a prefix of another length or one
+    perturbed on its values only its own again ("mezo (prefix, 1 token)", "mezo (prefix, values
+    only)"): runs with one label share the lr choice and the seed rows."""
     label = overrides["optim.method"]
     scheme = overrides.get("trainable.scheme", "full")
     if scheme == "full":
         return label
+    parts = [scheme]
     tokens = overrides.get("trainable.prefix_tokens")
-    return f"{label} ({scheme}" + (f", {tokens} token{'s' if tokens != 1 else ''})" if tokens is not None else ")")
+    if tokens is not None:
+        parts.append(f"{tokens} token{'s' if tokens != 1 else ''}")
+    if overrides.get("trainable.prefix_values_only"):
+        parts.append("values only")
+    return f"{label} ({', '.join(parts)})"
 
 
 def first_reaching(points: list[dict], target: float) -> dict | None:

@@ -46,6 +46,10 @@ def test_recipe_and_overrides_combine_and_every_error_is_listed(tmp_path):
     (["train.objective=mse"], "Unknown objective 'mse'"),
     (["optim.perturbation=swp"], "Did you mean 'swap'"),
     (["trainable.scheme=prefix", "trainable.prompt_init_text=It was"], "scheme 'prefix' has none"),
+    (["trainable.scheme=lora", "trainable.prefix_values_only=true"], "needs trainable.scheme: prefix"),
+    (["trainable.scheme=prefix", "trainable.prefix_values_only=true", "optim.method=fo-adam"],
+     "'fo-adam' has none"),
+    (["trainable.scheme=prefix", "trainable.prefix_values_only=yes please"], "must be true or false"),
     (["trainable.scheme=prompt", "trainable.prompt_init_text='  '"], "must be a non-empty text"),
 ])
 def test_cross_field_rules(overrides, message):

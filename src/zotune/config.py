@@ -94,6 +94,7 @@ class TrainableConfig:
     prefix_tokens: int = 5
     prompt_tokens: int = 10
     prompt_init_text: str | None = None  # prompt: start from this text's tokens (None: sampled vocabulary rows)
+    prefix_values_only: bool = False  # prefix, ZO: perturb (so train) the prefix's values, not its keys
     zo_layers: int | None = None  # hybrid ZO/FO: first k layers by ZO, the rest by FO (FO-SGD)
 
 
@@ -349,6 +350,14 @@ def validate(cfg: Config) -> list[str]:
                                                               ("auto", "inplace", "swap", "dual", "side")))
     if tr.scheme not in ALL_SCHEMES:
         errors.append("trainable.scheme: " + unknown_choice("scheme", tr.scheme, ALL_SCHEMES))
+    if tr.prefix_values_only is not False:
+        if tr.prefix_values_only is not True:
+            errors.append(f"trainable.prefix_values_only must be true or false, got {tr.prefix_values_only!r}")
+        elif tr.scheme != "prefix":
+            errors.append(f"trainable.prefix_values_only needs trainable.scheme: prefix, got {tr.scheme!r}")
+        elif method is not None and not method.sparse_masks:
+            errors.append(f"trainable.prefix_values_only masks a ZO method's dense directions; {o.method!r} "
+                          "has none (the methods that take optim.sparsity do)")
     if tr.prompt_init_text is not None:
         if tr.scheme != "prompt":
             errors.append(f"trainable.prompt_init_text starts a prompt's virtual tokens; scheme {tr.scheme!r} has none")

@@ -171,13 +171,18 @@ RULE_BUILDERS: dict[str, Callable] = {
 }
 
 
-def _build_zo(method: Method, o, named, module=None, reduce=None, streamed=False) -> ZOOptimizer:
+def _build_zo(method: Method, o, named, module=None, reduce=None, streamed=False, masks=None) -> ZOOptimizer:
     est = ESTIMATOR_BUILDERS[method.estimator](o, module)
     if o.sparsity > 0 and "sparsity" not in method.reads:
         if not method.sparse_masks:
             raise ValueError(f"optim.sparsity={o.sparsity} (random sparse masks) does not combine with {method.name}: "
                              "its directions are not dense per-entry draws")
         est = estimators.Sparse(est, o.sparsity)
+    if masks:
+        if not method.sparse_masks:
+            raise ValueError(f"fixed perturbation masks do not combine with {method.name}: its directions are not "
+                             "dense per-entry draws")
+        est = estimators.FixedMask(est, masks)
     mode = o.perturbation
     if streamed:  # streamed weights: both halves while a module is resident, updates deferred
         mode = "dual"
@@ -191,14 +196,19 @@ def _build_zo(method: Method, o, named, module=None, reduce=None, streamed=False
     )
 
 
-def _build_fo(method: Method, o, named, module=None, reduce=None, streamed=False):
+def _build_fo(method: Method, o, named, module=None, reduce=None, streamed=False, masks=None):
+    if masks:
+        raise ValueError(f"fixed perturbation masks are for ZO methods; {method.name} follows the gradient of every "
+                         "trained entry")
     if method.rule == "adam":
         return FOAdam(list(named.values()), lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas))
     return FOSGD(list(named.values()), lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum)
 
 
-def build_optimizer(o, named: dict[str, torch.Tensor], module=None, reduce=None, streamed: bool = False):
-    """Build ``o.method`` over the named trainable tensors (``streamed``: for streamed weights)."""
+def build_optimizer(o, named: dict[str, torch.Tensor], module=None, reduce=None, streamed: bool = False,
+                    masks: dict[str, torch.Tensor] | None = None):
+    """Build ``o.method`` over the named trainable tensors (``streamed``: for streamed weights;
+    ``masks``: name -> boolean mask of the entries a ZO method perturbs, :class:`FixedMask`)."""
     from zotune._validate import unknown_choice
 
     if o.method not in METHODS:
@@ -209,7 +219,7 @@ def build_optimizer(o, named: dict[str, torch.Tensor], module=None, reduce=None,
         raise ValueError(f"optim.method {o.method!r} cannot train streamed weights (model.offload): "
                          "it does not evaluate both halves of a two-point estimate while a module is resident")
     build = _build_zo if method.family == "zo" else _build_fo
-    return build(method, o, named, module, reduce, streamed)
+    return build(method, o, named, module, reduce, streamed, masks)
 
 
 # population low-rank (EGGROLL-style): N low-rank members per step, evaluated as copies of the

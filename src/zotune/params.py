@@ -112,6 +112,30 @@ def _prefix_from_activations(wrapped, seed: int | None) -> None:
         embedding.copy_(rows.to(embedding.dtype))
 
 
+def prefix_value_masks(loaded: LoadedModel, named: Mapping[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    """For a prefix-tuned causal LM: the trained prefix table's name -> a boolean mask of its
+    value entries (True) against its key entries, in peft's layout (columns layer-major, each
+    layer's key before its value, as ``_prefix_from_activations`` writes them). What
+    ``trainable.prefix_values_only`` perturbs: the values carry most of the prefix's gradient."""
+    loaded = require_loaded(loaded, "prefix_value_masks")
+    if loaded.adapter != "PREFIX_TUNING" or loaded.kind != "causal":
+        raise ValueError(f"value masks are for a causal LM's prefix (scheme 'prefix'); this model's adapter is "
+                         f"{loaded.adapter!r} on a {loaded.kind} model")
+    wrapped = loaded.model
+    embedding = wrapped.prompt_encoder[wrapped.active_adapter].embedding.weight
+    config = wrapped.peft_config[wrapped.active_adapter]
+    layers = config.num_layers
+    n, width = embedding.shape
+    if width % (2 * layers):
+        raise ValueError(f"a prefix of width {width} does not split into keys and values of {layers} layers")
+    mask = torch.zeros(n, layers, 2, width // (2 * layers), dtype=torch.bool, device=embedding.device)
+    mask[:, :, 1] = True
+    found = [name for name, p in named.items() if p is embedding]
+    if len(found) != 1:
+        raise ValueError("the prefix table is not among the trained tensors")
+    return {found[0]: mask.reshape(n, width)}
+
+
 def _prompt_from_text(wrapped, tokenizer, text: str) -> None:
     """Set a prompt-tuning model's virtual tokens to the input embeddings of ``text``'s tokens,
     repeated to fill them or cut to fit (peft's ``TEXT`` init, with the run's own tokenizer rather

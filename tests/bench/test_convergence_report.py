@@ -54,6 +54,10 @@ def test_method_labels_keep_schemes_and_prefix_lengths_apart(benchmark_script):
     assert label({"optim.method": "fzoo", "trainable.scheme": "prefix"}) == "fzoo (prefix)"
     assert label({"optim.method": "mezo", "trainable.scheme": "prefix", "trainable.prefix_tokens": 1}) == "mezo (prefix, 1 token)"
     assert label({"optim.method": "mezo", "trainable.scheme": "prefix", "trainable.prefix_tokens": 10}) == "mezo (prefix, 10 tokens)"
+    assert label({"optim.method": "mezo", "trainable.scheme": "prefix",
+                  "trainable.prefix_values_only": True}) == "mezo (prefix, values only)"
+    assert label({"optim.method": "mezo", "trainable.scheme": "prefix", "trainable.prefix_tokens": 1,
+                  "trainable.prefix_values_only": True}) == "mezo (prefix, 1 token, values only)"
 
 
 def test_paired_test_against_zero_shot_from_the_kept_rows(benchmark_script, tmp_path):

@@ -584,3 +584,22 @@ def test_a_prompt_starts_from_the_recipes_text_whatever_the_seed():
     a, want = prompt(0)
     b, _ = prompt(1)
     assert torch.equal(a, want) and torch.equal(a, b)
+
+
+def test_prefix_values_only_trains_the_values_and_leaves_the_keys(tmp_path):
+    """trainable.prefix_values_only: the ZO direction is masked to the prefix's values, so after
+    training the keys are still the real tokens' keys; a resumed run rebuilds the same mask."""
+    from zotune.params import prefix_value_masks
+
+    over = TINY + ["trainable.scheme=prefix", "trainable.prefix_values_only=true", "optim.lr=1e-2",
+                   "optim.eps=1e-1", "train.steps=3", "train.eval_every=0", f"train.output_dir={tmp_path}"]
+    start = build(load_config(None, over))
+    (table,) = start.named.values()
+    before = table.detach().clone()
+    train(load_config(None, over))
+    after = build(load_config(None, over))  # the layout rebuilt from the config, then the trained prefix
+    ckpt.copy_weights(tmp_path / "ckpt-last", after.named)
+    (trained,) = after.named.values()
+    (mask,) = prefix_value_masks(after.loaded, after.named).values()
+    assert torch.equal(trained.detach()[~mask], before[~mask])
+    assert not torch.equal(trained.detach()[mask], before[mask])

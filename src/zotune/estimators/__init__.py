@@ -4,6 +4,8 @@ Registry names: ``gaussian`` (MeZO), ``rademacher``, ``lowrank`` (LOZO), ``block
 (ZO-SGD-Block), ``sparse`` (random masks around another estimator), ``forward`` (Forward-Grad),
 ``hessian`` (HiZOO's ``z / sqrt(H)``), ``magnitude`` (Sparse-MeZO's small-weight masks),
 ``population_lowrank`` (N low-rank members per step, evaluated as copies of the batch).
+:class:`FixedMask` (perturb only the entries of fixed masks, e.g. a prefix's values) wraps one
+by hand: its masks come from the model's layout, not from keyword arguments.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from zotune.estimators.base import (
     to_dense,
 )
 from zotune.estimators.blockwise import Blockwise, layer_block_key
+from zotune.estimators.fixed_mask import FixedMask
 from zotune.estimators.forward import ForwardGradient
 from zotune.estimators.gaussian import Gaussian
 from zotune.estimators.hessian import HessianInformed
@@ -69,6 +72,7 @@ __all__ = [
     "Direction",
     "ESTIMATORS",
     "Estimator",
+    "FixedMask",
     "ForwardGradient",
     "Gaussian",
     "HessianInformed",

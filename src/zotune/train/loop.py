@@ -52,6 +52,7 @@ class Setup:
     model: torch.nn.Module  # loaded.model
     named: dict
     optimizer: object
+    masks: dict | None = None  # name -> the entries a ZO method perturbs (trainable.prefix_values_only)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -143,7 +144,7 @@ def build(cfg: Config, loaded=None, data=None, reduce=None, splits=SPLITS) -> Se
     """Load data first (bad data fails before the slow model load), then model and optimizer.
 
     ``splits``: the data splits to load (see :func:`load_data`; an evaluation needs one)."""
-    from zotune.params import hybrid_split, select_trainable
+    from zotune.params import hybrid_split, prefix_value_masks, select_trainable
 
     data = data if data is not None else load_data(cfg, splits)
     if loaded is None:
@@ -160,6 +161,10 @@ def build(cfg: Config, loaded=None, data=None, reduce=None, splits=SPLITS) -> Se
                                      prefix_init="activations", **scheme_options(cfg))
     model = loaded.model
     o = cfg.optim
+    masks = prefix_value_masks(loaded, named) if cfg.trainable.prefix_values_only else None
+    if masks:
+        kept = sum(int(m.sum()) for m in masks.values())
+        log.info("perturbing the prefix's values only: %d of its %d entries", kept, sum(m.numel() for m in masks.values()))
     if cfg.trainable.zo_layers is not None:
         zo_named, fo_named = hybrid_split(model, named, cfg.trainable.zo_layers)
         zo = build_optimizer(o, zo_named, model, reduce)
@@ -167,7 +172,7 @@ def build(cfg: Config, loaded=None, data=None, reduce=None, splits=SPLITS) -> Se
         optimizer = HybridOptimizer(zo, fo) if zo_named else fo
     else:
         streamed = cfg.model.offload != "none"
-        optimizer = build_optimizer(o, named, model, reduce, streamed=streamed)
+        optimizer = build_optimizer(o, named, model, reduce, streamed=streamed, masks=masks)
         if streamed:
             from zotune.streamed import StreamedWeights
 
@@ -179,7 +184,7 @@ def build(cfg: Config, loaded=None, data=None, reduce=None, splits=SPLITS) -> Se
             StreamedWeights(model, optimizer, storage=storage, directory=where)
             log.info("streamed weights: %d trained tensors kept in %s", len(named),
                      where if storage == "mmap" else "host memory")
-    return Setup(cfg, data, loaded, model, named, optimizer)
+    return Setup(cfg, data, loaded, model, named, optimizer, masks)
 
 
 # ----------------------------------------------------------------------------- data order

@@ -163,7 +163,7 @@ def probe_lr(cfg: Config, *, factors=DEFAULT_FACTORS, steps: int = 20, rows: int
         o = copy.deepcopy(cfg.optim)
         o.lr = cfg.optim.lr * f
         o.eps = cfg.optim.eps * e
-        opt = build_optimizer(o, named, model)
+        opt = build_optimizer(o, named, model, masks=setup.masks)
         t0, status = time.perf_counter(), "ok"
         try:
             for batch in batches:
