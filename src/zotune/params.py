@@ -139,8 +139,9 @@ def prefix_value_masks(loaded: LoadedModel, named: Mapping[str, torch.nn.Paramet
 def _prompt_from_text(wrapped, tokenizer, text: str) -> None:
     """Set a prompt-tuning model's virtual tokens to the input embeddings of ``text``'s tokens,
     repeated to fill them or cut to fit (peft's ``TEXT`` init, with the run's own tokenizer rather
-    than one loaded by name): the model starts out as if that text preceded every input, where
-    sampled vocabulary rows start it on gibberish that can push every answer one way."""
+    than one loaded by name): the model starts out as if that text preceded every input, rather
+    than a string of sampled tokens (on SST-2 both start where the base model does:
+    benchmarks/prompt_init.py)."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if not ids:
         raise ValueError(f"prompt_init_text {text!r} has no tokens")
