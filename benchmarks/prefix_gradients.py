@@ -46,11 +46,10 @@ def measure(overrides: list[str], batches: int) -> dict:
         table.grad = None
         make_closure(setup.loaded, rows, cfg, "cpu", objective)().backward()
         square += table.grad.square()
-    grad = (square / batches).view(n, layers, 2, -1)
-    value = table.detach().view(n, layers, 2, -1)
-    rms = lambda t: t.square().mean(dim=(0, 3)).sqrt()  # noqa: E731  (per layer, key / value)
-    p, g = rms(value), rms(grad)
-    energy = grad.square().sum(dim=(0, 3))  # per layer, key / value
+    mean_square = (square / batches).view(n, layers, 2, -1)  # per entry, over the batches
+    p = table.detach().view(n, layers, 2, -1).square().mean(dim=(0, 3)).sqrt()  # per layer, key / value
+    g = mean_square.mean(dim=(0, 3)).sqrt()
+    energy = mean_square.sum(dim=(0, 3))
     share = float(energy[:, 1].sum() / energy.sum())
     return {"layers": [{"layer": i, "key_rms": float(p[i, 0]), "value_rms": float(p[i, 1]),
                         "key_grad_rms": float(g[i, 0]), "value_grad_rms": float(g[i, 1])} for i in range(layers)],
