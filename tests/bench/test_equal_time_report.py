@@ -27,11 +27,8 @@ def fake_run(root: Path, name: str, method: str, scheme: str, tuned: list[int], 
     return {"run": name, "status": "ok", "output_dir": str(run), "results": res, "overrides": overrides or {}}
 
 
-def test_report_compares_the_best_zo_run_with_fo_adam_on_the_same_rows(tmp_path, monkeypatch, benchmark_script):
-    et = benchmark_script("equal_time")
-    records = [fake_run(tmp_path, "zo", "fzoo", "prefix", [1] * 12 + [0] * 8, 1000),
-               fake_run(tmp_path, "zo-worse", "mezo", "full", [1] * 4 + [0] * 16, 1100),
-               fake_run(tmp_path, "fo", "fo-adam", "full", [1] * 20, 4000)]
+def report_of(et, tmp_path: Path, records: list[dict], monkeypatch) -> tuple[dict, Path]:
+    """Write ``records`` as a grid's results, run the report on them: (its JSON, its page's path)."""
     results = tmp_path / "r.jsonl"
     results.write_text("\n".join(json.dumps(r) for r in records) + "\n")
     grid = tmp_path / "g.yaml"
@@ -40,7 +37,15 @@ def test_report_compares_the_best_zo_run_with_fo_adam_on_the_same_rows(tmp_path,
     monkeypatch.setattr(sys, "argv", ["equal_time.py"])
     assert et.main(["--grid", str(grid), "--out", str(out), "--report", str(report),
                     "--figures", str(tmp_path / "fig")]) == 0
-    data = json.loads(report.read_text())
+    return json.loads(report.read_text()), out
+
+
+def test_report_compares_the_best_zo_run_with_fo_adam_on_the_same_rows(tmp_path, monkeypatch, benchmark_script):
+    et = benchmark_script("equal_time")
+    records = [fake_run(tmp_path, "zo", "fzoo", "prefix", [1] * 12 + [0] * 8, 1000),
+               fake_run(tmp_path, "zo-worse", "mezo", "full", [1] * 4 + [0] * 16, 1100),
+               fake_run(tmp_path, "fo", "fo-adam", "full", [1] * 20, 4000)]
+    data, out = report_of(et, tmp_path, records, monkeypatch)
     c = data["comparison"]
     assert c["zo"] == "zo" and c["fo"] == "fo"
     assert c["gap_points"] == 40.0  # 100 % against 60 %
@@ -75,15 +80,7 @@ def test_a_hybrid_run_is_compared_apart_from_the_pure_zo_runs(tmp_path, monkeypa
                fake_run(tmp_path, "hyb", "mezo", "full", [1] * 19 + [0] * 1, 2000, best_dev=0.9,
                         overrides={"trainable.zo_layers": 20}),
                fake_run(tmp_path, "fo", "fo-adam", "full", [1] * 18 + [0] * 2, 4000)]
-    results = tmp_path / "r.jsonl"
-    results.write_text("\n".join(json.dumps(r) for r in records) + "\n")
-    grid = tmp_path / "g.yaml"
-    grid.write_text(yaml.safe_dump({"name": "eq", "results": str(results)}))
-    out, report = tmp_path / "eq.md", tmp_path / "eq.json"
-    monkeypatch.setattr(sys, "argv", ["equal_time.py"])
-    assert et.main(["--grid", str(grid), "--out", str(out), "--report", str(report),
-                    "--figures", str(tmp_path / "fig")]) == 0
-    data = json.loads(report.read_text())
+    data, out = report_of(et, tmp_path, records, monkeypatch)
     assert data["comparison"]["zo"] == "zo" and data["comparison"]["gap_points"] == 30.0
     h = data["hybrid_comparison"]
     assert h["zo"] == "hyb" and h["gap_points"] == -5.0 and h["memory_ratio"] == 0.5
@@ -111,15 +108,10 @@ def test_a_run_whose_folder_is_gone_is_read_from_the_archive_or_the_previous_rep
     et = benchmark_script("equal_time")
     records = [fake_run(tmp_path, "zo", "mezo", "prefix", [1] * 12 + [0] * 8, 1000),
                fake_run(tmp_path, "fo", "fo-adam", "full", [1] * 20, 4000)]
-    results = tmp_path / "r.jsonl"
-    results.write_text("\n".join(json.dumps(r) for r in records) + "\n")
-    grid = tmp_path / "g.yaml"
-    grid.write_text(yaml.safe_dump({"name": "eq", "results": str(results)}))
-    out, report = tmp_path / "eq.md", tmp_path / "eq.json"
-    args = ["--grid", str(grid), "--out", str(out), "--report", str(report), "--figures", str(tmp_path / "fig")]
-    monkeypatch.setattr(sys, "argv", ["equal_time.py"])
-    assert et.main(args) == 0
-    first = json.loads(report.read_text())
+    first, out = report_of(et, tmp_path, records, monkeypatch)
+    report = tmp_path / "eq.json"
+    args = ["--grid", str(tmp_path / "g.yaml"), "--out", str(out), "--report", str(report),
+            "--figures", str(tmp_path / "fig")]
     assert (tmp_path / "r-metrics" / "zo" / "test_rows.json").exists()
     shutil.rmtree(tmp_path / "zo")  # the run folder is gone: the archived copy stands in
     assert et.main(args) == 0
