@@ -159,17 +159,17 @@ def main(argv=None) -> int:
     grid = {**yaml.safe_load(Path(args.grid).read_text()), "path": args.grid}
     records = {r["run"]: r for r in read_jsonl(Path(grid["results"]))}  # a rerun's record replaces the older
     report = Path(args.report)
-    previous = {r["run"]: r for r in json.loads(report.read_text())["runs"]} if report.exists() else {}
+    old = json.loads(report.read_text()) if report.exists() else {}
+    previous = {r["run"]: r for r in old.get("runs", [])}
     archive = ROOT / grid["results"].replace(".jsonl", "-metrics")
     runs = [summarise(r, archive, previous) for r in records.values() if r["status"] == "ok"]
     if not runs:
         raise SystemExit(f"no finished run in {grid['results']}: run `zotune bench {args.grid}` first")
     comparison, hybrid = comparisons(runs)
-    if report.exists():  # a paired test made while both runs' rows existed outlives the rows
-        old = json.loads(report.read_text())
-        for c, was in ((comparison, old.get("comparison")), (hybrid, old.get("hybrid_comparison"))):
-            if c and was and c["paired"] is None and (c["zo"], c["fo"]) == (was["zo"], was["fo"]):
-                c["paired"] = was["paired"]
+    # a paired test made while both runs' rows existed outlives the rows
+    for c, was in ((comparison, old.get("comparison")), (hybrid, old.get("hybrid_comparison"))):
+        if c and was and c["paired"] is None and (c["zo"], c["fo"]) == (was["zo"], was["fo"]):
+            c["paired"] = was["paired"]
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
             "torch": torch.__version__}

@@ -113,3 +113,15 @@ def test_value_masks_need_a_prefix():
     lm, named = select_trainable(tiny_model("llama"), "lora")
     with pytest.raises(ValueError, match="causal LM's prefix"):
         prefix_value_masks(lm, named)
+
+
+@pytest.mark.parametrize("method, message", [("lozo", "fixed perturbation masks does not combine with lozo"),
+                                             ("fo-adam", "for ZO methods")])
+def test_build_optimizer_refuses_masks_a_method_cannot_take(method, message):
+    from zotune.config import load_config
+    from zotune.methods import build_optimizer
+
+    w = torch.nn.Parameter(torch.zeros(2, 3))
+    o = load_config(None, [f"optim.method={method}", "optim.lr=1e-3"]).optim
+    with pytest.raises(ValueError, match=message):
+        build_optimizer(o, {"w": w}, masks={"w": MASK})

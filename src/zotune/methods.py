@@ -171,17 +171,19 @@ RULE_BUILDERS: dict[str, Callable] = {
 }
 
 
+def _require_dense(method: Method, what: str) -> None:
+    """Masks multiply a direction entry by entry: only methods drawing dense per-entry directions take them."""
+    if not method.sparse_masks:
+        raise ValueError(f"{what} does not combine with {method.name}: its directions are not dense per-entry draws")
+
+
 def _build_zo(method: Method, o, named, module=None, reduce=None, streamed=False, masks=None) -> ZOOptimizer:
     est = ESTIMATOR_BUILDERS[method.estimator](o, module)
     if o.sparsity > 0 and "sparsity" not in method.reads:
-        if not method.sparse_masks:
-            raise ValueError(f"optim.sparsity={o.sparsity} (random sparse masks) does not combine with {method.name}: "
-                             "its directions are not dense per-entry draws")
+        _require_dense(method, f"optim.sparsity={o.sparsity} (random sparse masks)")
         est = estimators.Sparse(est, o.sparsity)
     if masks:
-        if not method.sparse_masks:
-            raise ValueError(f"fixed perturbation masks do not combine with {method.name}: its directions are not "
-                             "dense per-entry draws")
+        _require_dense(method, "fixed perturbation masks")
         est = estimators.FixedMask(est, masks)
     mode = o.perturbation
     if streamed:  # streamed weights: both halves while a module is resident, updates deferred

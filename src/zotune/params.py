@@ -87,6 +87,12 @@ OWN_TENSOR_SCHEMES = {"full": unique_parameters, "norms": _unique_norm_parameter
 PREFIX_INITS = ("random", "activations")
 
 
+def _virtual_table(wrapped) -> torch.nn.Parameter:
+    """The table of a peft prompt-learning model's virtual tokens (prefix: their keys and values;
+    prompt: their input embeddings)."""
+    return wrapped.prompt_encoder[wrapped.active_adapter].embedding.weight
+
+
 def _prefix_from_activations(wrapped, seed: int | None) -> None:
     """Set a prefix-tuning model's prefix to the keys and values the base model computes for
     ``num_virtual_tokens`` real tokens (drawn from the vocabulary with ``seed``), as MeZO's
@@ -105,7 +111,7 @@ def _prefix_from_activations(wrapped, seed: int | None) -> None:
         # [n, layers * 2 * kv_heads * head_dim], layer-major, key before value (peft's get_prompt)
         kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
         rows = kv.permute(3, 0, 1, 2, 4).reshape(n, -1)
-        embedding = wrapped.prompt_encoder[wrapped.active_adapter].embedding.weight
+        embedding = _virtual_table(wrapped)
         if rows.shape != embedding.shape:
             raise ValueError(f"prefix init from activations: the cache gives {tuple(rows.shape)}, the prefix "
                              f"is {tuple(embedding.shape)} (a model whose cache peft lays out differently)")
@@ -122,7 +128,7 @@ def prefix_value_masks(loaded: LoadedModel, named: Mapping[str, torch.nn.Paramet
         raise ValueError(f"value masks are for a causal LM's prefix (scheme 'prefix'); this model's adapter is "
                          f"{loaded.adapter!r} on a {loaded.kind} model")
     wrapped = loaded.model
-    embedding = wrapped.prompt_encoder[wrapped.active_adapter].embedding.weight
+    embedding = _virtual_table(wrapped)
     config = wrapped.peft_config[wrapped.active_adapter]
     layers = config.num_layers
     n, width = embedding.shape
@@ -149,7 +155,7 @@ def _prompt_from_text(wrapped, tokenizer, text: str) -> None:
     n = config.num_virtual_tokens * config.num_transformer_submodules
     ids = (ids * -(-n // len(ids)))[:n]
     table = wrapped.get_base_model().get_input_embeddings().weight
-    embedding = wrapped.prompt_encoder[wrapped.active_adapter].embedding.weight
+    embedding = _virtual_table(wrapped)
     with torch.no_grad():
         embedding.copy_(table[torch.tensor(ids, device=table.device)].to(embedding.dtype))
 
