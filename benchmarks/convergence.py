@@ -8,7 +8,8 @@ rate whose run reached the best dev accuracy (the sweep is on dev; test accuracy
 for the run that dev chose, from the best-dev checkpoint that the run itself tested); reports
 the forward passes and training seconds each chosen run needed to first reach the reference
 method's (MeZO's) final dev accuracy, for that lr and, where it differs and has other seeds, for the
-lr that reached the target soonest on the sweep's seed. Prints a markdown table, writes JSON beside the grid's
+lr that reached the target soonest on the sweep's seed. Forward passes are counted in the grid's batch
+(``base.train.batch_size``): a run with a batch of 4 rows makes a quarter of a pass per forward. Prints a markdown table, writes JSON beside the grid's
 results and figures under ``docs/figures/``. Machine and date are recorded with the numbers.
 """
 
@@ -57,8 +58,19 @@ def keep(run_dir: Path, kept: Path) -> Path:
     return run_dir if (run_dir / "metrics.jsonl").exists() else kept
 
 
-def curve(run_dir: Path) -> list[dict]:
-    """Dev points of one run: step, forward passes, cumulative training seconds, dev accuracy."""
+def passes(count: int | None, rows_per_pass: float) -> int | float | None:
+    """Forward passes counted in the grid's batch (an int when whole, as in the tables)."""
+    if count is None:
+        return None
+    x = round(count * rows_per_pass, 2)
+    return int(x) if x == int(x) else x
+
+
+def curve(run_dir: Path, rows_per_pass: float = 1.0) -> list[dict]:
+    """Dev points of one run: step, forward passes, cumulative training seconds, dev accuracy.
+    ``rows_per_pass``: the run's batch over the grid's, so that a forward pass counts the rows it
+    ran (4 rows are a quarter of a pass of 16: comparing passes of unequal batches would flatter the
+    smaller one)."""
     rows = read_jsonl(run_dir / "metrics.jsonl")
     train = {r["step"]: r for r in rows if "loss" in r}
     points, seconds, last_step = [], 0.0, 0
@@ -73,26 +85,28 @@ def curve(run_dir: Path) -> list[dict]:
         t = train.get(r["step"])
         if t is None:
             continue
-        points.append({"step": r["step"], "forward_passes": t["forward_passes"], "seconds": round(t["seconds"], 1),
+        points.append({"step": r["step"], "forward_passes": passes(t["forward_passes"], rows_per_pass),
+                       "seconds": round(t["seconds"], 1),
                        "dev_accuracy": r.get("dev/accuracy")})
     return points
 
 
 def method_label(overrides: dict) -> str:
-    """A method on adapters is its own row ("fzoo (prefix)"), and a prefix of another length or one
-    perturbed on its values only its own again ("mezo (prefix, 1 token)", "mezo (prefix, values
-    only)"): runs with one label share the lr choice and the seed rows."""
+    """A method on adapters is its own row ("fzoo (prefix)"), and a prefix of another length, one
+    perturbed on its values only, or a run with its own batch size its own again ("mezo (prefix,
+    1 token)", "mezo (prefix, values only)", "mezo (prefix, batch 4)"): runs with one label share
+    the lr choice and the seed rows."""
     label = overrides["optim.method"]
     scheme = overrides.get("trainable.scheme", "full")
-    if scheme == "full":
-        return label
-    parts = [scheme]
+    parts = [] if scheme == "full" else [scheme]
     tokens = overrides.get("trainable.prefix_tokens")
     if tokens is not None:
         parts.append(f"{tokens} token{'s' if tokens != 1 else ''}")
     if overrides.get("trainable.prefix_values_only"):
         parts.append("values only")
-    return f"{label} ({', '.join(parts)})"
+    if "train.batch_size" in overrides:
+        parts.append(f"batch {overrides['train.batch_size']}")
+    return f"{label} ({', '.join(parts)})" if parts else label
 
 
 def first_reaching(points: list[dict], target: float) -> dict | None:
@@ -175,13 +189,15 @@ def main(argv=None) -> int:
     results = {r["run"]: r for r in read_jsonl(ROOT / grid["results"]) if r.get("status") == "ok"}
     archive = ROOT / grid["results"].replace(".jsonl", "-metrics")
     base_seed = (grid.get("base", {}).get("optim") or {}).get("seed", 0)
+    base_batch = (grid.get("base", {}).get("train") or {}).get("batch_size", 16)
     runs = []
     for spec in grid["runs"]:
         r = results.get(spec["name"])
         if r is None:
             continue
         kept = archive / spec["name"]
-        pts = curve(keep(ROOT / r["output_dir"], kept))
+        rows_per_pass = spec["set"].get("train.batch_size", base_batch) / base_batch
+        pts = curve(keep(ROOT / r["output_dir"], kept), rows_per_pass)
         res = r["results"]
         runs.append({
             "run": spec["name"], "method": method_label(spec["set"]),
@@ -191,7 +207,8 @@ def main(argv=None) -> int:
             "best_dev": max((p["dev_accuracy"] for p in pts), default=None),
             "final_dev": pts[-1]["dev_accuracy"] if pts else None,
             "test": res.get("test", {}).get("accuracy"), "zero_shot_test": res.get("zero_shot", {}).get("accuracy"),
-            "tested_step": res.get("tested_step"), "forward_passes": res.get("forward_passes"),
+            "tested_step": res.get("tested_step"),
+            "forward_passes": passes(res.get("forward_passes"), rows_per_pass),
             "mean_step_seconds": res.get("mean_step_seconds"), "paired": test_against_zero_shot(kept),
             # training's own peak where the run recorded it; older runs only have the whole run's,
             # which includes re-reading the best-dev checkpoint before the test (marked)

@@ -115,6 +115,8 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = True
     data_seed: int = 0  # order of the training examples
+    average_decay: float = 0.0  # evaluate an exponential moving average of the trained tensors with this
+    #   decay instead of the tensors themselves (zotune.train.averaging; one trained-size buffer); 0: off
     objective: str = "auto"  # classification (cross-entropy among the candidates, MeZO's loss for
     #   classification / multiple choice) | nll (log-likelihood of the gold continuation) | auto:
     #   classification when every example has the same number (> 1) of candidates, else nll
@@ -137,6 +139,8 @@ class Config:
         if "model" in d:  # where weights are kept does not change the trajectory
             d["model"] = {k: v for k, v in d["model"].items() if k not in ("offload", "offload_dir", "device_map")}
         d["train"] = {k: self.train.__dict__[k] for k in ("batch_size", "grad_accum", "data_seed", "objective")}
+        if self.train.average_decay:  # only when on, so runs without it keep their fingerprints
+            d["train"]["average_decay"] = self.train.average_decay
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -337,6 +341,11 @@ def validate(cfg: Config) -> list[str]:
         errors.append(f"train.grad_accum ({t.grad_accum}) cannot exceed train.batch_size ({t.batch_size})")
     if isinstance(t.max_seconds, bool) or not isinstance(t.max_seconds, (int, float)) or not t.max_seconds >= 0:
         errors.append(f"train.max_seconds must be a number of seconds >= 0 (0: no time budget), got {t.max_seconds!r}")
+    if isinstance(t.average_decay, bool) or not isinstance(t.average_decay, (int, float)) or not 0 <= t.average_decay < 1:
+        errors.append(f"train.average_decay must be in [0, 1) (0: no average), got {t.average_decay!r}")
+    elif t.average_decay and m.offload != "none":
+        errors.append("train.average_decay keeps a copy of the trained tensors in memory; model.offload streams "
+                      "them from disk to avoid exactly that: pick one")
     if not isinstance(t.eval_every, int) or t.eval_every < 0:
         errors.append(f"train.eval_every must be an integer >= 0, got {t.eval_every!r}")
     if not isinstance(o.warmup_steps, int) or o.warmup_steps < 0:

@@ -70,3 +70,23 @@ def test_paired_test_against_zero_shot_from_the_kept_rows(benchmark_script, tmp_
     (tmp_path / "test_rows.json").write_text(json.dumps(rows))
     out = conv.test_against_zero_shot(tmp_path)
     assert out["p"] == pytest.approx(2 / 2**10) and out["n"] == 30 and out["better"]
+
+
+def test_a_smaller_batch_is_its_own_row_and_its_passes_count_its_rows(benchmark_script, tmp_path):
+    """1,000 steps of 4 rows run as many rows as 250 steps of 16: they count as 500 forward passes of
+    the grid's batch, not 2,000, so a small batch is not flattered in the forward-pass columns."""
+    import json
+
+    conv = benchmark_script("convergence")
+    assert conv.method_label({"optim.method": "mezo", "trainable.scheme": "prefix",
+                              "train.batch_size": 4}) == "mezo (prefix, batch 4)"
+    assert conv.method_label({"optim.method": "mezo", "train.batch_size": 4}) == "mezo (batch 4)"
+    rows = [{"step": 40, "loss": 0.7, "step_time": 0.5, "forward_passes": 80},
+            {"step": 40, "phase": "dev", "dev/accuracy": 0.6},
+            {"step": 1000, "loss": 0.6, "step_time": 0.5, "forward_passes": 2000},
+            {"step": 1000, "phase": "dev", "dev/accuracy": 0.7}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pts = conv.curve(tmp_path, rows_per_pass=4 / 16)
+    assert [p["forward_passes"] for p in pts] == [20, 500] and [p["seconds"] for p in pts] == [20.0, 500.0]
+    assert [p["forward_passes"] for p in conv.curve(tmp_path)] == [80, 2000]
+    assert conv.passes(3, 0.25) == 0.75 and conv.passes(None, 0.25) is None

@@ -18,6 +18,7 @@ import os
 import random
 import resource
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from zotune.params import without_adapters
 from zotune.rng import STREAM_ADAPTER_INIT, derive_seed
 from zotune.schedules import make_schedule
 from zotune.step import ZOOptimizer
+from zotune.train.averaging import IterateAverage
 from zotune.train.checkpoint import CheckpointError, copy_weights, find_checkpoint, load_checkpoint, save_checkpoint
 from zotune.train.evaluate import check_truncation, evaluate_rows, headline
 from zotune.train.logger import RunLogger, log, setup_console_logging, to_json
@@ -309,6 +311,31 @@ def agree_on_start(world: DistContext, start: int, out: Path) -> None:
         )
 
 
+@contextmanager
+def averaged(average: IterateAverage | None):
+    """The iterate average in the weights' place for the block (nothing without one)."""
+    if average is None:
+        yield
+    else:
+        with average.swapped():
+            yield
+
+
+def _run_state(opt, average: IterateAverage | None) -> dict:
+    """What a resume needs besides the weights: the optimizer's state, and the average's when there is one."""
+    return opt.state_dict() if average is None else {"optimizer": opt.state_dict(), "average": average.state_dict()}
+
+
+def _split_state(saved: dict | None, average: IterateAverage | None, where: Path) -> tuple[dict | None, dict | None]:
+    """The inverse of :func:`_run_state` (the config fingerprint says whether the run averages)."""
+    if average is None:
+        return saved, None
+    if not isinstance(saved, dict) or "average" not in saved or "optimizer" not in saved:
+        raise CheckpointError(f"{where} has no iterate average although its config has train.average_decay "
+                              "(a damaged checkpoint?)")
+    return saved["optimizer"], saved["average"]
+
+
 def _settle(opt) -> None:
     """Apply a deferred update (streamed weights) before the weights are read."""
     flush = getattr(opt, "flush", None)
@@ -401,6 +428,7 @@ def train(cfg: Config, *, world: DistContext | None = None, setup: Setup | None 
     trainable = setup.named
     # the lr of step k is base * multiplier(k); made before any resume, from the configured lrs
     schedule = make_schedule(opt, cfg.optim.schedule, t.steps, cfg.optim.warmup_steps)
+    average = IterateAverage(trainable, t.average_decay) if t.average_decay else None
 
     start, results, trained_before = 0, {}, 0.0
     found = find_checkpoint(out / LAST) if t.resume else None
@@ -408,12 +436,15 @@ def train(cfg: Config, *, world: DistContext | None = None, setup: Setup | None 
         tensors, opt_state, meta = load_checkpoint(found, map_location=device)
         check_compatible(meta, cfg, setup, found)
         start = int(meta["step"])
+        opt_state, average_state = _split_state(opt_state, average, found)
     agree_on_start(world, start, out)
     if found is not None:
         with torch.no_grad():
             for name, p in trainable.items():
                 p.copy_(tensors[name])
         opt.load_state_dict(opt_state)  # restores the groups' lr as it was scheduled: the schedule resets it
+        if average is not None:
+            average.load_state_dict(average_state)
         schedule.load_state_dict(meta.get("schedule") or {"base_lrs": schedule.base_lrs, "step": start})
         if schedule.last_step != start:
             raise CheckpointError(f"{found}: the lr schedule is at step {schedule.last_step}, the checkpoint "
@@ -454,6 +485,9 @@ def train(cfg: Config, *, world: DistContext | None = None, setup: Setup | None 
     log.info("training objective: %s", objective)
     log.info("optim: %s, lr %g, eps %g%s", cfg.optim.method, cfg.optim.lr, cfg.optim.eps,
              _starting_point_note(cfg))
+    if average is not None:
+        log.info("evaluating an average of the trained tensors (train.average_decay=%g: ~%.0f steps' window)",
+                 t.average_decay, 1 / (1 - t.average_decay))
     best = results.get("best_dev") or {"value": None, "step": None}  # value None: no dev evaluation yet
     if best["value"] is not None and not math.isfinite(best["value"]):  # -inf, written by older versions
         best = {**best, "value": None}
@@ -476,6 +510,8 @@ def train(cfg: Config, *, world: DistContext | None = None, setup: Setup | None 
         t0 = step_clock()
         loss = float(opt.step(closure))
         schedule.step()
+        if average is not None:
+            average.update()
         step_times.append(step_clock() - t0)
         done = end = step + 1
         out_of_time = budget.add(step_times[-1])
@@ -493,18 +529,19 @@ def train(cfg: Config, *, world: DistContext | None = None, setup: Setup | None 
             progress.update(1)
         # a run cut short by its budget is evaluated where it stops, so its last steps count
         if t.eval_every and (done % t.eval_every == 0 or out_of_time) and setup.data.dev and is_main:
-            dev = evaluate_split(setup, setup.data.dev, "dev")
-            key, value = headline(dev)
-            logger.metrics(done, phase="dev", **{f"dev/{k}": v for k, v in dev.items()})
-            log.info("step %d dev %s", done, dev)
-            if best["value"] is None or value > best["value"]:
-                best = {"value": value, "step": done, "metric": key}
-                _settle(opt)
-                save_checkpoint(out / BEST, trainable, None, _meta(cfg, setup, done, {"dev": dev}))
+            with averaged(average):  # the best checkpoint holds what was evaluated
+                dev = evaluate_split(setup, setup.data.dev, "dev")
+                key, value = headline(dev)
+                logger.metrics(done, phase="dev", **{f"dev/{k}": v for k, v in dev.items()})
+                log.info("step %d dev %s", done, dev)
+                if best["value"] is None or value > best["value"]:
+                    best = {"value": value, "step": done, "metric": key}
+                    _settle(opt)
+                    save_checkpoint(out / BEST, trainable, None, _meta(cfg, setup, done, {"dev": dev}))
         if is_main and (done % t.save_every == 0 or last):
             _settle(opt)
             results["best_dev"] = best
-            save_checkpoint(out / LAST, trainable, opt.state_dict(),
+            save_checkpoint(out / LAST, trainable, _run_state(opt, average),
                             _meta(cfg, setup, done, {"results": results, "schedule": schedule.state_dict(),
                                                      "train_seconds": budget.trained}))
         if out_of_time:
@@ -517,6 +554,8 @@ def train(cfg: Config, *, world: DistContext | None = None, setup: Setup | None 
     _settle(opt)
     # training's own peak (dev evaluations included), before the test phase below
     peak_train = _peak_rss_since_reset() if peak_resettable else None
+    if average is not None:  # the last checkpoint keeps the weights themselves; the test reads the average
+        average.apply()
     if best["step"] is not None and best["step"] != end:
         copy_weights(out / BEST, trainable)  # tensor by tensor: no second copy of the weights
         log.info("testing the best dev checkpoint (step %d)", best["step"])
