@@ -358,3 +358,18 @@ def test_norms_state_is_the_gains_and_activations_between_frozen_and_full(synthe
     acts = {s: activation_bytes_per_layer(synthetic, 4, 32, 4, scheme=s).per_layer for s in ("prefix", "norms", "full")}
     assert acts["prefix"] < acts["norms"] < acts["full"]
     assert acts["norms"] - acts["prefix"] == 2 * 4 * 32 * synthetic.hidden * 4  # two RMSNorms' outputs x hat
+
+
+@pytest.mark.parametrize("scheme", ["full", "prefix"])
+def test_an_iterate_average_adds_one_copy_of_what_trains(synthetic, scheme):
+    """train.average_decay keeps one more copy of the trained tensors: the whole model for full
+    tuning (MeZO's memory doubles), the prefix's table for prefix tuning."""
+    plain = predict(synthetic, "mezo", scheme=scheme)
+    avg = predict(synthetic, "mezo", scheme=scheme, average=True)
+    copy = 4 * plain.trainable_params
+    assert avg.state_bytes - plain.state_bytes == copy and avg.peak_bytes - plain.peak_bytes == copy
+    assert "iterate average" in avg.formula
+    if scheme == "full":
+        assert copy == 4 * synthetic.total_params
+    with pytest.raises(mm.MemoryModelError, match="no iterate average"):
+        predict(synthetic, "mezo", average=True, variant="paper")

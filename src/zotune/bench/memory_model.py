@@ -630,6 +630,7 @@ def predict(
     lozo_rank: int = 2,
     momentum: float = 0.0,
     foreach: bool = True,
+    average: bool = False,
 ) -> Prediction:
     """Predict the peak memory of one step of ``method`` on ``model`` (no weights are loaded).
 
@@ -653,6 +654,8 @@ def predict(
             a momentum buffer (``zo-sgd-momentum`` always has one).
         foreach: FO-Adam's multi-tensor update, which needs one extra model-size temporary
             (the paper's "FO-Adam" vs "FO-Adam w/o fast foreach").
+        average: ``train.average_decay`` is on: one more copy of the trainable tensors, kept for
+            the whole run (:mod:`zotune.train.averaging`; zotune variant only, the papers have none).
     """
     if method not in METHODS:
         raise MemoryModelError(unknown_choice("method", str(method), METHODS))
@@ -709,6 +712,10 @@ def predict(
     else:
         parts = _zeroth_order(ctx)
     state, dynamic, act, peak, formula = parts
+    if average:
+        if variant == "paper":
+            raise MemoryModelError("average: the papers' tables have no iterate average; use variant 'zotune'")
+        state, peak, formula = state + ctx.eps, peak + ctx.eps, f"{formula} + iterate average (|trainable|)"
     return Prediction(
         model=shape.name, method=method, scheme=scheme, dtype=dtype, variant=variant, seq_len=seq_len,
         batch=batch, trainable_params=sum(t.numel for t in trainable), weights_bytes=int(ctx.weights),
@@ -1001,6 +1008,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--momentum", type=float, default=0.0, help="> 0: LOZO-M, FO-SGD with momentum")
     p.add_argument("--foreach", action=argparse.BooleanOptionalAction, default=True,
                    help="FO-Adam's multi-tensor update (one extra model-size temporary)")
+    p.add_argument("--average", action="store_true",
+                   help="train.average_decay is on: one more copy of the trainable tensors")
     return p
 
 
@@ -1013,7 +1022,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             shape, args.method, scheme=args.scheme, seq_len=args.seq_len, batch=args.batch, dtype=args.dtype,
             lora_r=args.lora_r, prefix_tokens=args.prefix_tokens, prompt_tokens=args.prompt_tokens,
             logits_positions=args.logits_positions, variant=args.variant, chunk_size=args.chunk_size,
-            workers=args.workers, momentum=args.momentum, foreach=args.foreach,
+            workers=args.workers, momentum=args.momentum, foreach=args.foreach, average=args.average,
         )  # fmt: skip
     except ZotuneError as e:  # what the user asked for (a bug keeps its traceback)
         print(f"zotune memory: error: {e}", file=sys.stderr)
