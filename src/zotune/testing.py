@@ -128,3 +128,22 @@ def tiny_model(arch: str, seed: int = 0) -> LoadedModel:
     prepare_tokenizer(tokenizer, kind)
     return LoadedModel(model, tokenizer, kind, f"tiny-{arch}", fingerprint(model, kind),
                        forward_args=forward_args(model))
+
+
+class Crash(Exception):
+    """What :func:`crash_at_step` raises: the weights and the checkpoints on disk are then what a
+    ``kill -9`` at that moment of the run leaves."""
+
+
+def crash_at_step(optimizer, calls: int) -> None:
+    """Make ``optimizer.step`` raise :class:`Crash` instead of its call number ``calls`` (0-based),
+    for resume tests run in one process."""
+    real, done = optimizer.step, [0]
+
+    def step(closure):
+        if done[0] == calls:
+            raise Crash
+        done[0] += 1
+        return real(closure)
+
+    optimizer.step = step

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from zotune.config import ConfigError, load_config
+from zotune.testing import Crash, crash_at_step
 from zotune.train.averaging import IterateAverage
 from zotune.train.checkpoint import load_checkpoint
 from zotune.train.loop import build, load_data, train
@@ -135,22 +136,11 @@ def test_resume_restores_the_average_bit_for_bit(tmp_path):
     over = TINY + ["train.average_decay=0.8", "task.dev=8", "train.eval_every=2"]
     data = load_data(load_config(None, over))
 
-    class Crash(Exception):
-        pass
-
     def run(out, crash_at=None):
         cfg = load_config(None, over + [f"train.output_dir={out}"])
         setup = build(cfg, data=data)
         if crash_at is not None:
-            real, calls = setup.optimizer.step, [0]
-
-            def step(closure):
-                if calls[0] == crash_at:
-                    raise Crash
-                calls[0] += 1
-                return real(closure)
-
-            setup.optimizer.step = step
+            crash_at_step(setup.optimizer, crash_at)
         return train(cfg, setup=setup)
 
     straight = run(tmp_path / "straight")

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from zotune.config import load_config
+from zotune.testing import Crash, crash_at_step
 from zotune.train.loop import build, load_data, train
 
 DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
@@ -40,10 +41,6 @@ SCHEDULES = {
 }
 
 
-class Crash(Exception):
-    pass
-
-
 @pytest.fixture(scope="module")
 def data():
     return load_data(load_config(None, TINY))
@@ -53,15 +50,7 @@ def _run(overrides, data, crash_at=None):
     cfg = load_config(None, overrides)
     setup = build(cfg, data=data)
     if crash_at is not None:
-        real, calls = setup.optimizer.step, [0]
-
-        def step(closure):
-            if calls[0] == crash_at:
-                raise Crash
-            calls[0] += 1
-            return real(closure)
-
-        setup.optimizer.step = step
+        crash_at_step(setup.optimizer, crash_at)
     return train(cfg, setup=setup)
 
 
