@@ -94,9 +94,9 @@ def curve(run_dir: Path, rows_per_pass: float = 1.0) -> list[dict]:
 def method_label(overrides: dict) -> str:
     """A method on adapters is its own row ("fzoo (prefix)"), and a prefix of another length, one
     perturbed on its values only, or a run with its own batch size its own again ("mezo (prefix,
-    1 token)", "mezo (prefix, values only)", "mezo (prefix, batch 4)"), and so is one evaluated on its
-    iterate average ("mezo (prefix, average 0.9)"): runs with one label share the lr choice and the
-    seed rows."""
+    1 token)", "mezo (prefix, values only)", "mezo (prefix, batch 4)"), and so is one with an lr schedule
+    or evaluated on its iterate average ("mezo (prefix, cosine over 333 steps)", "mezo (prefix, average
+    0.9)"): runs with one label share the lr choice and the seed rows."""
     label = overrides["optim.method"]
     scheme = overrides.get("trainable.scheme", "full")
     parts = [] if scheme == "full" else [scheme]
@@ -107,6 +107,8 @@ def method_label(overrides: dict) -> str:
         parts.append("values only")
     if "train.batch_size" in overrides:
         parts.append(f"batch {overrides['train.batch_size']}")
+    if overrides.get("optim.schedule", "constant") != "constant":
+        parts.append(f"{overrides['optim.schedule']} over {overrides['train.steps']} steps")
     if overrides.get("train.average_decay"):
         parts.append(f"average {overrides['train.average_decay']:g}")
     return f"{label} ({', '.join(parts)})" if parts else label

@@ -83,6 +83,9 @@ def test_a_smaller_batch_is_its_own_row_and_its_passes_count_its_rows(benchmark_
     assert conv.method_label({"optim.method": "mezo", "train.batch_size": 4}) == "mezo (batch 4)"
     assert conv.method_label({"optim.method": "mezo", "trainable.scheme": "prefix",
                               "train.average_decay": 0.9}) == "mezo (prefix, average 0.9)"
+    assert conv.method_label({"optim.method": "mezo", "trainable.scheme": "prefix", "train.batch_size": 4,
+                              "optim.schedule": "cosine", "train.steps": 333}) == "mezo (prefix, batch 4, cosine over 333 steps)"
+    assert conv.method_label({"optim.method": "mezo", "optim.schedule": "constant"}) == "mezo"
     rows = [{"step": 40, "loss": 0.7, "step_time": 0.5, "forward_passes": 80},
             {"step": 40, "phase": "dev", "dev/accuracy": 0.6},
             {"step": 1000, "loss": 0.6, "step_time": 0.5, "forward_passes": 2000},
