@@ -17,13 +17,11 @@ over ``--rows`` training rows one at a time, and estimates G and T without bias:
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
+from zotune.bench.record import write_record
 from zotune.config import load_config
 from zotune.train.loop import build
 from zotune.train.objective import make_closure, resolve_objective
@@ -92,11 +90,8 @@ def main(argv=None) -> int:
     print("| batch | progress per row vs batch 16 | best lr vs batch 16 |\n|---:|---:|---:|")
     for b in result["batches"]:
         print(f"| {b['batch']} | {b['per_row_gain_vs_16']:.2f} | {b['lr_ratio_vs_16']:.2f} |")
-    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "config": overrides}
-    out = Path(args.out or ROOT / f"benchmarks/results/batch_noise_{args.task}.json")
-    out.write_text(json.dumps({"meta": meta, "task": args.task, **result}, indent=2) + "\n")
+    write_record(args.out or ROOT / f"benchmarks/results/batch_noise_{args.task}.json", {"task": args.task, **result},
+                 config=overrides)
     return 0
 
 

@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
+from zotune.bench.record import write_record
 from zotune.config import load_config
 from zotune.train.loop import build
 
@@ -85,10 +84,7 @@ def main(argv=None) -> int:
         for c in r["checkpoints"]:
             print(f"| {r['run']} | {r['lr']:g} | {r['batch_size']} | {r['start_norm']:.1f} | {c['checkpoint']} | "
                   f"{c['step']} | {c['distance']:.1f} | {c['random_walk']:.1f} |")
-    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__}
-    Path(args.out).write_text(json.dumps({"meta": meta, "runs": results}, indent=2) + "\n")
+    write_record(args.out, {"runs": results})
     return 0
 
 
