@@ -18,7 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
-from zotune.config import load_config
+from zotune.config import from_dict
 from zotune.params import without_adapters
 from zotune.train.loop import build, evaluate_split_rows
 
@@ -31,10 +31,7 @@ def remeasure(run: Path) -> dict | None:
     config = json.loads((run / "config.json").read_text())
     if config["trainable"]["scheme"] == "full" or OLD in rows:
         return None
-    overrides = [f"{section}.{key}={json.dumps(value)}" for section, fields in config.items()
-                 for key, value in fields.items() if value is not None]
-    cfg = load_config(None, overrides)
-    setup = build(cfg, splits=("test",))
+    setup = build(from_dict(config), splits=("test",))
     with without_adapters(setup.loaded) as base:
         metrics, scores = evaluate_split_rows(setup, setup.data.test, "test", lm=base)
     if len(scores) != len(rows["zero_shot"]):

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from zotune.bench.record import write_record
-from zotune.config import load_config
+from zotune.config import from_dict
 from zotune.train.loop import build
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,9 +47,9 @@ def start_of(run: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     config = json.loads((run / "config.json").read_text())
     if config["optim"]["method"] != "mezo":
         raise ValueError(f"{run}: method {config['optim']['method']!r}; the walk is MeZO's (one Gaussian direction a step)")
-    overrides = [f"{section}.{key}={json.dumps(value)}" for section, fields in config.items()
-                 for key, value in fields.items() if value is not None]
-    setup = build(load_config(None, overrides + ["task.dev=0", "task.test=0"]), splits=("train",))
+    cfg = from_dict(config)
+    cfg.task.dev = cfg.task.test = 0
+    setup = build(cfg, splits=("train",))
     return config, {k: p.detach().clone() for k, p in setup.named.items()}
 
 

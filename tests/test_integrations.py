@@ -267,6 +267,7 @@ def test_gradient_accumulation_is_one_step_over_every_micro_batch(tmp_path):
     (dict(method="fo-adam"), "method='fo-adam' is first-order"),
     (dict(method="mezo", method_options={"epss": 1e-3}), "Unknown option 'epss'. Did you mean 'eps'?"),
     (dict(method="mezo", method_options={"schedule": "cosine"}), "TrainingArguments.lr_scheduler_type"),
+    (dict(method="mezo", method_options={"schedule_over": "seconds"}), "TrainingArguments.lr_scheduler_type"),
     (dict(method="mezo", method_options={"eps": -1.0}), "optim.eps must be > 0"),
     (dict(method="lozo", method_options={"perturbation": "dual"}), "'dual' runs the batch twice"),
     (dict(method=3), "method must be a zotune method name or a ZOOptimizer"),

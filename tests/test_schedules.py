@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 
 import zotune
 from zotune.fo import FOSGD, HybridOptimizer
-from zotune.schedules import LRSchedule, lr_multiplier, make_schedule
+from zotune.schedules import LRSchedule, TimedLRSchedule, lr_multiplier, make_schedule
 
 
 def _opt(lr=1.0):
@@ -78,3 +79,71 @@ def test_the_scheduler_is_part_of_the_public_api():
         lrs.append(opt.param_groups[0]["lr"])
         schedule.step()
     assert lrs == pytest.approx([2.0, 1.5, 1.0, 0.5])
+
+
+# ----------------------------------------------------------------- a schedule over training seconds
+def test_a_schedule_over_seconds_follows_the_share_of_the_budget_spent():
+    """lr(t) = base * shape(seconds / total_seconds): the cosine's exact value wherever the steps fall."""
+    opt = _opt(lr=2.0)
+    sched = make_schedule(opt, "cosine", total_steps=1000, total_seconds=10.0)
+    assert isinstance(sched, TimedLRSchedule)
+    assert opt.param_groups[0]["lr"] == 2.0  # nothing spent yet
+    for seconds in (2.5, 5.0, 9.0, 12.0):  # uneven steps; past the budget the floor holds
+        sched.step(seconds=seconds)
+        expected = 2.0 * 0.5 * (1 + math.cos(math.pi * min(1.0, seconds / 10.0)))
+        assert opt.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-12)
+    linear = make_schedule(_opt(lr=1.0), "linear", total_steps=3, total_seconds=4.0, min_ratio=0.5)
+    linear.step(seconds=2.0)
+    assert linear.get_last_lr() == [pytest.approx(0.75)]  # total_steps does not enter
+
+
+def test_a_schedule_over_seconds_ramps_its_warmup_by_steps():
+    opt = _opt(lr=1.0)
+    sched = make_schedule(opt, "linear", total_steps=100, warmup_steps=4, total_seconds=8.0)
+    lrs = [opt.param_groups[0]["lr"]]
+    for k in range(1, 6):
+        sched.step(seconds=float(k))
+        lrs.append(opt.param_groups[0]["lr"])
+    # step t's lr: min(1, (t + 1) / 4) * (1 - seconds / 8)
+    assert lrs == pytest.approx([0.25, 0.5 * 7 / 8, 0.75 * 6 / 8, 5 / 8, 4 / 8, 3 / 8])
+
+
+def test_a_schedule_over_seconds_saved_and_loaded_continues_with_the_same_lrs():
+    seconds = [0.7, 1.9, 2.2, 3.5, 4.1, 6.0]
+    opt = _opt()
+    straight = make_schedule(opt, "cosine", total_steps=10, total_seconds=6.0)
+    lrs = []
+    for s in seconds:
+        straight.step(seconds=s)
+        lrs.append(opt.param_groups[0]["lr"])
+    opt1 = _opt()
+    first = make_schedule(opt1, "cosine", total_steps=10, total_seconds=6.0)
+    for s in seconds[:2]:
+        first.step(seconds=s)
+    state = json.loads(json.dumps(first.state_dict()))
+    assert state == {"base_lrs": [1.0], "step": 2, "seconds": 1.9}
+    opt2 = _opt()
+    opt2.load_state_dict(opt1.state_dict())
+    resumed = make_schedule(opt2, "cosine", total_steps=10, total_seconds=6.0)
+    resumed.load_state_dict(state)
+    assert opt2.param_groups[0]["lr"] == lrs[1]
+    rest = []
+    for s in seconds[2:]:
+        resumed.step(seconds=s)
+        rest.append(opt2.param_groups[0]["lr"])
+    assert rest == lrs[2:]  # exactly
+
+
+def test_a_schedule_over_seconds_errors_name_the_value():
+    with pytest.raises(ValueError, match="total_seconds must be > 0"):
+        make_schedule(_opt(), "cosine", 4, total_seconds=-1.0)
+    sched = make_schedule(_opt(), "cosine", 4, total_seconds=5.0)
+    with pytest.raises(ValueError, match=r"step\(seconds=\.\.\.\)"):
+        sched.step()
+    sched.step(seconds=2.0)
+    with pytest.raises(ValueError, match="went back from 2 to 1"):
+        sched.step(seconds=1.0)
+    with pytest.raises(ValueError, match="needs base_lrs, step and seconds"):
+        sched.load_state_dict({"base_lrs": [1.0], "step": 1})  # a schedule over steps' state
+    assert isinstance(make_schedule(_opt(), "cosine", 4), LRSchedule)
+    assert not isinstance(make_schedule(_opt(), "cosine", 4), TimedLRSchedule)  # total_seconds 0: over steps

@@ -27,11 +27,11 @@ from zotune.presets import (
     ZOSGDSign,
 )
 from zotune.rules import make_rule
-from zotune.schedules import LRSchedule, lr_multiplier, make_schedule
+from zotune.schedules import LRSchedule, TimedLRSchedule, lr_multiplier, make_schedule
 from zotune.step import NonFiniteLossError, ZOOptimizer
 
 __all__ = [
     "FOAdam", "FOSGD", "FZOO", "ForwardGrad", "HiZOO", "SparseMeZO", "HybridOptimizer", "LOZO", "MeZO", "NonFiniteLossError",
     "PopulationLowRank", "PRESETS", "ZOAdam", "ZOOptimizer", "ZOSGDConservative", "ZOSGDBlock", "ZOSGDMomentum", "ZOSGDSign",
-    "LRSchedule", "lr_multiplier", "make_estimator", "make_rule", "make_schedule",
+    "LRSchedule", "TimedLRSchedule", "lr_multiplier", "make_estimator", "make_rule", "make_schedule",
 ]

@@ -72,6 +72,7 @@ class OptimConfig:
     queries: int | None = None  # directions per step (None: the method's default; FZOO 8, others 1)
     seed: int = 0
     schedule: str = "constant"  # constant | linear | cosine
+    schedule_over: str = "steps"  # steps: the decay spans train.steps | seconds: it spans train.max_seconds
     warmup_steps: int = 0
     rank: int = 2  # LOZO
     interval: int = 50  # LOZO: V resampled every `interval` steps
@@ -139,6 +140,8 @@ class Config:
         if "model" in d:  # where weights are kept does not change the trajectory
             d["model"] = {k: v for k, v in d["model"].items() if k not in ("offload", "offload_dir", "device_map")}
         d["train"] = {k: self.train.__dict__[k] for k in ("batch_size", "grad_accum", "data_seed", "objective")}
+        if d.get("optim", {}).get("schedule_over") == "steps":  # the default: older runs keep their fingerprints
+            d["optim"] = {k: v for k, v in d["optim"].items() if k != "schedule_over"}
         if self.train.average_decay:  # only when on, so runs without it keep their fingerprints
             d["train"]["average_decay"] = self.train.average_decay
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -312,6 +315,12 @@ def validate(cfg: Config) -> list[str]:
         errors.append(f"optim.hessian_smooth must be in [0, 1), got {o.hessian_smooth!r}")
     if o.schedule not in SCHEDULES:
         errors.append("optim.schedule: " + unknown_choice("schedule", o.schedule, SCHEDULES))
+    if o.schedule_over not in ("steps", "seconds"):
+        errors.append("optim.schedule_over: " + unknown_choice("schedule_over", str(o.schedule_over),
+                                                               ("steps", "seconds")))
+    elif o.schedule_over == "seconds" and not (isinstance(t.max_seconds, (int, float)) and t.max_seconds > 0):
+        errors.append("optim.schedule_over=seconds spans the time budget: set train.max_seconds > 0 "
+                      f"(got {t.max_seconds!r})")
     for name in ("lr", "eps"):
         v = getattr(o, name)
         if v is None and method is None:

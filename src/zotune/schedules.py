@@ -38,14 +38,19 @@ def lr_multiplier(
     def f(step: int) -> float:
         if warm and step < warm:
             return (step + 1) / warm
-        if name == "constant":
-            return 1.0
-        frac = min(1.0, (step - warm) / max(1, total - warm))
-        if name == "linear":
-            return floor + (1.0 - floor) * (1.0 - frac)
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * frac))
+        return _decay(name, (step - warm) / max(1, total - warm), floor)
 
     return f
+
+
+def _decay(name: str, frac: float, floor: float) -> float:
+    """The schedule's multiplier once ``frac`` (clipped to [0, 1]) of its span has passed."""
+    frac = min(1.0, max(0.0, frac))
+    if name == "constant":
+        return 1.0
+    if name == "linear":
+        return floor + (1.0 - floor) * (1.0 - frac)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
 class LRSchedule:
@@ -80,13 +85,17 @@ class LRSchedule:
         self.last_step = 0  # the step whose lr the groups hold
         self._set()
 
+    def _multiplier(self) -> float:
+        return self.multiplier(self.last_step)
+
     def _set(self) -> None:
-        m = self.multiplier(self.last_step)
+        m = self._multiplier()
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * m
 
-    def step(self) -> None:
-        """Move to the next step's lr (call after ``optimizer.step``)."""
+    def step(self, seconds: float | None = None) -> None:
+        """Move to the next step's lr (call after ``optimizer.step``). ``seconds``, the training
+        seconds spent so far, is read by a schedule over time (:class:`TimedLRSchedule`) only."""
         self.last_step += 1
         self._set()
 
@@ -112,7 +121,70 @@ class LRSchedule:
         self._set()
 
 
+class TimedLRSchedule(LRSchedule):
+    """A schedule whose decay follows the training seconds spent out of a time budget, not the
+    steps: with ``train.max_seconds`` a run's step count depends on the machine's pace, so a
+    decay over a guessed ``train.steps`` ends early on a fast day (the rest of the budget at
+    the floor) or never finishes on a slow one. The lr of step ``t``, taken after ``s`` seconds:
+
+        lr_i(t) = base_lr_i * min(1, (t + 1) / warmup_steps) * decay(s / total_seconds)
+
+    with ``decay`` the constant / linear / cosine shape of :func:`lr_multiplier` (warmup still
+    counted in steps, its seconds inside the budget). The seconds come from the caller
+    (``step(seconds=...)``: the loop passes its budget's count, rank 0's on every rank), so a
+    run resumed from its checkpoint goes on with the lr it had; the lrs depend on the machine's
+    timing, which the step log records (a replay reads them from there).
+
+    The state is plain numbers: ``{"base_lrs": [...], "step": t, "seconds": s}``.
+    """
+
+    def __init__(self, optimizer, name: str, total_seconds: float, warmup_steps: int = 0,
+                 min_ratio: float = 0.0) -> None:
+        if name not in SCHEDULES:
+            raise ValueError(unknown_choice("schedule", name, SCHEDULES))
+        if isinstance(total_seconds, bool) or not isinstance(total_seconds, (int, float)) or not total_seconds > 0:
+            raise ValueError(f"total_seconds must be > 0 (the time budget the decay spans), got {total_seconds!r}")
+        self.name, self.total_seconds = name, float(total_seconds)
+        self.warmup = check_int("warmup_steps", warmup_steps, minimum=0)
+        self.floor = check_range("min_ratio", min_ratio, 0.0, 1.0, high_inclusive=True)
+        self.seconds = 0.0
+        super().__init__(optimizer, self._at)
+
+    def _at(self, step: int) -> float:
+        ramp = min(1.0, (step + 1) / self.warmup) if self.warmup else 1.0
+        return ramp * _decay(self.name, self.seconds / self.total_seconds, self.floor)
+
+    def step(self, seconds: float | None = None) -> None:
+        """Move to the next step's lr, ``seconds`` being the training seconds spent so far."""
+        if seconds is None:
+            raise ValueError("a schedule over training seconds needs them: call step(seconds=...) "
+                             "with the seconds spent so far")
+        if seconds < self.seconds:
+            raise ValueError(f"the training seconds went back from {self.seconds:g} to {seconds:g}")
+        self.seconds = float(seconds)
+        super().step()
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "seconds": self.seconds}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the base lrs, the step and the seconds, and set that point's lr on the groups."""
+        try:
+            seconds = float(state["seconds"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError("not a TimedLRSchedule state_dict (needs base_lrs, step and seconds): "
+                             f"{state!r}") from None
+        if not seconds >= 0:
+            raise ValueError(f"schedule state seconds must be >= 0, got {seconds!r}")
+        self.seconds = seconds
+        super().load_state_dict(state)
+
+
 def make_schedule(optimizer, name: str = "constant", total_steps: int = 1, warmup_steps: int = 0,
-                  min_ratio: float = 0.0) -> LRSchedule:
-    """:class:`LRSchedule` over ``optimizer`` with :func:`lr_multiplier`'s schedule ``name``."""
+                  min_ratio: float = 0.0, total_seconds: float = 0.0) -> LRSchedule:
+    """:class:`LRSchedule` over ``optimizer`` with :func:`lr_multiplier`'s schedule ``name``
+    spanning ``total_steps``; with ``total_seconds`` > 0, a :class:`TimedLRSchedule` spanning
+    that many training seconds instead."""
+    if total_seconds:
+        return TimedLRSchedule(optimizer, name, total_seconds, warmup_steps, min_ratio)
     return LRSchedule(optimizer, lr_multiplier(name, total_steps, warmup_steps, min_ratio))

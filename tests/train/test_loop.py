@@ -534,6 +534,60 @@ def test_a_time_budget_stops_the_run_evaluates_and_tests_where_it_stopped(tmp_pa
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_schedule_over_seconds_decays_across_the_time_budget_and_resumes_with_it(tmp_path, monkeypatch):
+    """optim.schedule_over=seconds: the cosine spans train.max_seconds, not train.steps. With every
+    step taking 1 s (a patched clock) and a 4 s budget, steps 0..3 take base * cos-shape(0, 1/4, 2/4, 3/4)
+    whatever train.steps says; a run killed after step 2 and resumed takes the same lrs and ends with
+    the same weights."""
+    import math
+
+    from zotune.train import loop
+
+    clock = [0.0]
+
+    def perf_counter():
+        clock[0] += 1.0
+        return clock[0]
+
+    monkeypatch.setattr(loop, "step_clock", perf_counter)
+    common = TINY + ["train.steps=50", "train.save_every=2", "train.eval_at_start=false", "train.max_seconds=4",
+                     "optim.schedule=cosine", "optim.schedule_over=seconds", "optim.lr=1e-3"]
+    straight = tmp_path / "straight"
+    res = train(load_config(None, common + [f"train.output_dir={straight}"]))
+    assert res["steps"] == 4 and res["stopped_by_time_budget"] is True
+    lrs = [r["lrs"][0] for r in map(json.loads, (straight / "steps.jsonl").read_text().splitlines())]
+    assert lrs == pytest.approx([1e-3 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)], rel=1e-12)
+    meta = json.loads((ckpt.find_checkpoint(straight / "ckpt-last") / "meta.json").read_text())
+    assert meta["schedule"]["seconds"] == 4.0
+    # the same run cut after 2 s (the budget's first half), then resumed with the whole budget
+    from zotune.testing import Crash, crash_at_step
+
+    run = tmp_path / "run"
+    cfg = load_config(None, common + [f"train.output_dir={run}"])
+    setup = build(cfg)
+    crash_at_step(setup.optimizer, 3)  # steps 0-2 taken, the checkpoint of step 2 on disk
+    with pytest.raises(Crash):
+        train(cfg, setup=setup)
+    again = train(load_config(None, common + [f"train.output_dir={run}", "train.resume=true"]))
+    assert again["start_step"] == 2
+    resumed = [r["lrs"][0] for r in map(json.loads, (run / "steps.jsonl").read_text().splitlines())]
+    assert resumed == lrs
+    a, b = weights(straight), weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_schedule_over_seconds_needs_a_time_budget_and_keeps_old_fingerprints():
+    from zotune.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"optim\.schedule_over=seconds spans the time budget: set train\.max_seconds"):
+        load_config(None, TINY + ["optim.schedule_over=seconds"])
+    with pytest.raises(ConfigError, match=r"optim\.schedule_over.*Did you mean 'seconds'"):
+        load_config(None, TINY + ["optim.schedule_over=second", "train.max_seconds=10"])
+    base = load_config(None, ["train.max_seconds=10"]).fingerprint()
+    assert load_config(None, ["train.max_seconds=10", "optim.schedule_over=steps"]).fingerprint() == base
+    assert load_config(None, ["train.max_seconds=10", "optim.schedule_over=seconds"]).fingerprint() != base
+
+
 @pytest.mark.parametrize("value", ["-1", "true", "soon"])
 def test_a_bad_time_budget_is_refused(value):
     from zotune.config import ConfigError

@@ -64,6 +64,7 @@ _NOT_OPTIONS = {
     "method": "pass the method as ZOTrainer(method=...)",
     "schedule": "the Trainer's scheduler sets the lr of every step: use TrainingArguments.lr_scheduler_type",
     "warmup_steps": "the Trainer's scheduler sets the lr of every step: use TrainingArguments.warmup_steps",
+    "schedule_over": "the Trainer's scheduler sets the lr of every step: use TrainingArguments.lr_scheduler_type",
     "fo_lr": "hybrid ZO/FO training is not supported by ZOTrainer (use `zotune train` with trainable.zo_layers)",
 }
 

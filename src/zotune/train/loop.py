@@ -427,7 +427,8 @@ def train(cfg: Config, *, world: DistContext | None = None, setup: Setup | None 
     logger = RunLogger(out, tensorboard=t.tensorboard, enabled=is_main)
     trainable = setup.named
     # the lr of step k is base * multiplier(k); made before any resume, from the configured lrs
-    schedule = make_schedule(opt, cfg.optim.schedule, t.steps, cfg.optim.warmup_steps)
+    schedule = make_schedule(opt, cfg.optim.schedule, t.steps, cfg.optim.warmup_steps,
+                             total_seconds=t.max_seconds if cfg.optim.schedule_over == "seconds" else 0.0)
     average = IterateAverage(trainable, t.average_decay) if t.average_decay else None
 
     start, results, trained_before = 0, {}, 0.0
@@ -509,12 +510,12 @@ def train(cfg: Config, *, world: DistContext | None = None, setup: Setup | None 
         closure = make_closure(forward_lm, batch, cfg, device, objective, world)
         t0 = step_clock()
         loss = float(opt.step(closure))
-        schedule.step()
         if average is not None:
             average.update()
         step_times.append(step_clock() - t0)
         done = end = step + 1
         out_of_time = budget.add(step_times[-1])
+        schedule.step(seconds=budget.trained)
         last = done == t.steps or out_of_time
         record = getattr(opt, "last_record", None)
         if record is not None and isinstance(opt, ZOOptimizer):
