@@ -72,6 +72,9 @@ want mezo-prefix-act-onese && probe mezo-prefix-act-onese 30 1,3,10,30,100 "${ss
 # 2026-12-04 (tenth session): MeZO on the normalisation gains (trainable.scheme=norms, 35,136 entries),
 # around the derived starting point (6.25e-4: the prefix's measured ratio scaled by the gains' size)
 want mezo-norms && probe mezo-norms 30 1,3,10,30,100 "${sst2[@]}" optim.method=mezo optim.lr=1e-4 optim.eps=1e-2 trainable.scheme=norms
+# 2026-12-05 (fourteenth session): the final norm's gains alone (trainable.scheme: final_norm, 576 entries: a linear
+# probe on the last hidden state through the frozen head); the decade around the derived start (all gains' 3e-4 x 61)
+want mezo-final-norm && probe mezo-final-norm 30 1,3,10,30,100 "${sst2[@]}" optim.method=mezo optim.lr=1e-3 optim.eps=1e-2 trainable.scheme=final_norm
 # 2026-12-04 (eleventh session): MeZO on the prompt (10 tokens from sampled vocabulary, 5,760 entries of
 # rms 0.125). No ZO run moved SST-2 on it in 4 minutes (docs/defaults.md, derived lrs), while FO-Adam on
 # the same prompt reached 0.725 dev in 20 steps: the lr, not the prompt, is in question. Three decades

@@ -36,6 +36,7 @@ TINY = [
 RUNS = {  # name -> (model, scheme, extra overrides)
     "full": ("tiny-llama", "full", ["optim.lr=3e-3"]),
     "norms": ("tiny-llama", "norms", ["optim.lr=3e-2", "optim.eps=1e-2"]),
+    "final_norm": ("tiny-llama", "final_norm", ["optim.lr=3e-2", "optim.eps=1e-2"]),
     "lora": ("tiny-llama", "lora", ["optim.lr=3e-2", "optim.eps=1e-1"]),
     "prefix": ("tiny-llama", "prefix", ["optim.lr=1e-2", "optim.eps=1e-1"]),
     "prompt-masked": ("tiny-roberta", "prompt", ["optim.lr=1e-2", "optim.eps=1e-1"]),
@@ -45,6 +46,7 @@ EXPORTS = {  # name -> (run, merge, from_log)
     "full": ("full", False, False),
     "full-log": ("full", False, True),
     "norms": ("norms", False, False),
+    "final_norm": ("final_norm", False, False),
     "lora": ("lora", False, False),
     "lora-merged": ("lora", True, False),
     "prefix": ("prefix", False, False),
@@ -151,13 +153,15 @@ def test_exports_load_without_zotune_and_write_safetensors_only(exported):
             config = json.loads((Path(info["out"]) / "config.json").read_text())
             assert "quantization_config" not in config, name
             assert exported["facts"][name]["quantizer"] is False, name
-    assert [exported["infos"][n]["format"] for n in ("full", "norms", "lora", "lora-merged", "prefix", "prompt-masked")] \
-        == ["transformers", "transformers", "peft", "transformers (LoRA merged)", "peft", "peft"]
+    assert [exported["infos"][n]["format"] for n in ("full", "norms", "final_norm", "lora", "lora-merged", "prefix",
+                                                     "prompt-masked")] \
+        == ["transformers", "transformers", "transformers", "peft", "transformers (LoRA merged)", "peft", "peft"]
     assert exported["facts"]["prefix"]["peft_type"] == "PREFIX_TUNING"
     assert exported["facts"]["prompt-masked"]["peft_type"] == "PROMPT_TUNING"
 
 
-@pytest.mark.parametrize("name", ["full", "full-log", "norms", "lora", "prefix", "prompt-masked", "full-masked"])
+@pytest.mark.parametrize("name", ["full", "full-log", "norms", "final_norm", "lora", "prefix", "prompt-masked",
+                                  "full-masked"])
 def test_exported_logits_equal_zotune_evaluation_of_the_checkpoint(exported, name):
     run = EXPORTS[name][0]
     cfg = exported["cfgs"][run]

@@ -49,6 +49,54 @@ def test_norms_trains_the_normalisation_layers_only(arch, expected):
     assert all(p.grad is None for n, p in lm.model.named_parameters() if n not in named)
 
 
+@pytest.mark.parametrize("arch, expected", [
+    ("llama", {"model.norm.weight"}),
+    ("opt", {"model.decoder.final_layer_norm.weight", "model.decoder.final_layer_norm.bias"}),
+    ("gpt2", {"transformer.ln_f.weight", "transformer.ln_f.bias"}),
+    ("roberta", {"lm_head.layer_norm.weight", "lm_head.layer_norm.bias"}),
+])
+def test_final_norm_trains_the_last_normalisation_before_the_head_only(arch, expected):
+    lm = tiny_model(arch)
+    out, named = select_trainable(lm, "final_norm")
+    assert out is lm and out.adapter is None and set(named) == expected
+    assert {n for n, p in lm.model.named_parameters() if p.requires_grad} == expected
+    hidden = lm.model.config.hidden_size
+    assert all(p.shape == (hidden,) for p in named.values())
+    pairs = PAIRS if lm.kind == "causal" else MASKED_PAIRS
+    batch = encode_pairs(lm.tokenizer, pairs, 48, kind=lm.kind)
+    pair_loss(out, batch).backward()
+    assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in named.values())
+
+
+def test_a_change_of_the_final_gains_is_a_linear_probe_through_the_head():
+    """Two candidates' logit difference moves by sum_j (W_aj - W_bj) h_j d_gamma_j, h the normalised
+    last hidden state before the gain: exactly linear in the change of the gains."""
+    lm = tiny_model("llama")
+    model = lm.model
+    _, named = select_trainable(lm, "final_norm")
+    gamma = named["model.norm.weight"]
+    ids = lm.tokenizer("It was a good film", return_tensors="pt")["input_ids"]
+    a, b = 5, 9
+    w = model.lm_head.weight.detach()
+    captured = {}
+    model.model.norm.register_forward_hook(lambda m, inp, out: captured.update(h=out[0, -1] / m.weight))
+    with torch.no_grad():
+        logits0 = model(ids).logits[0, -1].double()
+        h = captured["h"].double()
+        delta = torch.randn(gamma.shape, generator=torch.Generator().manual_seed(0)) * 0.1
+        gamma.add_(delta)
+        logits1 = model(ids).logits[0, -1].double()
+    moved = (logits1[a] - logits1[b]) - (logits0[a] - logits0[b])
+    assert float(moved) == pytest.approx(float(((w[a] - w[b]).double() * h * delta.double()).sum()), rel=1e-4, abs=1e-6)
+
+
+def test_final_norm_on_a_model_without_one_outside_the_layers_is_refused():
+    lm = tiny_model("llama")
+    lm.model.model.norm = torch.nn.Identity()
+    with pytest.raises(ValueError, match="scheme 'final_norm' selects no tensors of LlamaForCausalLM .*outside the numbered layers"):
+        select_trainable(lm, "final_norm")
+
+
 def test_norms_on_a_model_without_normalisation_layers_is_refused():
     lm = tiny_model("llama")
     for module in list(lm.model.modules()):

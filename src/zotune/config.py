@@ -89,7 +89,7 @@ class OptimConfig:
 
 @dataclass
 class TrainableConfig:
-    scheme: str = "full"  # full | norms (the normalisation gains) | lora | prefix | prompt
+    scheme: str = "full"  # full | norms (the normalisation gains) | final_norm (the last one's) | lora | prefix | prompt
     lora_r: int = 8
     lora_alpha: int = 16
     prefix_tokens: int = 5

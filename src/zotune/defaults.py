@@ -39,7 +39,9 @@ class StartingPoint:
 #: SmolLM2-135M, benchmarks/trainable_scale.py): a tenth of the prefix's eps
 #: The normalisation gains (rms 0.37 on SmolLM2-135M, benchmarks/trainable_scale.py) are a quarter of
 #: the prefix's entries: 1e-2, as LoRA's and the prompt's
-SCHEME_EPS = {"full": 1e-3, "norms": 1e-2, "lora": 1e-2, "prefix": 1e-1, "prompt": 1e-2}
+#: The final norm's gains alone are larger (rms 1.83): 1e-2 is half a percent of them, small enough for a
+#: two-point difference and as the other gains'
+SCHEME_EPS = {"full": 1e-3, "norms": 1e-2, "final_norm": 1e-2, "lora": 1e-2, "prefix": 1e-1, "prompt": 1e-2}
 
 _CONV = "benchmarks/grids/sst2-convergence.yaml, docs/convergence.md"
 _PROBES = "benchmarks/scheme_probes.sh, benchmarks/results/tune/"
@@ -93,6 +95,13 @@ _SCHEME_RATIO = {
     "norms": {"normalised": (100.0 / 4, f"derived: FZOO's measured prefix ratio ({_PROBES}) / 4, the gains' entries "
                                         "being a quarter of the prefix's (benchmarks/trainable_scale.py)"),
               "gradient": (3e-4 / 3e-5, f"measured: MeZO on the gains, 3e-4 over full's 3e-5 ({_CONV})")},
+    # the final norm's gains (rms 1.83) are about a prefix's entries (rms 1.5): a normalised step as the prefix's.
+    # A gradient-sized step: the noise of a two-point step grows with the entries it perturbs, 576 here against
+    # the 35,136 gains of all norms: their measured lr x 61
+    "final_norm": {"normalised": (100.0, f"derived: FZOO's measured prefix ratio ({_PROBES}), the final norm's "
+                                         "gains being about the size of the prefix's entries"),
+                   "gradient": (3e-4 * 61 / 3e-5, f"derived: MeZO's measured lr on all the gains ({_CONV}) x 61, "
+                                                  "their entries over the final norm's (a step's noise grows with them)")},
     # a prompt's entries are a tenth of a prefix's (benchmarks/trainable_scale.py): a normalised step
     # a tenth as long moves them as far relative to their size. MeZO's lr on the prompt is measured: the
     # square-of-the-size argument (a hundredth of the prefix's ratio, 1e-4) did not move SST-2 in 4 minutes

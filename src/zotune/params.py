@@ -21,7 +21,7 @@ import torch
 from zotune._validate import unknown_choice
 from zotune.models import LoadedModel, require_loaded
 
-SCHEMES = ("full", "norms", "lora", "prefix", "prompt")
+SCHEMES = ("full", "norms", "final_norm", "lora", "prefix", "prompt")
 
 # peft defaults for each scheme; any peft config field can be overridden through **options.
 # LoRA's target modules come from peft's own per-architecture table (attention q and v
@@ -80,9 +80,31 @@ def _unique_norm_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parame
     return {n: p for n, p in unique_parameters(model).items() if n in norms}
 
 
+def final_norm_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The gain (and bias) of the last normalisation layer outside the numbered layers: the one
+    between the last layer and the LM head (LLaMA's ``model.norm``, GPT-2's ``ln_f``, OPT's
+    ``final_layer_norm``, RoBERTa's ``lm_head.layer_norm``).
+
+    Why: with the head frozen, a candidate's logit is ``sum_j W_yj gamma_j h_j`` (h the last hidden
+    state, normalised), so a change of the gains ``gamma`` changes two candidates' logit difference
+    by ``sum_j (W_aj - W_bj) h_j d_gamma_j``: a linear probe on the last hidden state, read through
+    the model's own head, in ``hidden_size`` entries (576 on SmolLM2-135M, a hundredth of a 5-token
+    prefix). A two-point estimate's noise grows with the entries it perturbs."""
+    last: dict[str, torch.nn.Parameter] = {}
+    for module_name, module in model.named_modules():
+        if "norm" not in type(module).__name__.lower() or layer_of(module_name) is not None:
+            continue
+        own = {f"{module_name}.{n}" if module_name else n: p for n, p in module.named_parameters(recurse=False)}
+        if own:
+            last = own
+    kept = unique_parameters(model)
+    return {n: p for n, p in last.items() if n in kept}
+
+
 #: schemes that train some of the base model's own tensors, and which: no adapter, so a run exports
 #: a plain model folder
-OWN_TENSOR_SCHEMES = {"full": unique_parameters, "norms": _unique_norm_parameters}
+OWN_TENSOR_SCHEMES = {"full": unique_parameters, "norms": _unique_norm_parameters,
+                      "final_norm": final_norm_parameters}
 
 PREFIX_INITS = ("random", "activations")
 
@@ -167,7 +189,8 @@ def select_trainable(
     """Choose what trains; returns (the model to use from now on, ordered name -> trainable Parameter).
 
     ``full``: every parameter, tied weights once. ``norms``: the normalisation layers' gains (and
-    biases), LayerNorm tuning (Zhao et al., 2024: "Tuning LayerNorm in Attention"). ``lora`` / ``prefix`` / ``prompt``: wraps the
+    biases), LayerNorm tuning (Zhao et al., 2024: "Tuning LayerNorm in Attention"). ``final_norm``:
+    the last one's only, before the head (:func:`final_norm_parameters`). ``lora`` / ``prefix`` / ``prompt``: wraps the
     model with peft (modifying it in place; use the returned :class:`~zotune.models.LoadedModel`,
     whose ``model`` is the wrapper and whose ``adapter`` / ``prompt_learning`` say so: decided
     here, from the config that made it) and returns only the adapter tensors. ``options``
@@ -196,8 +219,9 @@ def select_trainable(
             raise ValueError(f"scheme {scheme!r} takes no options, got {sorted(options)}")
         named = OWN_TENSOR_SCHEMES[scheme](model)
         if not named:
-            raise ValueError(f"scheme {scheme!r} selects no tensors of {type(model).__name__} (norms: no module "
-                             "whose class name contains 'Norm' has parameters)")
+            raise ValueError(f"scheme {scheme!r} selects no tensors of {type(model).__name__} (no module whose "
+                             "class name contains 'Norm' has parameters"
+                             + (" outside the numbered layers)" if scheme == "final_norm" else ")"))
         for p in model.parameters():
             p.requires_grad_(False)
         for p in named.values():

@@ -96,6 +96,7 @@ def scheme_options(cfg: Config) -> dict:
     return {
         "full": {},
         "norms": {},
+        "final_norm": {},
         "lora": {"r": tr.lora_r, "lora_alpha": tr.lora_alpha},
         "prefix": {"num_virtual_tokens": tr.prefix_tokens},
         # rows of the vocabulary's embeddings, as Lester et al. (2021) initialise prompts: peft's
