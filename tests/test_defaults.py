@@ -35,6 +35,10 @@ def test_measured_values_are_the_benchmarks_dev_choices():
     assert (prefix.lr, prefix.measured) == (1e-2, True) and "equal-time" in prefix.evidence
     # other gradient-sized steps on the prefix / prompt follow MeZO's measured prefix ratio
     assert starting_point("forward-grad", "prefix").lr == pytest.approx(1e-2)
+    # MeZO on the final norm: its probe's pick on SST-2 dev; other gradient-sized steps follow its ratio
+    final = starting_point("mezo", "final_norm")
+    assert (final.lr, final.eps, final.measured) == (3e-2, 1e-2, True) and "tune" in final.evidence
+    assert starting_point("forward-grad", "final_norm").lr == pytest.approx(3e-2)
 
 def test_a_prompt_starts_a_tenth_as_far_as_the_prefix_its_entries_being_a_tenth_the_size():
     """A prompt starts from token embeddings (rms 0.13 on SmolLM2-135M), a prefix from activations
