@@ -20,6 +20,7 @@ import torch
 from zotune.bench.record import write_record
 from zotune.config import load_config
 from zotune.estimators.magnitude import magnitude_threshold
+from zotune.params import SCHEMES
 from zotune.train.loop import build
 
 
@@ -36,7 +37,7 @@ def scale(model_name: str, scheme: str) -> dict:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--schemes", default="full,norms,lora,prefix,prompt")
+    ap.add_argument("--schemes", default=",".join(SCHEMES))
     ap.add_argument("--out", default="benchmarks/results/trainable_scale.json")
     args = ap.parse_args(argv)
     rows = [scale(args.model, s) for s in args.schemes.split(",")]

@@ -39,7 +39,7 @@ class StartingPoint:
 #: SmolLM2-135M, benchmarks/trainable_scale.py): a tenth of the prefix's eps
 #: The normalisation gains (rms 0.37 on SmolLM2-135M, benchmarks/trainable_scale.py) are a quarter of
 #: the prefix's entries: 1e-2, as LoRA's and the prompt's
-#: The final norm's gains alone are larger (rms 1.83): 1e-2 is half a percent of them, small enough for a
+#: The final norm's gains alone are larger (rms 1.83, benchmarks/trainable_scale.py): 1e-2 is half a percent of them, small enough for a
 #: two-point difference and as the other gains'
 SCHEME_EPS = {"full": 1e-3, "norms": 1e-2, "final_norm": 1e-2, "lora": 1e-2, "prefix": 1e-1, "prompt": 1e-2}
 

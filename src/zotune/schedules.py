@@ -27,20 +27,30 @@ def lr_multiplier(
     >>> f(0), f(5), f(10)
     (1.0, 0.5, 0.0)
     """
-    if name not in SCHEDULES:
-        raise ValueError(unknown_choice("schedule", name, SCHEDULES))
+    warm, floor = _checked(name, warmup_steps, min_ratio)
     total = check_int("total_steps", total_steps)
-    warm = check_int("warmup_steps", warmup_steps, minimum=0)
     if warm > total:
         raise ValueError(f"warmup_steps ({warm}) must not exceed total_steps ({total})")
-    floor = check_range("min_ratio", min_ratio, 0.0, 1.0, high_inclusive=True)
 
     def f(step: int) -> float:
         if warm and step < warm:
-            return (step + 1) / warm
+            return _ramp(step, warm)
         return _decay(name, (step - warm) / max(1, total - warm), floor)
 
     return f
+
+
+def _checked(name: str, warmup_steps: int, min_ratio: float) -> tuple[int, float]:
+    """A schedule's name, warmup and floor checked: (warmup_steps, min_ratio)."""
+    if name not in SCHEDULES:
+        raise ValueError(unknown_choice("schedule", name, SCHEDULES))
+    return (check_int("warmup_steps", warmup_steps, minimum=0),
+            check_range("min_ratio", min_ratio, 0.0, 1.0, high_inclusive=True))
+
+
+def _ramp(step: int, warm: int) -> float:
+    """Warmup's multiplier at ``step``: linear from 1 / warm to 1, then 1."""
+    return min(1.0, (step + 1) / warm) if warm else 1.0
 
 
 def _decay(name: str, frac: float, floor: float) -> float:
@@ -85,11 +95,8 @@ class LRSchedule:
         self.last_step = 0  # the step whose lr the groups hold
         self._set()
 
-    def _multiplier(self) -> float:
-        return self.multiplier(self.last_step)
-
     def _set(self) -> None:
-        m = self._multiplier()
+        m = self.multiplier(self.last_step)
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * m
 
@@ -140,19 +147,15 @@ class TimedLRSchedule(LRSchedule):
 
     def __init__(self, optimizer, name: str, total_seconds: float, warmup_steps: int = 0,
                  min_ratio: float = 0.0) -> None:
-        if name not in SCHEDULES:
-            raise ValueError(unknown_choice("schedule", name, SCHEDULES))
+        self.warmup, self.floor = _checked(name, warmup_steps, min_ratio)
         if isinstance(total_seconds, bool) or not isinstance(total_seconds, (int, float)) or not total_seconds > 0:
             raise ValueError(f"total_seconds must be > 0 (the time budget the decay spans), got {total_seconds!r}")
         self.name, self.total_seconds = name, float(total_seconds)
-        self.warmup = check_int("warmup_steps", warmup_steps, minimum=0)
-        self.floor = check_range("min_ratio", min_ratio, 0.0, 1.0, high_inclusive=True)
         self.seconds = 0.0
         super().__init__(optimizer, self._at)
 
     def _at(self, step: int) -> float:
-        ramp = min(1.0, (step + 1) / self.warmup) if self.warmup else 1.0
-        return ramp * _decay(self.name, self.seconds / self.total_seconds, self.floor)
+        return _ramp(step, self.warmup) * _decay(self.name, self.seconds / self.total_seconds, self.floor)
 
     def step(self, seconds: float | None = None) -> None:
         """Move to the next step's lr, ``seconds`` being the training seconds spent so far."""
