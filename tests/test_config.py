@@ -73,11 +73,17 @@ def test_every_registered_method_builds_and_steps(name):
     # a real matrix (8 -> 6): Linear(3, 1) once hid a shape bug of sparse masks over LOZO
     model = torch.nn.Linear(8, 6)
     masks = METHODS[name].sparse_masks  # random masks where the registry says they combine
-    cfg = load_config(None, [f"optim.method={name}", "optim.lr=1e-3"] + (["optim.sparsity=0.1"] if masks else []))
+    cfg = load_config(None, [f"optim.method={name}", "optim.lr=1e-3", "train.batch_size=8"]
+                      + (["optim.sparsity=0.1"] if masks else []))
     opt = build_optimizer(cfg.optim, dict(model.named_parameters()), model)
     x = torch.randn(8, 8)
     before = model.weight.detach().clone()
-    loss = opt.step(lambda: model(x).pow(2).mean())
+
+    def closure(copies=1, per_example=False):  # per-example: each of the 8 rows' loss in each copy
+        losses = model(x.repeat(copies, 1)).pow(2).mean(1).view(copies, -1)
+        return losses if per_example else losses.mean(1) if copies > 1 else losses.mean()
+
+    loss = opt.step(closure if METHODS[name].per_example_only else lambda: model(x).pow(2).mean())
     assert torch.isfinite(torch.as_tensor(loss))
     assert not torch.equal(model.weight.detach(), before), name
     if masks:

@@ -36,6 +36,8 @@ def test_every_method_is_known_to_validate(name):
     cfg = load_config(None, [f"optim.method={name}"])  # raises ConfigError on any problem
     assert validate(cfg) == []
     for key, value in COMMON_DEFAULTS.items():  # unset fields take the method's defaults
+        if key == "queries" and m.per_example_only:  # one direction per example
+            value = cfg.train.batch_size
         assert getattr(cfg.optim, key) == m.defaults.get(key, value)
     if m.family == "fo":
         with pytest.raises(ConfigError, match=f"model.dtype bfloat16 needs a ZO method: {name}"):
@@ -106,6 +108,8 @@ def test_every_method_is_in_the_command_line_help(name, capsys):
 def _preset_kwargs(name: str, o, model) -> dict:
     if METHODS[name].family == "fo":
         return {"lr": o.lr}
+    if METHODS[name].per_example_only:
+        return {"lr": o.lr, "module": model, "batch_size": o.queries}
     return {"lr": o.lr, **({"module": model} if name == "forward-grad" else {})}
 
 
@@ -124,13 +128,20 @@ def test_every_method_has_a_preset_that_takes_the_same_step(name):
     models[1].load_state_dict(models[0].state_dict())
     start = [p.detach().clone() for p in models[0].parameters()]
     x = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
-    o = load_config(None, [f"optim.method={name}", "optim.lr=1e-2"]).optim
+    o = load_config(None, [f"optim.method={name}", "optim.lr=1e-2", "train.batch_size=4"]).optim
     built = build_optimizer(o, dict(models[0].named_parameters()), models[0])
     params = list(models[1].parameters()) if m.family == "fo" else list(models[1].named_parameters())
     preset = cls(params, **_preset_kwargs(name, o, models[1]))
+
+    def loss_of(model):  # the closure protocol: copies of the batch, and (per-example) each example's loss
+        def closure(copies=1, per_example=False):
+            losses = model(x.repeat(copies, 1)).pow(2).mean(1).view(copies, -1)
+            return losses if per_example else losses.mean(1) if copies > 1 else losses.mean()
+        return closure
+
     for _ in range(2):
-        built.step(lambda: models[0](x).pow(2).mean())
-        preset.step(lambda: models[1](x).pow(2).mean())
+        built.step(loss_of(models[0]))
+        preset.step(loss_of(models[1]))
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         assert torch.equal(a, b), name
     assert any(not torch.equal(a, b) for a, b in zip(models[0].parameters(), start)), f"{name} did not move"

@@ -19,6 +19,7 @@ from zotune.presets import (
     PRESETS,
     ForwardGrad,
     MeZO,
+    PerExampleMeZO,
     PopulationLowRank,
     ZOAdam,
     ZOSGDConservative,
@@ -32,6 +33,6 @@ from zotune.step import NonFiniteLossError, ZOOptimizer
 
 __all__ = [
     "FOAdam", "FOSGD", "FZOO", "ForwardGrad", "HiZOO", "SparseMeZO", "HybridOptimizer", "LOZO", "MeZO", "NonFiniteLossError",
-    "PopulationLowRank", "PRESETS", "ZOAdam", "ZOOptimizer", "ZOSGDConservative", "ZOSGDBlock", "ZOSGDMomentum", "ZOSGDSign",
+    "PerExampleMeZO", "PopulationLowRank", "PRESETS", "ZOAdam", "ZOOptimizer", "ZOSGDConservative", "ZOSGDBlock", "ZOSGDMomentum", "ZOSGDSign",
     "LRSchedule", "TimedLRSchedule", "lr_multiplier", "make_estimator", "make_rule", "make_schedule",
 ]

@@ -84,7 +84,7 @@ class OptimConfig:
     hessian_smooth: float | None = None  # HiZOO: alpha of H <- (1 - alpha) H + alpha h H z^2 (default 1e-6)
     max_nonfinite: int = 3
     fo_lr: float | None = None  # hybrid: lr of the FO part (default: lr)
-    perturbation: str = "auto"  # inplace | swap | dual | side | auto (swap for half weights)
+    perturbation: str = "auto"  # inplace | swap | dual | side | per_example | auto (swap for half weights)
 
 
 @dataclass
@@ -295,8 +295,11 @@ def validate(cfg: Config) -> list[str]:
 
     errors = []
     o, t, tr, m, k = cfg.optim, cfg.train, cfg.trainable, cfg.model, cfg.task
-    resolve_optim(o, tr.scheme)
     method = METHODS.get(o.method)
+    per_example = o.perturbation == "per_example" or (method is not None and method.per_example_only)
+    if per_example and o.queries is None:
+        o.queries = t.batch_size  # one direction per example
+    resolve_optim(o, tr.scheme)
     if method is None:
         errors.append("optim.method: " + unknown_choice("method", o.method, METHODS))
     else:
@@ -363,9 +366,26 @@ def validate(cfg: Config) -> list[str]:
         errors.append(f"optim.warmup_steps ({o.warmup_steps}) exceeds train.steps ({t.steps})")
     if t.objective not in ("auto", "nll", "classification"):
         errors.append("train.objective: " + unknown_choice("objective", t.objective, ("auto", "nll", "classification")))
-    if o.perturbation not in ("auto", "inplace", "swap", "dual", "side"):
-        errors.append("optim.perturbation: " + unknown_choice("perturbation", o.perturbation,
-                                                              ("auto", "inplace", "swap", "dual", "side")))
+    perturbations = ("auto", "inplace", "swap", "dual", "side", "per_example")
+    if o.perturbation not in perturbations:
+        errors.append("optim.perturbation: " + unknown_choice("perturbation", o.perturbation, perturbations))
+    if method is not None and method.perturbation not in (None, o.perturbation) and o.perturbation != "auto":
+        errors.append(f"optim.perturbation: {o.method} evaluates with {method.perturbation!r}; leave it auto "
+                      f"(got {o.perturbation!r})")
+    if per_example and method is not None:
+        if not method.per_example:
+            errors.append(f"optim.perturbation=per_example is for methods with dense directions and a central "
+                          f"difference per direction; {o.method} has not (see `zotune methods`)")
+        if o.queries != t.batch_size:
+            errors.append(f"optim.queries: per-example directions are one per example, so queries must equal "
+                          f"train.batch_size ({t.batch_size}), got {o.queries!r} (leave it unset)")
+        if t.grad_accum != 1:
+            errors.append(f"train.grad_accum: per-example directions need the whole batch in one forward "
+                          f"(grad_accum 1), got {t.grad_accum!r}")
+        if tr.zo_layers is not None:
+            errors.append("trainable.zo_layers (hybrid ZO/FO) does not combine with per-example directions")
+        if m.offload != "none":
+            errors.append("model.offload does not combine with per-example directions")
     if tr.scheme not in ALL_SCHEMES:
         errors.append("trainable.scheme: " + unknown_choice("scheme", tr.scheme, ALL_SCHEMES))
     if tr.prefix_values_only is not False:

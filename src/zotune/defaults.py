@@ -64,6 +64,9 @@ _FULL = {
     "zo-sgd-block": (3e-5 * 30, "derived: MeZO's measured lr x 30 blocks (one query per block: 1/30 of the "
                                 "noise of a whole-model direction, tests/test_defaults.py); at MeZO's lr "
                                 "it did not move SST-2 (docs/defaults.md)"),
+    # per-example directions: the same expected step as MeZO's (E[g] = grad), with less noise
+    "per-example": (3e-5, "derived: MeZO's measured lr (the same expected step; its noise is lower, "
+                          "zotune.evaluation.PerExample)"),
     "forward-grad": (3e-5, "derived: MeZO's measured lr (exact directional derivative, same step)"),
     # momentum's steady state is 1 / (1 - beta) = 10 estimates: a tenth of MeZO's lr
     "zo-sgd-momentum": (3e-6, "derived: MeZO's measured lr / 10 (momentum 0.9 sums ~10 estimates)"),
@@ -134,7 +137,10 @@ _MEASURED = {
 
 #: (method, scheme) whose estimate is another method's there: a prefix or a prompt is one tensor, so
 #: ZO-SGD-Block's one block is MeZO's whole-model direction
-_SAME_AS = {("zo-sgd-block", "prefix"): "mezo", ("zo-sgd-block", "prompt"): "mezo"}
+_SAME_AS = {("zo-sgd-block", "prefix"): ("mezo", "one tensor, one block"),
+            ("zo-sgd-block", "prompt"): ("mezo", "one tensor, one block")}
+#: per-example directions take MeZO's step in expectation: MeZO's starting point on every scheme
+_SAME_AS.update({("per-example", s): ("mezo", "the same expected step") for s in SCHEME_EPS})
 
 
 def starting_point(method: str, scheme: str = "full") -> StartingPoint:
@@ -144,9 +150,9 @@ def starting_point(method: str, scheme: str = "full") -> StartingPoint:
     if scheme not in SCHEME_EPS:
         raise ValueError(f"unknown trainable scheme {scheme!r}; known: {', '.join(SCHEME_EPS)}")
     if (method, scheme) in _SAME_AS:
-        other = _SAME_AS[(method, scheme)]
+        other, why = _SAME_AS[(method, scheme)]
         start = starting_point(other, scheme)
-        return StartingPoint(start.lr, start.eps, f"derived: {other}'s on {scheme} (one tensor, one block; "
+        return StartingPoint(start.lr, start.eps, f"derived: {other}'s on {scheme} ({why}; "
                                                   f"{other}: {start.evidence})")
     if (method, scheme) in _MEASURED:
         return _MEASURED[(method, scheme)]

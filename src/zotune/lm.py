@@ -312,11 +312,20 @@ def _prompt_tuned_inputs(model, batch: Batch) -> dict:
     n = model.active_peft_config.num_virtual_tokens
     rows, mask = batch.input_ids.shape[0], batch.attention_mask
     embeds = model.word_embeddings(batch.input_ids)
-    prompts = model.get_prompt(batch_size=rows).to(embeds.dtype)
+    prompts = _virtual_embeddings(model, rows).to(embeds.dtype)
     virtual = torch.arange(n, device=mask.device).expand(rows, n)
     return {"inputs_embeds": torch.cat([prompts, embeds], dim=1),
             "attention_mask": torch.cat([mask.new_ones(rows, n), mask], dim=1),
             "position_ids": torch.cat([virtual, n + (mask.cumsum(1) - 1).clamp(min=0)], dim=1)}
+
+
+def _virtual_embeddings(model, rows: int) -> torch.Tensor:
+    """The prompt's virtual-token embeddings, one row per batch row. peft's ``get_prompt`` embeds
+    one row and repeats it, so the prompt encoder never sees the batch's rows; evaluating copies
+    (``perturbation="dual"``) or examples (``"per_example"``) at different points needs them there."""
+    adapter = model.active_adapter
+    tokens = model.prompt_tokens[adapter].to(model.word_embeddings.weight.device)
+    return model.prompt_encoder[adapter](tokens.unsqueeze(0).expand(rows, -1))
 
 
 def _continuation_logits(lm: LoadedModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -364,21 +373,29 @@ def _target_logprobs(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     return -F.cross_entropy(selected, targets, reduction="none"), rows
 
 
-def pair_loss(model, batch: Batch, copies: int = 1) -> torch.Tensor:
+def pair_loss(model, batch: Batch, copies: int = 1, per_example: bool = False) -> torch.Tensor:
     """Mean negative log-likelihood over all continuation tokens of the batch (a scalar).
 
     The training loss of MeZO (the gold candidate's continuation). Tokens are weighted equally,
     as Hugging Face's ``labels`` loss does. Runs under the caller's grad mode: ZO optimizers call
     it inside ``torch.no_grad()``, first-order ones with gradients. ``copies > 1`` runs the
     batch that many times over in one forward and returns one loss per copy (a ``(copies,)``
-    tensor), as ``perturbation="dual"`` asks.
+    tensor), as ``perturbation="dual"`` asks. ``per_example``: a ``(copies, n)`` tensor of each
+    row's share, ``n`` times its summed token losses over the copy's token count, so that a copy's
+    mean over its rows is its loss (what ``perturbation="per_example"`` asks).
     """
     model = require_loaded(model, "pair_loss")
-    if copies == 1:
+    copies = _check_copies(copies)
+    if copies == 1 and not per_example:
         logp, _ = _target_logprobs(model, batch)
         return -logp.mean()
-    logp, rows = _target_logprobs(model, batch.repeat(_check_copies(copies)))
-    return -_per_copy(logp, rows // len(batch), copies, mean=True)
+    n = len(batch)
+    logp, rows = _target_logprobs(model, batch.repeat(copies) if copies > 1 else batch)
+    if not per_example:
+        return -_per_copy(logp, rows // n, copies, mean=True)
+    sums = _per_copy(logp, rows, copies * n, mean=False).view(copies, n)
+    tokens = _per_copy(torch.ones_like(logp), rows // n, copies, mean=False)
+    return -sums * (n / tokens).unsqueeze(1)
 
 
 def _check_copies(copies) -> int:
@@ -664,17 +681,19 @@ def choice_scores(model, cb: ChoiceBatch, *, normalize: Literal["sum", "mean"] =
     return total.view(-1, cb.n_choices)
 
 
-def choice_loss(model, cb: ChoiceBatch, copies: int = 1) -> torch.Tensor:
+def choice_loss(model, cb: ChoiceBatch, copies: int = 1, per_example: bool = False) -> torch.Tensor:
     """Cross-entropy of the gold candidate among the candidates (MeZO's classification loss for
     classification and multiple-choice tasks: it trains the model to tell the candidates apart,
     not to make the label words likelier in general). ``copies > 1``: one loss per copy of the
-    examples, from one forward (see :func:`pair_loss`)."""
+    examples, from one forward (see :func:`pair_loss`); ``per_example``: every example's loss, a
+    ``(copies, n)`` tensor."""
     model = require_loaded(model, "choice_loss")
     if cb.labels is None:
         raise ValueError("choice_loss needs labels")
-    if copies == 1:
+    copies = _check_copies(copies)
+    if copies == 1 and not per_example:
         return F.cross_entropy(choice_scores(model, cb), cb.labels)
     n = len(cb.labels)
-    rep = cb.repeat(_check_copies(copies))
-    losses = F.cross_entropy(choice_scores(model, rep), rep.labels, reduction="none")
-    return losses.view(copies, n).mean(1)
+    rep = cb.repeat(copies) if copies > 1 else cb
+    losses = F.cross_entropy(choice_scores(model, rep), rep.labels, reduction="none").view(copies, n)
+    return losses if per_example else losses.mean(1)

@@ -28,6 +28,9 @@ from zotune.step import ZOOptimizer
 
 log = logging.getLogger("zotune.methods")
 
+#: trained entries above which per-example directions warn of their cost (2 B perturbed copies a step)
+PER_EXAMPLE_LARGE = 10_000_000
+
 #: values of the optional ``optim`` fields for methods that do not set their own
 COMMON_DEFAULTS = {"queries": 1, "distribution": "gaussian", "sparsity": 0.0, "hessian_smooth": 1e-6}
 
@@ -50,7 +53,9 @@ class Method:
     first-order), ``half_precision`` (trains float16 / bfloat16 weights), ``streamable``
     (evaluates both halves while a module is resident: ``model.offload``), ``sparse_masks``
     (combines with random masks, ``optim.sparsity``), ``schemes`` (trainable schemes it
-    supports), ``min_queries`` (the fewest directions per step it is defined for).
+    supports), ``min_queries`` (the fewest directions per step it is defined for), ``per_example``
+    (takes ``optim.perturbation: per_example``: dense directions, a central difference per
+    direction). ``perturbation``: the evaluation the method always uses (None: ``optim.perturbation``).
     """
 
     name: str
@@ -72,10 +77,18 @@ class Method:
     sparse_masks: bool = True
     schemes: tuple[str, ...] = ALL_SCHEMES
     min_queries: int = 1
+    per_example: bool = False
+    perturbation: str | None = None
+
+    @property
+    def per_example_only(self) -> bool:
+        """Its evaluation is per-example directions (one query per example of the batch)."""
+        return self.perturbation == "per_example"
 
     def flags(self) -> list[str]:
         """The capability flags that hold, by name (for ``zotune methods``)."""
-        names = ("two_point", "stateless", "data_parallel", "half_precision", "streamable", "sparse_masks")
+        names = ("two_point", "stateless", "data_parallel", "half_precision", "streamable", "sparse_masks",
+                 "per_example")
         return [n for n in names if getattr(self, n)]
 
 
@@ -93,15 +106,15 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in [
         _zo("mezo", "ZO-SGD", "MeZO / ZO-SGD: two-point Gaussian estimate", "MeZO",
-            "gaussian", "sgd", streamable=True),
+            "gaussian", "sgd", streamable=True, per_example=True),
         _zo("zo-sgd-sign", "ZO-SGD-Sign", "ZO-SGD-Sign: only the sign of the projected gradient", "ZOSGDSign",
-            "gaussian", "sign", reads=("sign_mode",), streamable=True),
+            "gaussian", "sign", reads=("sign_mode",), streamable=True, per_example=True),
         _zo("zo-sgd-momentum", "ZO-SGD-MMT", "ZO-SGD-MMT (beta = optim.momentum or 0.9)", "ZOSGDMomentum",
-            "gaussian", "momentum", reads=("momentum",), stateless=False, streamable=True),
+            "gaussian", "momentum", reads=("momentum",), stateless=False, streamable=True, per_example=True),
         _zo("zo-sgd-cons", "ZO-SGD-Cons", "ZO-SGD-Cons: best of x, x -+ lr g", "ZOSGDConservative",
-            "gaussian", "sgd", conservative=True, half_precision=False),
+            "gaussian", "sgd", conservative=True, half_precision=False, per_example=True),
         _zo("zo-adam", "ZO-Adam", "ZO-Adam: AMSGrad-style Adam on the two-point estimate", "ZOAdam",
-            "gaussian", "adam", reads=("betas",), stateless=False, streamable=True),
+            "gaussian", "adam", reads=("betas",), stateless=False, streamable=True, per_example=True),
         _zo("zo-sgd-block", "ZO-SGD-Block", "ZO-SGD-Block: one query per layer block", "ZOSGDBlock",
             "blockwise", "sgd", streamable=True),
         _zo("lozo", "LOZO", "LOZO: low-rank directions U V^T (LOZO-M with optim.momentum > 0)", "LOZO",
@@ -116,7 +129,7 @@ METHODS: dict[str, Method] = {
         _zo("sparse-mezo", "Sparse-MeZO",
             "Sparse-MeZO: perturb and update only small weights (optim.sparsity of each matrix left alone)",
             "SparseMeZO", "magnitude", "sgd", defaults={"sparsity": 0.75}, reads=("sparsity",), stateless=False,
-            sparse_masks=False),
+            sparse_masks=False, per_example=True),
         _zo("forward-grad", "Forward-Grad", "Forward-Grad: forward-mode JVP, no backward", "ForwardGrad",
             "forward", "sgd", two_point=False, sparse_masks=False),
         _fo("fo-sgd", "FO-SGD", "first-order SGD (backprop; optim.momentum)", "FOSGD", "sgd", reads=("momentum",)),
@@ -186,6 +199,20 @@ def _build_zo(method: Method, o, named, module=None, reduce=None, streamed=False
         _require_dense(method, "fixed perturbation masks")
         est = estimators.FixedMask(est, masks)
     mode = o.perturbation
+    if method.perturbation is not None:
+        if mode not in ("auto", method.perturbation):
+            raise ValueError(f"{method.name} evaluates with perturbation={method.perturbation!r}, "
+                             f"not optim.perturbation={mode!r} (leave it auto)")
+        mode = method.perturbation
+    if mode == "per_example":
+        if not method.per_example:
+            raise ValueError(f"perturbation='per_example' is for methods with dense directions and a central "
+                             f"difference per direction; {method.name} has not (see `zotune methods`)")
+        entries = sum(p.numel() for p in named.values())
+        if entries > PER_EXAMPLE_LARGE:
+            log.warning("per-example directions run each example's rows with its own perturbed copy of the trained "
+                        "tensors: %d entries, so a step draws 2 x %d such copies; it suits small trained sets "
+                        "(prefix, prompt, norms, LoRA)", entries, o.queries)
     if streamed:  # streamed weights: both halves while a module is resident, updates deferred
         mode = "dual"
     elif mode == "auto":  # half-precision weights must not be written by the perturbation
@@ -233,3 +260,11 @@ METHODS["population"] = _zo(
     "Population low-rank (EGGROLL-style): N members U_k V_k^T per matrix, one copy of the batch each "
     "(optim.perturbation=dual: all in one forward)", "PopulationLowRank", "population_lowrank", "sgd",
     defaults={"queries": 8}, reads=("rank",), sparse_masks=False)
+
+# per-example directions (GRZO-style): MeZO's step with each example of the batch its own direction,
+# at MeZO's two copies of the batch a step (zotune.evaluation.PerExample)
+METHODS["per-example"] = _zo(
+    "per-example", "PE-MeZO",
+    "Per-example MeZO (GRZO-style): each example of the batch its own direction z_j, both copies (+-eps z_j) in "
+    "one forward; optim.queries = train.batch_size", "PerExampleMeZO", "gaussian", "sgd",
+    perturbation="per_example", per_example=True, data_parallel=False)

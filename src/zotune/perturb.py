@@ -22,6 +22,12 @@ weights are side terms of the copy's output (no per-copy weight). It needs a clo
 accepts ``copies`` (see :meth:`zotune.ZOOptimizer.step`) and modules that own tensors but contain
 no other such module. On a CPU, N copies in one forward cost about what N forwards cost.
 
+``per_example`` (GRZO's per-example directions, :class:`zotune.evaluation.PerExample`): the same
+machinery with each example of each copy its own point: copy ``+`` and copy ``-`` of the batch in
+one forward, example ``j`` of both at ``x +- eps z_j``. Each owning module runs once per example
+and copy, with a perturbed copy of its tensors: cheap for a prefix, a prompt, norms or LoRA, and
+``2 B`` copies of every trained tensor a step for all weights.
+
 ``side`` (low-rank directions, LOZO): a matrix perturbed by ``eps U V^T`` is never written; each
 ``nn.Linear`` adds ``eps (x V) U^T`` to its output and each ``nn.Embedding`` adds
 ``eps U[ids] V^T``, two thin matmuls, instead of three passes over every weight matrix per
@@ -44,7 +50,7 @@ from torch import nn
 from zotune.estimators.base import Direction, Estimator, LowRank, add_direction_
 
 HALF = (torch.float16, torch.bfloat16)
-MODES = ("inplace", "swap", "dual", "side")
+MODES = ("inplace", "swap", "dual", "side", "per_example")
 
 
 def owners_of(module: nn.Module, leaves: list[torch.Tensor], names: list[str], mode: str):
@@ -182,10 +188,11 @@ class CopiesPerturbation:
         self.originals = originals
 
     @contextmanager
-    def active(self, est: Estimator, points: list[Point]):
-        """While active, owning modules evaluate ``points[k]`` on copy ``k`` of their rows."""
+    def active(self, est: Estimator, points: list[Point], same_rows: bool = True):
+        """While active, owning modules evaluate ``points[k]`` on part ``k`` of their rows: copy ``k``
+        of the batch, or (``same_rows=False``, per-example directions) the rows of one example."""
         patched = []
-        first_call = [True]  # the first module to run checks that its copies are the same rows
+        first_call = [same_rows]  # the first module to run checks that its copies are the same rows
         for mod, own in self.owners:
             had = "forward" in mod.__dict__
             patched.append((mod, had, mod.__dict__.get("forward")))
@@ -391,6 +398,12 @@ def _rows(args, kwargs, n: int, mode: str) -> int:
     first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.dim() > 0), None)
     if first is None or first.shape[0] % n:
         shape = None if first is None else tuple(first.shape)
+        if mode == "per_example":
+            raise ValueError(
+                f"perturbation='per_example': a module got {shape} inputs, whose rows do not split into {n} parts "
+                f"(one per example of each copy of the batch): the estimator draws one direction per example, so "
+                f"the batch must hold `queries` examples ({n} parts = 2 copies x queries)"
+            )
         raise ValueError(
             f"perturbation={mode!r}: a module got inputs whose rows do not split into {n} copies (first input "
             f"shape {shape}); the closure must run the batch {n} times over when called with copies={n}"

@@ -244,5 +244,43 @@ class PopulationLowRank(ZOOptimizer):
                          scheme=scheme, module=module, perturbation=perturbation, **kwargs)
 
 
+class PerExampleMeZO(ZOOptimizer):
+    """MeZO with per-example directions (GRZO, 2026: a different perturbation per example of the
+    batch), at MeZO's cost of two copies of the batch a step, both in one forward.
+
+    Example ``j`` of the batch (``j = 1..B``) is evaluated at ``x + eps z_j`` in the first copy and
+    at ``x - eps z_j`` in the second; with its losses ``l_j``::
+
+        c_j = (l_j(x + eps z_j) - l_j(x - eps z_j)) / (2 eps)
+        x <- x - lr * ((1/B) sum_j c_j z_j + weight_decay * x)
+
+    ``z_j`` regenerated from ``(seed, step, j)``, never stored: no model-size buffer. The expected
+    step is MeZO's (``lr * grad``); its noise is lower by ``(B G + T) / (G + T)`` with ``G`` the
+    squared norm of the batch's mean gradient and ``T`` the examples' spread about it
+    (:class:`zotune.evaluation.PerExample`), so the same lr walks less far from the signal.
+    ``batch_size`` must be the closure's number of examples. Each module owning trained tensors
+    runs once per example and copy with its own perturbed copy, so it suits small trained sets
+    (prefix, prompt, norms, LoRA); with all weights a step copies every trained tensor ``2 B`` times.
+
+    Example::
+
+        opt = zotune.PerExampleMeZO(named_prefix, module=model, batch_size=16, lr=1e-2, eps=1e-1)
+        loss = opt.step(lambda copies=1, per_example=False:
+                        pair_loss(lm, batch, copies=copies, per_example=per_example))
+    """
+
+    def __init__(self, params, lr=1e-6, eps=1e-3, weight_decay=0.0, seed=0, batch_size=16, distribution="gaussian",
+                 module: nn.Module | None = None, **kwargs):
+        if module is None:
+            raise ValueError("PerExampleMeZO needs module= (the nn.Module being trained): each example's rows run "
+                             "its owning modules with that example's perturbed tensors")
+        queries = kwargs.pop("queries", None)
+        if queries not in (None, batch_size):
+            raise ValueError(f"PerExampleMeZO draws one direction per example: queries is batch_size ({batch_size}), "
+                             f"got queries={queries!r}")
+        super().__init__(params, Gaussian(batch_size, distribution), sgd(), lr, eps, weight_decay, seed,
+                         module=module, perturbation="per_example", **kwargs)
+
+
 #: method name -> its zotune class (first-order methods: :mod:`zotune.fo`), read from the registry
 PRESETS: dict[str, type] = {name: globals()[m.preset] for name, m in METHODS.items()}

@@ -79,7 +79,9 @@ class ZOOptimizer(torch.optim.Optimizer):
             writes ``x +- eps z`` into the weights (MeZO); ``"swap"`` leaves them untouched and
             hands each module its perturbed weights only while it runs (exact in half
             precision); ``"dual"`` evaluates every point of the step as one copy of the batch in
-            one forward; ``"side"`` (low-rank directions) adds ``eps U V^T`` to layer outputs as
+            one forward; ``"per_example"`` gives each example of the batch its own direction
+            (GRZO; ``queries`` = the batch's examples, two copies of the batch in one forward);
+            ``"side"`` (low-rank directions) adds ``eps U V^T`` to layer outputs as
             a thin side term instead of writing the matrices.
         stochastic_rounding: round updates to float16 / bfloat16 weights stochastically
             (default: on for half-precision tensors), so updates below their resolution are
@@ -94,7 +96,9 @@ class ZOOptimizer(torch.optim.Optimizer):
     calls it under ``torch.no_grad()`` (forward-mode AD for the ``forward`` estimator). With
     ``perturbation="dual"`` it is called as ``closure(copies=n)``: it must then run its batch
     ``n`` times over as one batch (rows ``0..b-1``, then the same rows again, ...) and return
-    the ``n`` copies' losses, e.g. ``zotune.lm.pair_loss(lm, batch, copies=n)``.
+    the ``n`` copies' losses, e.g. ``zotune.lm.pair_loss(lm, batch, copies=n)``; with
+    ``perturbation="per_example"`` as ``closure(copies=2, per_example=True)``, returning every
+    example's loss in each copy (``pair_loss(lm, batch, copies=2, per_example=True)``).
     """
 
     def __init__(

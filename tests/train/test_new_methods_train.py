@@ -1,4 +1,4 @@
-"""FZOO, HiZOO and Sparse-MeZO through the training recipe: every trainable scheme, resume, replay."""
+"""FZOO, HiZOO, Sparse-MeZO and per-example MeZO through the training recipe: every trainable scheme, resume, replay."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ TINY = [
     f"task.data_root={DATA}", "task.max_length=32", "train.batch_size=4", "optim.lr=3e-4",
     "train.progress=false", "train.tensorboard=false", "train.eval_batch_size=8", "train.eval_at_start=false",
 ]
-METHODS = ["fzoo", "hizoo", "sparse-mezo"]
+METHODS = ["fzoo", "hizoo", "sparse-mezo", "per-example"]
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -668,8 +668,9 @@ def predict(
     _check_scheme(scheme)
     if variant not in VARIANTS:
         raise MemoryModelError(unknown_choice("variant", str(variant), VARIANTS))
-    if queries is None:
-        queries = spec.defaults.get("queries", 1) if spec is not None else 1
+    per_example = spec is not None and spec.per_example_only
+    if queries is None:  # per-example directions: one per example
+        queries = batch if per_example else spec.defaults.get("queries", 1) if spec is not None else 1
     dtype = _resolve_dtype(dtype)
     try:
         seq_len = check_int("seq_len", seq_len)
@@ -699,9 +700,10 @@ def predict(
     ctx = _Context(
         shape=shape, method=method, estimator=spec.estimator if spec else None, rule=spec.rule if spec else None,
         scheme=scheme, dtype=dtype, variant=variant, wb=wb, ab=ab,
-        batch=batch, seq=seq, logits_positions=logits_positions, trainable=trainable,
+        batch=2 * batch if per_example else batch,  # per-example: both copies of the batch in one forward
+        seq=seq, logits_positions=logits_positions, trainable=trainable,
         weights=n_params * wb, chunk=chunk_size, workers=workers, queries=queries, rank=lozo_rank,
-        momentum=float(momentum), foreach=bool(foreach), lora_r=lora_r,
+        momentum=float(momentum), foreach=bool(foreach), lora_r=lora_r, per_example=per_example,
     )  # fmt: skip
     if family == "none":
         parts = _inference(ctx)
@@ -747,6 +749,7 @@ class _Context:
     momentum: float
     foreach: bool
     lora_r: int
+    per_example: bool = False  # rows of the forward are 2 copies of the batch; modules run perturbed copies
 
     @property
     def eps(self) -> int:
@@ -950,10 +953,10 @@ def _zeroth_order(ctx: _Context):
         per_unit += 4 + 2 + 4 + 2 + 4 + 4 + 4
     update = scratch + unit * per_unit * ctx.workers
     fwd = ctx.working_set()
-    # half weights: zotune perturbs "just in time" (swap): a perturbed copy of one module's
-    # trained tensors exists while that module runs
+    # half weights: zotune perturbs "just in time" (swap), and per-example directions run each example
+    # with its own perturbed copy: a perturbed copy of one module's trained tensors exists while it runs
     swap = 0
-    if ctx.half:
+    if ctx.half or ctx.per_example:
         swap = max((t.numel for t in ctx.trainable), default=0) * ctx.wb
     forward = fwd + scratch + swap
     peak = ctx.weights + state + max(forward, update)

@@ -38,7 +38,8 @@ def make_closure(lm, examples, cfg: Config, device, objective: str = "nll", worl
     ``model`` is what the closure runs: the model, or its DDP wrapper), in ``cfg.train.grad_accum``
     micro-batches; the closure returns this rank's share ``loss_r`` of the global batch's mean loss (see the module
     docstring); ``closure(copies=2)`` returns one such loss per copy of the batch run twice over
-    (``perturbation: dual``). ``world`` (a :class:`zotune.distributed.DistContext`; None: one
+    (``perturbation: dual``), and ``closure(copies=2, per_example=True)`` a ``(2, examples)`` tensor whose rows'
+    means are those losses (``perturbation: per_example``). ``world`` (a :class:`zotune.distributed.DistContext`; None: one
     process) gives the number of ranks and sums the token count over them."""
     lm = require_loaded(lm, "make_closure")
     tokenizer, kind = lm.tokenizer, lm.kind
@@ -63,10 +64,14 @@ def make_closure(lm, examples, cfg: Config, device, objective: str = "nll", worl
     total = global_count(sum(counts), objective, world)
     weights = [n * ranks / total for n in counts]  # 1.0 for one micro-batch on one process
 
-    def closure(copies: int = 1):
+    def closure(copies: int = 1, per_example: bool = False):
+        if per_example and (len(batches) > 1 or ranks > 1):
+            raise ValueError("per-example directions need the whole batch in one forward on one process: "
+                             "set train.grad_accum: 1 and run a single process")
         loss = None
         for b, w in zip(batches, weights):
-            part = loss_fn(lm, b, copies=copies) * w
+            part = (loss_fn(lm, b, copies=copies, per_example=True) if per_example
+                    else loss_fn(lm, b, copies=copies)) * w
             loss = part if loss is None else loss + part
         return loss
 

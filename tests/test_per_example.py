@@ -1,0 +1,303 @@
+"""Per-example directions (GRZO-style): each example of the batch its own z_j, two copies in one forward."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+import zotune
+from zotune.estimators import Direction
+from zotune.evaluation import PerExample, Probe
+from zotune.schemes import make_scheme
+
+B = 4
+G = torch.Generator().manual_seed(0)
+X = torch.randn(B, 5, generator=G, dtype=torch.float64)
+T = torch.randn(B, 3, generator=G, dtype=torch.float64)
+
+
+def linear(seed=0):
+    layer = torch.nn.Linear(5, 3).double().requires_grad_(False)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.5)
+    return layer
+
+
+def example_loss(w, b, j):
+    return float(((X[j] @ w.T + b - T[j]) ** 2).mean())
+
+
+def closure_of(layer, calls=None, x=X, t=T):
+    """The closure protocol: per-example losses of ``copies`` copies of the batch, from one forward."""
+    def closure(copies=1, per_example=False):
+        if calls is not None:
+            calls.append((copies, per_example))
+        out = layer(x.repeat(copies, 1))
+        losses = ((out - t.repeat(copies, 1)) ** 2).mean(1).view(copies, -1)
+        if per_example:
+            return losses
+        return losses.mean(1)[0] if copies == 1 else losses.mean(1)
+    return closure
+
+
+def make(layer, lr=0.05, eps=1e-3, **kw):
+    return zotune.PerExampleMeZO(layer.named_parameters(), lr=lr, eps=eps, batch_size=B, module=layer, **kw)
+
+
+def test_one_step_equals_the_per_example_formula():
+    layer = linear()
+    w0, b0 = layer.weight.detach().clone(), layer.bias.detach().clone()
+    lr, eps = 0.05, 1e-3
+    opt = make(layer, lr, eps)
+    calls = []
+    opt.step(closure_of(layer, calls))
+    assert calls == [(2, True)]  # both copies of the batch in ONE forward
+    assert opt.forward_passes == opt.forward_passes_per_step == 2  # MeZO's cost
+    z = [(opt.estimator.leaf_direction(Direction(0, j), 0, w0).z.view_as(w0),
+          opt.estimator.leaf_direction(Direction(0, j), 1, b0).z) for j in range(B)]
+    c = [(example_loss(w0 + eps * zw, b0 + eps * zb, j) - example_loss(w0 - eps * zw, b0 - eps * zb, j)) / (2 * eps)
+         for j, (zw, zb) in enumerate(z)]
+    torch.testing.assert_close(layer.weight, w0 - lr / B * sum(cj * zw for cj, (zw, _) in zip(c, z)), rtol=0, atol=1e-12)
+    torch.testing.assert_close(layer.bias, b0 - lr / B * sum(cj * zb for cj, (_, zb) in zip(c, z)), rtol=0, atol=1e-12)
+    assert opt.last_record["coeffs"] == pytest.approx(c, rel=1e-6)
+    assert len(set(opt.last_record["coeffs"])) == B  # every example its own direction
+
+
+def _estimates(per_example: bool, steps: int):
+    """The estimate g of each step at a fixed point (lr 0), rebuilt from the record's coefficients."""
+    layer = linear()
+    if per_example:
+        opt = make(layer, lr=0.0, eps=1e-4)
+    else:
+        opt = zotune.MeZO(layer.named_parameters(), lr=0.0, eps=1e-4)
+    closure = closure_of(layer)
+    plain = lambda: closure()  # noqa: E731
+    out = []
+    for s in range(steps):
+        opt.step(closure if per_example else plain)
+        c = opt.last_record["coeffs"]
+        dirs = opt.estimator.directions(s)
+        g = sum(cj * torch.cat([opt.estimator.leaf_direction(d, i, p).z.flatten()
+                                for i, p in enumerate(opt.leaves)]) for cj, d in zip(c, dirs)) / len(dirs)
+        out.append(g)
+    return torch.stack(out)
+
+
+def _example_gradients():
+    layer = linear()
+    w, b = layer.weight.detach().clone().requires_grad_(True), layer.bias.detach().clone().requires_grad_(True)
+    rows = []
+    for j in range(B):
+        gw, gb = torch.autograd.grad(((X[j] @ w.T + b - T[j]) ** 2).mean(), (w, b))
+        rows.append(torch.cat([gw.flatten(), gb]))
+    return torch.stack(rows)
+
+
+def test_expectation_is_the_batch_gradient_and_the_noise_is_lower_as_predicted():
+    gj = _example_gradients()
+    g = gj.mean(0)
+    d = gj.shape[1]
+    n = 3000
+    per = _estimates(True, n)
+    shared = _estimates(False, n)
+    # unbiased: the mean estimate is the batch gradient, within its standard error
+    se = per.std(0) / math.sqrt(n)
+    assert bool(((per.mean(0) - g).abs() < 4 * se + 1e-9).all())
+    # second moments, exact for a quadratic: per-example (1/B^2)(sum_j (d+2)|g_j|^2 + sum_{j!=k} g_j.g_k),
+    # shared (d+2)|g|^2 (MeZO's single direction)
+    gram = gj @ gj.T
+    want_per = ((d + 2) * gram.diagonal().sum() + (gram.sum() - gram.diagonal().sum())) / B ** 2
+    want_shared = (d + 2) * g.dot(g)
+    got_per, got_shared = per.pow(2).sum(1).mean(), shared.pow(2).sum(1).mean()
+    assert float(got_per) == pytest.approx(float(want_per), rel=0.12)
+    assert float(got_shared) == pytest.approx(float(want_shared), rel=0.2)
+
+
+def test_lower_noise_than_mezo_when_the_examples_disagree():
+    # the examples' gradients spread widely about a small mean (T >> G): the regime of a real batch
+    gj = _example_gradients()
+    g = gj.mean(0)
+    G_, T_ = float(g.dot(g)), float((gj - g).pow(2).sum(1).mean())
+    # MeZO's noise d (G + T/B) against d (G + T) / B: per-example lower when B G + T > G + T, i.e. always for B > 1
+    assert (B * G_ + T_) / (G_ + T_) > 1
+    per, shared = _estimates(True, 2000), _estimates(False, 2000)
+    noise_per = (per - g).pow(2).sum(1).mean()
+    noise_shared = (shared - g).pow(2).sum(1).mean()
+    assert float(noise_per) < float(noise_shared)
+
+
+def test_converges_on_a_small_regression_problem():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 5, generator=g, dtype=torch.float64)
+    true = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    t = x @ true.T
+    layer = linear()
+    opt = make(layer, lr=0.05, eps=1e-3)
+    first = None
+    for s in range(300):
+        rows = torch.arange(s * B, (s + 1) * B) % 64
+        loss = float(opt.step(closure_of(layer, x=x[rows], t=t[rows])))
+        first = loss if first is None else first
+    final = float(((x @ layer.weight.T + layer.bias - t) ** 2).mean())
+    assert final < 0.05 * first
+
+
+def test_state_dict_round_trip_and_replay_bit_for_bit():
+    straight = linear()
+    opt = make(straight)
+    for _ in range(5):
+        opt.step(closure_of(straight))
+    resumed = linear()
+    first = make(resumed)
+    for _ in range(2):
+        first.step(closure_of(resumed))
+    state = copy.deepcopy(first.state_dict())
+    second = make(resumed)
+    second.load_state_dict(state)
+    for _ in range(3):
+        second.step(closure_of(resumed))
+    assert torch.equal(straight.weight, resumed.weight) and torch.equal(straight.bias, resumed.bias)
+    assert all(v == {} for v in state["state"].values())  # stateless: nothing model-sized kept
+    # replay from the records alone, no forward pass
+    live, replayed = linear(), linear()
+    a, r = make(live), make(replayed)
+    for _ in range(3):
+        a.step(closure_of(live))
+        r.replay(a.last_record)
+    assert torch.equal(live.weight, replayed.weight) and torch.equal(live.bias, replayed.bias)
+
+
+def test_a_non_finite_example_loss_leaves_the_weights_untouched():
+    layer = linear()
+    before = layer.weight.detach().clone()
+    opt = make(layer)
+
+    def bad(copies=1, per_example=False):
+        out = closure_of(layer)(copies, per_example)
+        out = out.clone()
+        out.view(-1)[1] = float("nan")
+        return out
+
+    opt.step(bad)
+    assert torch.equal(layer.weight, before) and opt.skipped_steps == 1
+
+
+def test_errors_are_specific():
+    layer = linear()
+    with pytest.raises(ValueError, match="needs module="):
+        zotune.PerExampleMeZO(layer.named_parameters(), batch_size=B)
+    with pytest.raises(ValueError, match="queries is batch_size"):
+        zotune.PerExampleMeZO(layer.named_parameters(), batch_size=B, queries=2, module=layer)
+    small = linear()
+    opt = make(small)
+    with pytest.raises(ValueError, match="one direction per example"):
+        opt.step(closure_of(small, x=X[:2], t=T[:2]))
+    with pytest.raises(ValueError, match="per_example=True"):
+        make(small).step(lambda copies=1: closure_of(small)(copies))
+    with pytest.raises(ValueError, match="base point|loss at x"):
+        zotune.ZOOptimizer(small.named_parameters(), zotune.make_estimator("gaussian", queries=B), "sgd",
+                           module=small, perturbation="per_example", scheme="one_sided_normalised")
+
+
+def test_per_example_losses_average_to_the_copies_losses_on_a_tiny_causal_lm():
+    from zotune.lm import choice_loss, encode_choices, encode_pairs, pair_loss
+    from zotune.testing import tiny_model
+
+    lm = tiny_model("llama")
+    lm.model.requires_grad_(False)
+    pairs = [("the movie was", " great"), ("a dull film that goes on", " bad and long"), ("fine", " ok")]
+    batch = encode_pairs(lm.tokenizer, pairs, 32)
+    per = pair_loss(lm, batch, copies=2, per_example=True)
+    assert per.shape == (2, 3)
+    torch.testing.assert_close(per.mean(1), pair_loss(lm, batch, copies=2))
+    torch.testing.assert_close(pair_loss(lm, batch, per_example=True).mean(), pair_loss(lm, batch))
+    cb = encode_choices(lm.tokenizer, [[("a", " yes"), ("a", " no")], [("b c", " yes"), ("b c", " no")]], [0, 1], 32)
+    per = choice_loss(lm, cb, copies=2, per_example=True)
+    assert per.shape == (2, 2)
+    torch.testing.assert_close(per.mean(1), choice_loss(lm, cb, copies=2))
+
+
+@pytest.mark.parametrize("scheme", ["prefix", "prompt", "lora", "norms"])
+def test_each_example_sees_its_own_direction_on_a_tiny_causal_lm(scheme):
+    """Example j's losses in the one forward equal evaluating it alone at x +- eps z_j in place."""
+    from zotune.evaluation import InPlace
+    from zotune.lm import encode_pairs, pair_loss
+    from zotune.params import select_trainable
+    from zotune.testing import tiny_model
+
+    loaded, named = select_trainable(tiny_model("llama"), scheme, init_seed=0)
+    model = loaded.model.requires_grad_(False)
+    pairs = [("the movie was", " great"), ("a dull film", " bad"), ("it is fine", " ok")]
+    batch = encode_pairs(loaded.tokenizer, pairs, 32)
+    opt = zotune.PerExampleMeZO(list(named.items()), module=model, batch_size=3, eps=1e-2)
+    before = {k: v.detach().clone() for k, v in named.items()}
+    dirs, central = opt.estimator.directions(0), make_scheme("central")
+    together = PerExample(opt.estimator, opt.leaves, opt.names, model, central).measure(
+        Probe(lambda copies=1, per_example=False: pair_loss(loaded, batch, copies=copies, per_example=per_example)),
+        dirs, central, 1e-2)
+    assert all(torch.equal(v, before[k]) for k, v in named.items())  # no weight written
+    assert together.forward_passes == 2
+    inplace = InPlace(opt.estimator, opt.leaves, fuse=False)
+    for j, d in enumerate(dirs):
+        alone = inplace.measure(Probe(lambda: pair_loss(loaded, batch, per_example=True)[0, j]), [d], central, 1e-2)
+        assert together.rows[j] == pytest.approx(alone.rows[0], rel=1e-5, abs=1e-6)
+    # and the examples' shares: a copy's mean is the batch loss at that copy's points
+    assert len({round(x, 7) for row in together.rows for x in row}) == 6
+
+
+def test_dual_copies_of_a_prompt_each_see_their_own_point():
+    """Regression: peft's get_prompt embeds one row and repeats it, so perturbation='dual' on a prompt
+    failed (the encoder saw 1 row for 2 copies); the prompt is now embedded per row."""
+    from zotune.evaluation import Copies, InPlace
+    from zotune.lm import encode_pairs, pair_loss
+    from zotune.params import select_trainable
+    from zotune.testing import tiny_model
+
+    loaded, named = select_trainable(tiny_model("llama"), "prompt", init_seed=0)
+    model = loaded.model.requires_grad_(False)
+    batch = encode_pairs(loaded.tokenizer, [("the movie was", " great"), ("a dull film", " bad")], 32)
+    opt = zotune.MeZO(list(named.items()), eps=1e-2)
+    dirs, central = opt.estimator.directions(0), make_scheme("central")
+    together = Copies(opt.estimator, opt.leaves, opt.names, model).measure(
+        Probe(lambda copies=1: pair_loss(loaded, batch, copies=copies)), dirs, central, 1e-2)
+    alone = InPlace(opt.estimator, opt.leaves, fuse=False).measure(
+        Probe(lambda: pair_loss(loaded, batch)), dirs, central, 1e-2)
+    assert together.rows[0] == pytest.approx(alone.rows[0], rel=1e-5)
+    assert together.rows[0][0] != together.rows[0][1]
+
+
+def test_config_sets_one_query_per_example_and_refuses_what_cannot_work():
+    from zotune.config import ConfigError, load_config
+
+    cfg = load_config(None, ["optim.method=per-example", "train.batch_size=8"])
+    assert cfg.optim.queries == 8
+    cfg = load_config(None, ["optim.method=mezo", "optim.perturbation=per_example", "train.batch_size=8"])
+    assert cfg.optim.queries == 8  # any method with dense directions can use it
+    cases = [
+        (["optim.method=per-example", "optim.queries=4", "train.batch_size=8"], "queries must equal train.batch_size"),
+        (["optim.method=per-example", "train.grad_accum=2"], "whole batch in one forward"),
+        (["optim.method=fzoo", "optim.perturbation=per_example"], "dense directions and a central difference"),
+        (["optim.method=lozo", "optim.perturbation=per_example"], "dense directions and a central difference"),
+        (["optim.method=per-example", "optim.perturbation=dual"], "evaluates with 'per_example'"),
+        (["optim.method=per-example", "trainable.zo_layers=2"], "hybrid ZO/FO"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, overrides)
+
+
+def test_memory_model_counts_both_copies_of_the_batch_and_no_model_size_buffer():
+    from transformers import LlamaConfig
+
+    from zotune.bench import memory_model as mm
+
+    shape = mm.model_shape(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2))
+    per = mm.predict(shape, "per-example", scheme="prefix", seq_len=16, batch=4)
+    mezo_rows = mm.predict(shape, "mezo", scheme="prefix", seq_len=16, batch=8)  # the same 2 x 4 rows
+    assert per.activation_bytes == mezo_rows.activation_bytes
+    assert per.state_bytes == 0 and per.batch == 4
+    assert "perturbed module copy" in per.formula
