@@ -91,14 +91,16 @@ def compare(zo: dict, fo: dict) -> dict:
 
 def comparisons(runs: list[dict]) -> tuple[dict | None, dict | None]:
     """(the best pure ZO run against FO-Adam, the best hybrid run against FO-Adam), each None
-    without such a run; both chosen on dev."""
+    without such a run; every side chosen on dev (FO-Adam too, when it ran more than once: on
+    another day, this machine's pace differs)."""
     fo = [r for r in runs if r["method"] == "fo-adam"]
     if not fo:
         return None, None
+    adam = best_on_dev(fo)
     zo = [r for r in runs if r["kind"] == "zero-order"]
     hybrid = [r for r in runs if r["kind"].startswith("hybrid")]
-    return (compare(best_on_dev(zo), fo[0]) if zo else None,
-            compare(best_on_dev(hybrid), fo[0]) if hybrid else None)
+    return (compare(best_on_dev(zo), adam) if zo else None,
+            compare(best_on_dev(hybrid), adam) if hybrid else None)
 
 
 def gap_words(points: float) -> str:

@@ -128,3 +128,11 @@ def test_a_run_whose_folder_is_gone_is_read_from_the_archive_or_the_previous_rep
     c = json.loads(report.read_text())["comparison"]
     assert c["paired"] is None and c["gap_points"] == 40.0
     assert "no paired test" in out.read_text()
+
+
+def test_the_fo_adam_run_compared_is_chosen_on_dev_too(tmp_path, benchmark_script):
+    et = benchmark_script("equal_time")
+    runs = [et.summarise(fake_run(tmp_path, "zo", "mezo", "prefix", [1, 0], 1000, best_dev=0.7)),
+            et.summarise(fake_run(tmp_path, "fo-a", "fo-adam", "full", [1, 1], 4000, best_dev=0.8)),
+            et.summarise(fake_run(tmp_path, "fo-b", "fo-adam", "full", [1, 0], 4000, best_dev=0.85))]
+    assert et.comparisons(runs)[0]["fo"] == "fo-b"
