@@ -25,7 +25,11 @@ def tiny_model(seed=0):
 def loss_of(model):
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(16, 5, generator=g), torch.randn(16, 1, generator=g)
-    return lambda: ((model(x) - y) ** 2).mean()
+
+    def closure(copies=1, per_example=False):  # per-example directions: each row's loss in each copy
+        losses = ((model(x.repeat(copies, 1)) - y.repeat(copies, 1)) ** 2).view(copies, -1)
+        return losses if per_example else losses.mean(1) if copies > 1 else losses.mean()
+    return closure
 
 
 def registry(method, **fields):
@@ -43,7 +47,8 @@ def hybrid(fo_cls):
 
 
 CASES = {
-    **{f"method:{name}": registry(name) for name in METHODS},
+    **{f"method:{name}": registry(name, **({"queries": 16} if m.per_example_only else {}))  # one per row
+       for name, m in METHODS.items()},
     "method:lozo-m": registry("lozo", momentum=0.9, rank=2, interval=1),
     "method:mezo-sparse-q2": registry("mezo", sparsity=0.5, queries=2),
     "method:zo-adam-rademacher": registry("zo-adam", distribution="rademacher"),

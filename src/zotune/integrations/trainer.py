@@ -34,7 +34,8 @@ How it fits into the Trainer, through its public hooks only (its training loop i
 Not supported (refused with the reason): mixed precision (``fp16`` / ``bf16``: load the model
 in the dtype to train instead), DeepSpeed, FSDP and multi-process or multi-GPU data parallelism
 (use ``zotune train`` under ``torchrun``), first-order methods (use the plain ``Trainer``),
-``perturbation: dual`` (its closure runs the batch twice over) and hybrid ZO/FO.
+``perturbation: dual`` (its closure runs the batch twice over), per-example directions (their
+closure returns every example's loss) and hybrid ZO/FO.
 """
 
 from __future__ import annotations
@@ -214,6 +215,11 @@ class ZOTrainer(Trainer):
         if o.perturbation == "dual":
             errors.append("optim.perturbation: 'dual' runs the batch twice over in one forward, which the "
                           "Trainer's compute_loss does not; use inplace, swap or side (or auto)")
+        method = METHODS.get(o.method)
+        if o.perturbation == "per_example" or (method is not None and method.per_example_only):
+            errors = ["per-example directions need every example's loss from one forward of the batch twice "
+                      "over, which the Trainer's compute_loss (one mean loss) does not give; train with "
+                      "`zotune train`, or zotune.PerExampleMeZO with a per-example closure"]
         if errors:
             raise ValueError(f"ZOTrainer method={self.zo_method!r}: " + "; ".join(errors))
         return o
