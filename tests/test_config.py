@@ -7,6 +7,7 @@ import zotune
 from zotune.config import ConfigError, load_config, parse_overrides
 from zotune.methods import METHODS, build_optimizer
 from zotune.schedules import lr_multiplier
+from zotune.testing import copies_closure
 
 
 def test_overrides_parse_numbers_booleans_and_lists():
@@ -79,10 +80,7 @@ def test_every_registered_method_builds_and_steps(name):
     x = torch.randn(8, 8)
     before = model.weight.detach().clone()
 
-    def closure(copies=1, per_example=False):  # per-example: each of the 8 rows' loss in each copy
-        losses = model(x.repeat(copies, 1)).pow(2).mean(1).view(copies, -1)
-        return losses if per_example else losses.mean(1) if copies > 1 else losses.mean()
-
+    closure = copies_closure(lambda copies: model(x.repeat(copies, 1)).pow(2).mean(1))  # per-example: 8 rows
     loss = opt.step(closure if METHODS[name].per_example_only else lambda: model(x).pow(2).mean())
     assert torch.isfinite(torch.as_tensor(loss))
     assert not torch.equal(model.weight.detach(), before), name

@@ -18,6 +18,7 @@ from zotune.cli import main as cli_main
 from zotune.config import ConfigError, load_config, validate
 from zotune.methods import COMMON_DEFAULTS, METHODS, build_optimizer
 from zotune.presets import PRESETS
+from zotune.testing import copies_closure
 
 NAMES = list(METHODS)
 
@@ -134,10 +135,7 @@ def test_every_method_has_a_preset_that_takes_the_same_step(name):
     preset = cls(params, **_preset_kwargs(name, o, models[1]))
 
     def loss_of(model):  # the closure protocol: copies of the batch, and (per-example) each example's loss
-        def closure(copies=1, per_example=False):
-            losses = model(x.repeat(copies, 1)).pow(2).mean(1).view(copies, -1)
-            return losses if per_example else losses.mean(1) if copies > 1 else losses.mean()
-        return closure
+        return copies_closure(lambda copies: model(x.repeat(copies, 1)).pow(2).mean(1))
 
     for _ in range(2):
         built.step(loss_of(models[0]))

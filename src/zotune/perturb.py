@@ -50,7 +50,6 @@ from torch import nn
 from zotune.estimators.base import Direction, Estimator, LowRank, add_direction_
 
 HALF = (torch.float16, torch.bfloat16)
-MODES = ("inplace", "swap", "dual", "side", "per_example")
 
 
 def owners_of(module: nn.Module, leaves: list[torch.Tensor], names: list[str], mode: str):

@@ -147,3 +147,16 @@ def crash_at_step(optimizer, calls: int) -> None:
         return real(closure)
 
     optimizer.step = step
+
+
+def copies_closure(row_losses):
+    """A closure speaking the optimizers' whole protocol, from ``row_losses(copies)``: the loss of each
+    row of the batch run ``copies`` times over, a flat ``(copies * rows,)`` tensor. ``closure()`` is
+    the batch's mean loss, ``closure(copies=n)`` one mean per copy (``perturbation="dual"``) and
+    ``closure(copies=n, per_example=True)`` every row's loss per copy (``"per_example"``)."""
+    def closure(copies: int = 1, per_example: bool = False):
+        losses = row_losses(copies).view(copies, -1)
+        if per_example:
+            return losses
+        return losses.mean(1) if copies > 1 else losses.mean()
+    return closure

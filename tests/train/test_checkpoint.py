@@ -12,6 +12,7 @@ import torch
 import zotune
 from zotune.config import OptimConfig
 from zotune.methods import METHODS, build_optimizer
+from zotune.testing import copies_closure
 from zotune.train import checkpoint as ckpt
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "zotune"
@@ -25,11 +26,8 @@ def tiny_model(seed=0):
 def loss_of(model):
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(16, 5, generator=g), torch.randn(16, 1, generator=g)
-
-    def closure(copies=1, per_example=False):  # per-example directions: each row's loss in each copy
-        losses = ((model(x.repeat(copies, 1)) - y.repeat(copies, 1)) ** 2).view(copies, -1)
-        return losses if per_example else losses.mean(1) if copies > 1 else losses.mean()
-    return closure
+    # per-example directions: each row's loss in each copy
+    return copies_closure(lambda copies: ((model(x.repeat(copies, 1)) - y.repeat(copies, 1)) ** 2).flatten())
 
 
 def registry(method, **fields):

@@ -70,8 +70,7 @@ def make_closure(lm, examples, cfg: Config, device, objective: str = "nll", worl
                              "set train.grad_accum: 1 and run a single process")
         loss = None
         for b, w in zip(batches, weights):
-            part = (loss_fn(lm, b, copies=copies, per_example=True) if per_example
-                    else loss_fn(lm, b, copies=copies)) * w
+            part = loss_fn(lm, b, copies=copies, per_example=per_example) * w
             loss = part if loss is None else loss + part
         return loss
 
