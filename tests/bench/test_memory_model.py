@@ -226,17 +226,29 @@ def test_fo_sgd_and_inference_predictions_match_measured_allocations(arch):
     assert fo.weights_bytes == sum(p.numel() for p in lm.model.parameters()) * 4
 
 
+@pytest.mark.parametrize("scheme", ["norms", "final_norm"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_fo_sgd_on_the_norms_matches_measured_allocations(arch):
+def test_fo_sgd_on_the_norms_matches_measured_allocations(arch, scheme):
     """Only the gains need gradients: the backward keeps less than full tuning's, as measured."""
     from zotune.params import OWN_TENSOR_SCHEMES
 
     lm = tiny_model(arch)
-    _, step = _measured(lm, set(OWN_TENSOR_SCHEMES["norms"](lm.model)))
-    pred = predict(lm.model.config, "fo-sgd", scheme="norms", seq_len=SEQ, batch=BATCH)
+    _, step = _measured(lm, set(OWN_TENSOR_SCHEMES[scheme](lm.model)))
+    pred = predict(lm.model.config, "fo-sgd", scheme=scheme, seq_len=SEQ, batch=BATCH)
     full = predict(lm.model.config, "fo-sgd", seq_len=SEQ, batch=BATCH)
     assert 0.5 < (pred.peak_bytes - pred.weights_bytes) / step < 2.0
     assert pred.peak_bytes < full.peak_bytes
+
+
+def test_the_final_norm_keeps_nothing_in_the_layers(synthetic):
+    """A backward that stops at the last norm needs no layer's activations: only the head's."""
+    final = activation_bytes_per_layer(synthetic, 4, 32, 4, scheme="final_norm")
+    norms = activation_bytes_per_layer(synthetic, 4, 32, 4, scheme="norms")
+    assert final.per_layer == 0 and final.embedding == 0
+    assert final.head == norms.head
+    gains = synthetic.hidden * 4
+    assert predict(synthetic, "fo-adam", scheme="final_norm").state_bytes == 2 * gains
+    assert predict(synthetic, "mezo", scheme="final_norm").trainable_params == synthetic.hidden
 
 
 # ----------------------------------------------------------------------------------- errors
@@ -337,16 +349,18 @@ def test_an_unknown_scheme_is_refused_by_name(synthetic):
         predict(synthetic, "mezo", scheme="lroa")
 
 
+@pytest.mark.parametrize("scheme", ["norms", "final_norm"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_norms_scheme_trains_exactly_the_norm_tensors_zotune_selects(tiny, arch):
-    """The memory model's norms are zotune.params' (every family's gains and biases, once)."""
+def test_norms_scheme_trains_exactly_the_norm_tensors_zotune_selects(tiny, arch, scheme):
+    """The memory model's norms are zotune.params' (every family's gains and biases, once; the final
+    norm's alone)."""
     from zotune.params import OWN_TENSOR_SCHEMES
 
     lm = tiny[arch]
-    selected = OWN_TENSOR_SCHEMES["norms"](lm.model)
-    predicted = mm.trainable_tensors(model_shape(lm.model.config), "norms")
+    selected = OWN_TENSOR_SCHEMES[scheme](lm.model)
+    predicted = mm.trainable_tensors(model_shape(lm.model.config), scheme)
     assert {t.name: t.shape for t in predicted} == {n: tuple(p.shape) for n, p in selected.items()}
-    assert predict(lm.model.config, "mezo", scheme="norms").trainable_params == sum(p.numel() for p in selected.values())
+    assert predict(lm.model.config, "mezo", scheme=scheme).trainable_params == sum(p.numel() for p in selected.values())
 
 
 def test_norms_state_is_the_gains_and_activations_between_frozen_and_full(synthetic):

@@ -58,7 +58,9 @@ from zotune.methods import METHODS as _REGISTRY
 from zotune.params import SCHEMES as TRAINABLE_SCHEMES
 
 #: the trainable schemes this model has terms for
-SCHEMES = ("full", "norms", "lora", "prefix", "prompt")
+SCHEMES = ("full", "norms", "final_norm", "lora", "prefix", "prompt")
+#: the schemes that train the base model's own tensors (no adapter tensors are added)
+_OWN_SCHEMES = ("full", "norms", "final_norm")
 
 __all__ = [
     "Activations",
@@ -416,12 +418,15 @@ def adapter_tensors(shape: ModelShape, scheme: str, *, lora_r: int = 8, prefix_t
 
 def trainable_tensors(shape: ModelShape, scheme: str, **adapter_sizes: int) -> list[ParamTensor]:
     """What ``scheme`` trains: every tensor (``full``), the normalisation layers' gains and biases
-    (``norms``), or a peft adapter's tensors (:func:`adapter_tensors`, sized by ``adapter_sizes``)."""
+    (``norms``), the last one's before the LM head (``final_norm``), or a peft adapter's tensors
+    (:func:`adapter_tensors`, sized by ``adapter_sizes``)."""
     _check_scheme(scheme)
     if scheme == "full":
         return list(shape.tensors)
     if scheme == "norms":
         return [t for t in shape.tensors if t.norm]
+    if scheme == "final_norm":
+        return [t for t in shape.tensors if t.norm and t.block == "head"]
     return adapter_tensors(shape, scheme, **adapter_sizes)
 
 
@@ -508,6 +513,9 @@ def activation_bytes_per_layer(shape: ModelShape, batch: int, seq_len: int, dtyp
         head_needed, head_weight = 2 * T * h * b + stats + logp, 2 * T * h * b
     if scheme == "full":
         layer, head = needed + weight, head_needed + head_weight
+    elif scheme == "final_norm":  # the backward stops at the last norm: no layer keeps anything
+        layer, embedding = 0, 0
+        head = head_needed + (T * h * b if shape.family == "llama" else 0)  # RMSNorm's x-hat, as for norms
     else:
         layer, head = needed, head_needed
         if scheme == "norms" and shape.family == "llama":  # RMSNorm's x-hat, for its gain's gradient
@@ -637,8 +645,8 @@ def predict(
     Args:
         model: a config source for :func:`load_config`, a ``PretrainedConfig`` or a :class:`ModelShape`.
         method: one of :data:`METHODS` (zotune's method names, plus ``"inference"``).
-        scheme: ``full`` | ``norms`` | ``lora`` | ``prefix`` | ``prompt`` (what trains; zotune.params
-            defaults).
+        scheme: ``full`` | ``norms`` | ``final_norm`` | ``lora`` | ``prefix`` | ``prompt`` (what trains;
+            zotune.params defaults).
         seq_len, batch: tokens per example (prompt tuning adds ``prompt_tokens``) and examples per step.
         dtype: ``float32``; ``bfloat16`` / ``float16`` (F16: half-precision weights, activations,
             gradients and state); ``fp16-mixed`` / ``bf16-mixed`` (FP16: float32 weights with
@@ -695,7 +703,7 @@ def predict(
     seq = seq_len + (prompt_tokens if scheme == "prompt" else 0)
     sizes = {"lora_r": lora_r, "prefix_tokens": prefix_tokens, "prompt_tokens": prompt_tokens}
     trainable = trainable_tensors(shape, scheme, **sizes)
-    added = [] if scheme in ("full", "norms") else trainable  # a peft scheme's tensors are new ones
+    added = [] if scheme in _OWN_SCHEMES else trainable  # a peft scheme's tensors are new ones
     n_params = shape.total_params + sum(t.numel for t in added)
     ctx = _Context(
         shape=shape, method=method, estimator=spec.estimator if spec else None, rule=spec.rule if spec else None,
