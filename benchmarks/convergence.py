@@ -155,10 +155,10 @@ def against_reference(runs: list[dict], ref: list[dict], target: float, fwd_shar
 
 
 def plot_dev_curves(series: dict[str, list[dict]], x_key: str, x_label: str, title: str, path: Path,
-                    hline: tuple[float, str] | None = None) -> bool:
+                    hline: tuple[float, str] | None = None, log_x: bool = False) -> bool:
     """Dev accuracy against ``x_key`` of each labelled curve, as a PNG; False without matplotlib.
 
-    One drawing for every benchmark page that plots dev curves (convergence, equal time).
+    One drawing for every benchmark page that plots dev curves (convergence, equal time, summed lr).
     """
     try:
         import matplotlib
@@ -173,6 +173,8 @@ def plot_dev_curves(series: dict[str, list[dict]], x_key: str, x_label: str, tit
         ax.plot([p[x_key] for p in points], [p["dev_accuracy"] for p in points], marker=".", label=label)
     if hline is not None:
         ax.axhline(hline[0], color="grey", linestyle="--", linewidth=0.8, label=hline[1])
+    if log_x:
+        ax.set_xscale("log")
     ax.set_xlabel(x_label)
     ax.set_ylabel("dev accuracy")
     ax.set_title(title)
