@@ -79,3 +79,6 @@ want mezo-final-norm && probe mezo-final-norm 30 1,3,10,30,100 "${sst2[@]}" opti
 # rms 0.125). No ZO run moved SST-2 on it in 4 minutes (docs/defaults.md, derived lrs), while FO-Adam on
 # the same prompt reached 0.725 dev in 20 steps: the lr, not the prompt, is in question. Three decades
 want mezo-prompt-vocab && probe mezo-prompt-vocab 30 1,3,10,30,100,300,1000 "${sst2[@]}" optim.method=mezo optim.lr=1e-4 optim.eps=1e-2 trainable.scheme=prompt
+# 2026-12-05 (sixteenth session): per-example directions on the prefix, the same probe as mezo-prefix-act-onese
+# (the same expected step as MeZO's with a third of its noise: does the probe pick the same lr?)
+want per-example-prefix && probe per-example-prefix 30 1,3,10,30,100 "${sst2[@]}" optim.method=per-example optim.lr=1e-3 optim.eps=1e-1 trainable.scheme=prefix
