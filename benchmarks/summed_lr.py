@@ -29,13 +29,14 @@ RESULTS = ROOT / "benchmarks" / "results"
 #: (grid, run): the prefix runs of SST-2 with a plain SGD step (ZO estimates and FO-SGD), and MeZO / FO-SGD on all
 #: weights for the same comparison at their own scale
 RUNS = (
-    ("sst2-convergence", "fo-sgd-prefix-lr1"), ("sst2-convergence", "fo-sgd-prefix-lr3"),
+    ("sst2-convergence", "fo-sgd-prefix-lr0.1"), ("sst2-convergence", "fo-sgd-prefix-lr1"),
+    ("sst2-convergence", "fo-sgd-prefix-lr3"),
     ("sst2-convergence", "fo-sgd-prefix-lr10"),
     ("sst2-convergence", "mezo-prefix-lr3e-3"), ("sst2-convergence", "mezo-prefix-lr1e-2"),
     ("sst2-convergence", "mezo-prefix-lr3e-2"), ("sst2-convergence", "mezo-prefix-lr3e-2-seed1"),
     ("sst2-convergence", "mezo-prefix-lr3e-2-seed2"),
     ("sst2-convergence", "per-example-prefix-lr3e-2"), ("sst2-convergence", "per-example-prefix-lr3e-2-seed1"),
-    ("sst2-convergence", "per-example-prefix-lr3e-2-seed2"),
+    ("sst2-convergence", "per-example-prefix-lr3e-2-seed2"), ("sst2-convergence", "per-example-prefix-lr6e-2"),
     ("sst2-equal-time", "mezo-prefix-lr2e-2-cos30min"), ("sst2-equal-time", "mezo-prefix-lr0.01-avg0.99"),
     ("sst2-equal-time", "per-example-prefix-lr3e-2-cos30min"),
     ("sst2-convergence", "fo-sgd-lr1e-3"), ("sst2-convergence", "mezo-lr1e-5"), ("sst2-convergence", "mezo-lr3e-5"),
