@@ -19,10 +19,13 @@ machine and date.
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
 
-import yaml
+from zotune.bench.grid import load_grid
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from convergence import plot_dev_curves, read_jsonl  # noqa: E402  (one reading and drawing of dev curves)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -72,8 +75,7 @@ def dev_at(points: list[dict], at: float) -> float | None:
 
 
 def grid_overrides(grid: str) -> dict[str, dict]:
-    data = yaml.safe_load((ROOT / "benchmarks" / "grids" / f"{grid}.yaml").read_text())
-    return {r["name"]: r.get("set", {}) for r in data["runs"]}
+    return {r.name: r.overrides for r in load_grid(ROOT / "benchmarks" / "grids" / f"{grid}.yaml").runs}
 
 
 def measure(at=AT, scheme: str | None = None) -> list[dict]:
@@ -90,7 +92,7 @@ def measure(at=AT, scheme: str | None = None) -> list[dict]:
             raise SystemExit(f"{name!r} is not a run of benchmarks/grids/{grid}.yaml")
         if scheme is not None and overrides.get("trainable.scheme", "full") != scheme:
             continue
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = read_jsonl(path)
         points = summed_lr_curve(rows, overrides["optim.lr"])
         out.append({"grid": grid, "run": name, "method": overrides["optim.method"],
                     "scheme": overrides.get("trainable.scheme", "full"), "lr": overrides["optim.lr"],
@@ -133,11 +135,6 @@ def main(argv=None) -> int:
     curves = {r["run"]: r["points"] for r in runs
               if r["points"] and not r["run"].endswith(("-seed1", "-seed2")) and r["best_dev"] > 0.65}
     if figure and curves:
-        import sys
-
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-        from convergence import plot_dev_curves
-
         if plot_dev_curves(curves, "summed_lr", "summed lr (gradient flow time, log)",
                            f"SST-2{' ' + args.scheme if args.scheme else ''}: dev accuracy against the summed lr",
                            Path(figure), log_x=True):

@@ -211,15 +211,17 @@ class ZOTrainer(Trainer):
         for key, value in self._zo_options.items():
             setattr(o, key, value)
         resolve_optim(o)
+        method = METHODS.get(o.method)
+        if o.perturbation == "per_example" or (method is not None and method.per_example_only):
+            # refused outright: the config's other checks (queries against a batch size the Trainer sets) are moot
+            raise ValueError(f"ZOTrainer method={self.zo_method!r}: per-example directions need every example's loss "
+                             "from one forward of the batch twice over, which the Trainer's compute_loss (one mean "
+                             "loss) does not give; train with `zotune train`, or zotune.PerExampleMeZO with a "
+                             "per-example closure")
         errors = [e for e in validate(Config(optim=o)) if e.startswith("optim.")]
         if o.perturbation == "dual":
             errors.append("optim.perturbation: 'dual' runs the batch twice over in one forward, which the "
                           "Trainer's compute_loss does not; use inplace, swap or side (or auto)")
-        method = METHODS.get(o.method)
-        if o.perturbation == "per_example" or (method is not None and method.per_example_only):
-            errors = ["per-example directions need every example's loss from one forward of the batch twice "
-                      "over, which the Trainer's compute_loss (one mean loss) does not give; train with "
-                      "`zotune train`, or zotune.PerExampleMeZO with a per-example closure"]
         if errors:
             raise ValueError(f"ZOTrainer method={self.zo_method!r}: " + "; ".join(errors))
         return o
