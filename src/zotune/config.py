@@ -118,6 +118,8 @@ class TrainConfig:
     data_seed: int = 0  # order of the training examples
     average_decay: float = 0.0  # evaluate an exponential moving average of the trained tensors with this
     #   decay instead of the tensors themselves (zotune.train.averaging; one trained-size buffer); 0: off
+    head_cache: bool = False  # trainable.scheme final_norm: run the frozen trunk once over the train and dev rows
+    #   and take every loss from the cached inputs of the final norm (zotune.train.head_cache); same trajectory
     objective: str = "auto"  # classification (cross-entropy among the candidates, MeZO's loss for
     #   classification / multiple choice) | nll (log-likelihood of the gold continuation) | auto:
     #   classification when every example has the same number (> 1) of candidates, else nll
@@ -144,6 +146,8 @@ class Config:
             d["optim"] = {k: v for k, v in d["optim"].items() if k != "schedule_over"}
         if self.train.average_decay:  # only when on, so runs without it keep their fingerprints
             d["train"]["average_decay"] = self.train.average_decay
+        if self.train.head_cache:  # the same trajectory up to rounding: a resume must not mix the two
+            d["train"]["head_cache"] = True
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -358,6 +362,20 @@ def validate(cfg: Config) -> list[str]:
     elif t.average_decay and m.offload != "none":
         errors.append("train.average_decay keeps a copy of the trained tensors in memory; model.offload streams "
                       "them from disk to avoid exactly that: pick one")
+    if not isinstance(t.head_cache, bool):
+        errors.append(f"train.head_cache must be true or false, got {t.head_cache!r}")
+    elif t.head_cache:
+        if tr.scheme != "final_norm":
+            errors.append(f"train.head_cache caches what enters the final norm, so only the final norm may train: "
+                          f"set trainable.scheme: final_norm (got {tr.scheme!r})")
+        if t.grad_accum != 1:
+            errors.append(f"train.head_cache evaluates each batch whole: set train.grad_accum: 1 (got {t.grad_accum!r})")
+        if t.objective == "nll":
+            errors.append("train.head_cache scores the candidates (train.objective: classification or auto), "
+                          "not the gold continuation's likelihood (nll)")
+        if m.offload != "none":
+            errors.append("train.head_cache runs the trunk once and never again; model.offload streams it for every "
+                          "forward: pick one")
     if not isinstance(t.eval_every, int) or t.eval_every < 0:
         errors.append(f"train.eval_every must be an integer >= 0, got {t.eval_every!r}")
     if not isinstance(o.warmup_steps, int) or o.warmup_steps < 0:

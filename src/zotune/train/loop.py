@@ -38,6 +38,7 @@ from zotune.train.averaging import IterateAverage
 from zotune.train.checkpoint import CheckpointError, copy_weights, find_checkpoint, load_checkpoint, save_checkpoint
 from zotune.train.evaluate import check_truncation, evaluate_rows, headline
 from zotune.train.logger import RunLogger, log, setup_console_logging, to_json
+from zotune.train.head_cache import HeadCache, HeadCacheError
 from zotune.train.objective import make_closure, resolve_objective
 
 LAST, BEST = "ckpt-last", "ckpt-best"
@@ -344,6 +345,21 @@ def _settle(opt) -> None:
         flush()
 
 
+def _head_cache(setup: Setup, objective: str, world: DistContext, progress: bool) -> HeadCache:
+    """``train.head_cache``: the final norm's inputs for the train and dev rows, from one pass of the trunk."""
+    if world.world_size > 1:
+        raise HeadCacheError("train.head_cache runs on one process (each step costs microseconds; "
+                             "there is nothing to split across ranks)")
+    if objective != "classification":
+        raise HeadCacheError(f"train.head_cache scores candidates; this task trains with the {objective!r} objective")
+    cfg = setup.cfg
+    cache = HeadCache(setup.loaded, list(setup.named.values()), cfg.task.max_length)
+    cache.add("train", setup.data.train, cfg.train.eval_batch_size, progress)
+    if setup.data.dev and cfg.train.eval_every:
+        cache.add("dev", setup.data.dev, cfg.train.eval_batch_size, progress)
+    return cache
+
+
 def evaluate_split(setup: Setup, examples, split: str = "evaluation", lm=None) -> dict:
     """Evaluate ``examples`` as the recipe says (batch size, length, scoring), naming ``split`` in warnings."""
     return evaluate_split_rows(setup, examples, split, lm)[0]
@@ -485,6 +501,12 @@ def train(cfg: Config, *, world: DistContext | None = None, setup: Setup | None 
     order = BatchOrder(len(setup.data.train), t.batch_size, t.data_seed)
     objective = resolve_objective(cfg, setup.data.train)
     log.info("training objective: %s", objective)
+    cache = _head_cache(setup, objective, world, is_main and t.progress) if t.head_cache else None
+    budget = TimeBudget(t.max_seconds, trained_before, world)
+    if cache is not None:  # the trunk's pass is training time, spent again by a resumed run
+        budget.add(cache.seconds)
+        results["head_cache"] = {"seconds": round(cache.seconds, 1), "trunk_forward_passes": cache.forward_passes,
+                                 "rows": {k: len(v) for k, v in cache.inputs.items()}}
     log.info("optim: %s, lr %g, eps %g%s", cfg.optim.method, cfg.optim.lr, cfg.optim.eps,
              _starting_point_note(cfg))
     if average is not None:
@@ -499,7 +521,6 @@ def train(cfg: Config, *, world: DistContext | None = None, setup: Setup | None 
 
         progress = tqdm(total=t.steps, initial=start, desc="train", dynamic_ncols=True)
     run_t0, step_times = time.time(), []
-    budget = TimeBudget(t.max_seconds, trained_before, world)
     train_examples = setup.data.train
     end = start  # the last step done
     for step in range(start, t.steps):
@@ -508,7 +529,8 @@ def train(cfg: Config, *, world: DistContext | None = None, setup: Setup | None 
         world.step = step  # named in the errors of failed collectives
         lr = opt.param_groups[0]["lr"]
         batch = [train_examples[i] for i in order.indices(step)[rank::world_size]]
-        closure = make_closure(forward_lm, batch, cfg, device, objective, world)
+        closure = (cache.closure(order.indices(step)) if cache is not None
+                   else make_closure(forward_lm, batch, cfg, device, objective, world))
         t0 = step_clock()
         loss = float(opt.step(closure))
         if average is not None:
@@ -532,7 +554,8 @@ def train(cfg: Config, *, world: DistContext | None = None, setup: Setup | None 
         # a run cut short by its budget is evaluated where it stops, so its last steps count
         if t.eval_every and (done % t.eval_every == 0 or out_of_time) and setup.data.dev and is_main:
             with averaged(average):  # the best checkpoint holds what was evaluated
-                dev = evaluate_split(setup, setup.data.dev, "dev")
+                dev = (cache.evaluate("dev", setup.data.dev, setup.data.spec.metric) if cache is not None
+                       else evaluate_split(setup, setup.data.dev, "dev"))
                 key, value = headline(dev)
                 logger.metrics(done, phase="dev", **{f"dev/{k}": v for k, v in dev.items()})
                 log.info("step %d dev %s", done, dev)
