@@ -89,7 +89,10 @@ def summarise(records: dict, rows: dict, reruns: dict | None = None) -> list[dic
         out.append({
             "run": name, "task": res["task"], "method": res["method"], "scheme": res["scheme"],
             "lr": optim["lr"], "eps": optim["eps"], "steps": res["steps"],
-            "tested_step": res["tested_step"], "forward_passes": res["forward_passes"],
+            # a head-cache run's passes through the model are the trunk's, once; its steps evaluate only the head
+            "tested_step": res["tested_step"],
+            "forward_passes": res["head_cache"]["trunk_forward_passes"] if "head_cache" in res else res["forward_passes"],
+            "head_evaluations": res["forward_passes"] if "head_cache" in res else None,
             "mean_step_seconds": res["mean_step_seconds"], "wall_seconds": r["wall_seconds"],
             "metric": key, "zero_shot": zs, "tuned": tuned, "test_rows": test["n"],
             "paired": test, "moved": test["p"] is not None and test["p"] < ALPHA and test["mean_b"] > test["mean_a"],
@@ -118,6 +121,11 @@ def rerun_lines(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _head_note(s: dict) -> str:
+    """How many losses a head-cache run took from its cached rows (none of them a forward pass)."""
+    return "" if not s.get("head_evaluations") else f" (trunk, once; then {s['head_evaluations']:,} head-only losses)"
+
+
 def table(summary: list[dict]) -> str:
     lines = ["| run | task | scheme | method | lr | steps (tested) | forward passes | run time (s) | metric | zero-shot | "
              "tuned | test rows | rows only zero-shot / only tuned got right | p (paired) | moved |",
@@ -131,7 +139,7 @@ def table(summary: list[dict]) -> str:
             pval = f"{p['p']:.2g}"
         lines.append(
             f"| {s['run']} | {s['task']} | {s['scheme']} | {s['method']} | {s['lr']:g} | {s['steps']} ({s['tested_step']}) | "
-            f"{s['forward_passes']:,} | {s['wall_seconds']:,.0f} | {s['metric']} | {100 * s['zero_shot']:.1f} | "
+            f"{s['forward_passes']:,}{_head_note(s)} | {s['wall_seconds']:,.0f} | {s['metric']} | {100 * s['zero_shot']:.1f} | "
             f"{100 * s['tuned']:.1f} | {s['test_rows']} | {split} | {pval} | {'yes' if s['moved'] else 'no'} |")
     return "\n".join(lines)
 

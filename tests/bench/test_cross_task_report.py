@@ -106,3 +106,22 @@ def test_a_rerun_on_other_rows_is_refused(benchmark_script):
         cross.fresh_rows_test({"a": rows["a"], "a-more": rows["a"]}, "a-more", "a")
     with pytest.raises(ValueError, match="reruns a, whose test rows are not kept"):
         cross.fresh_rows_test({"a-more": rows["a-more"]}, "a-more", "a")
+
+
+def test_a_head_cache_run_counts_its_trunk_passes_and_names_its_head_only_losses(tmp_path, monkeypatch,
+                                                                                   benchmark_script):
+    cross = benchmark_script("cross_task")
+    d = tmp_path / "a"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"optim": {"lr": 1.0, "eps": 1e-2, "method": "mezo"}}))
+    (d / "test_rows.json").write_text(json.dumps({"zero_shot": [0] * 12 + [1] * 4, "tuned": [1] * 16}))
+    rec = record("rte-mezo-final-norm-cached", d, "rte", 0.25, 1.0)
+    rec["results"].update({"scheme": "final_norm", "forward_passes": 40000,
+                           "head_cache": {"seconds": 300.0, "trunk_forward_passes": 76, "rows": {"train": 1000, "dev": 200}}})
+    results = tmp_path / "r.jsonl"
+    results.write_text(json.dumps(rec) + "\n")
+    doc = tmp_path / "results.md"
+    report = build_report(cross, tmp_path, monkeypatch, results, doc, f"{cross.START}\n{cross.END}\n")
+    run = report["runs"][0]
+    assert run["forward_passes"] == 76 and run["head_evaluations"] == 40000
+    assert "| 76 (trunk, once; then 40,000 head-only losses) |" in doc.read_text()

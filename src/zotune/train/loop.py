@@ -354,9 +354,10 @@ def _head_cache(setup: Setup, objective: str, world: DistContext, progress: bool
         raise HeadCacheError(f"train.head_cache scores candidates; this task trains with the {objective!r} objective")
     cfg = setup.cfg
     cache = HeadCache(setup.loaded, list(setup.named.values()), cfg.task.max_length)
-    cache.add("train", setup.data.train, cfg.train.eval_batch_size, progress)
+    # in training batches, so its forward passes count as a run's others do
+    cache.add("train", setup.data.train, cfg.train.batch_size, progress)
     if setup.data.dev and cfg.train.eval_every:
-        cache.add("dev", setup.data.dev, cfg.train.eval_batch_size, progress)
+        cache.add("dev", setup.data.dev, cfg.train.batch_size, progress)
     return cache
 
 
@@ -417,7 +418,7 @@ class TimeBudget:
 
 
 def train(cfg: Config, *, world: DistContext | None = None, setup: Setup | None = None,
-          train_model=None) -> dict:
+          train_model=None, head_cache: HeadCache | None = None) -> dict:
     """Run ``cfg`` to the end (or resume it) and return the results dict.
 
     Data parallel (``world``: see :mod:`zotune.distributed`; None: one process): every rank
@@ -425,6 +426,8 @@ def train(cfg: Config, *, world: DistContext | None = None, setup: Setup | None 
     global batch, and the optimizer's ``reduce`` averages the projected-gradient scalars, so all
     ranks apply the same update; rank 0 alone evaluates, logs and saves. ``train_model`` is the
     module the closure runs (a DDP wrapper for first-order methods); by default the model itself.
+    ``head_cache``: a :class:`~zotune.train.head_cache.HeadCache` of this setup's rows, built
+    before (a sweep over runs of one model and data); None: ``train.head_cache`` builds one.
     """
     world = world if world is not None else DistContext()
     rank, world_size, is_main = world.rank, world.world_size, world.is_main
@@ -501,7 +504,11 @@ def train(cfg: Config, *, world: DistContext | None = None, setup: Setup | None 
     order = BatchOrder(len(setup.data.train), t.batch_size, t.data_seed)
     objective = resolve_objective(cfg, setup.data.train)
     log.info("training objective: %s", objective)
-    cache = _head_cache(setup, objective, world, is_main and t.progress) if t.head_cache else None
+    cache = None
+    if t.head_cache:
+        cache = head_cache or _head_cache(setup, objective, world, is_main and t.progress)
+    elif head_cache is not None:
+        raise HeadCacheError("a head cache was given to a run whose config has train.head_cache: false")
     budget = TimeBudget(t.max_seconds, trained_before, world)
     if cache is not None:  # the trunk's pass is training time, spent again by a resumed run
         budget.add(cache.seconds)
