@@ -345,6 +345,23 @@ def _settle(opt) -> None:
         flush()
 
 
+class ModelLosses:
+    """Where a run's losses come from by default: a forward pass of the model per loss (the
+    other source is :class:`~zotune.train.head_cache.HeadCache`, with the same two methods)."""
+
+    def __init__(self, setup: Setup, lm, device, objective: str, world: DistContext) -> None:
+        self.setup, self.lm, self.device, self.objective, self.world = setup, lm, device, objective, world
+
+    def closure(self, indices):
+        """The closure the optimizer calls for training rows ``indices`` (this rank's share of them)."""
+        world, train_rows = self.world, self.setup.data.train
+        batch = [train_rows[i] for i in indices[world.rank::world.world_size]]
+        return make_closure(self.lm, batch, self.setup.cfg, self.device, self.objective, world)
+
+    def evaluate(self, split: str, examples, metric: str) -> dict:
+        return evaluate_split(self.setup, examples, split)
+
+
 def _head_cache(setup: Setup, objective: str, world: DistContext, progress: bool) -> HeadCache:
     """``train.head_cache``: the final norm's inputs for the train and dev rows, from one pass of the trunk."""
     if world.world_size > 1:
@@ -430,7 +447,7 @@ def train(cfg: Config, *, world: DistContext | None = None, setup: Setup | None 
     before (a sweep over runs of one model and data); None: ``train.head_cache`` builds one.
     """
     world = world if world is not None else DistContext()
-    rank, world_size, is_main = world.rank, world.world_size, world.is_main
+    world_size, is_main = world.world_size, world.is_main
     setup_console_logging(logging.INFO if is_main else logging.WARNING)  # rank 0 alone narrates
     t = cfg.train
     out = Path(t.output_dir)
@@ -504,16 +521,17 @@ def train(cfg: Config, *, world: DistContext | None = None, setup: Setup | None 
     order = BatchOrder(len(setup.data.train), t.batch_size, t.data_seed)
     objective = resolve_objective(cfg, setup.data.train)
     log.info("training objective: %s", objective)
-    cache = None
+    budget = TimeBudget(t.max_seconds, trained_before, world)
     if t.head_cache:
         cache = head_cache or _head_cache(setup, objective, world, is_main and t.progress)
-    elif head_cache is not None:
-        raise HeadCacheError("a head cache was given to a run whose config has train.head_cache: false")
-    budget = TimeBudget(t.max_seconds, trained_before, world)
-    if cache is not None:  # the trunk's pass is training time, spent again by a resumed run
-        budget.add(cache.seconds)
+        budget.add(cache.seconds)  # the trunk's pass is training time, spent again by a resumed run
         results["head_cache"] = {"seconds": round(cache.seconds, 1), "trunk_forward_passes": cache.forward_passes,
                                  "rows": {k: len(v) for k, v in cache.inputs.items()}}
+        losses = cache
+    elif head_cache is not None:
+        raise HeadCacheError("a head cache was given to a run whose config has train.head_cache: false")
+    else:
+        losses = ModelLosses(setup, forward_lm, device, objective, world)
     log.info("optim: %s, lr %g, eps %g%s", cfg.optim.method, cfg.optim.lr, cfg.optim.eps,
              _starting_point_note(cfg))
     if average is not None:
@@ -528,16 +546,13 @@ def train(cfg: Config, *, world: DistContext | None = None, setup: Setup | None 
 
         progress = tqdm(total=t.steps, initial=start, desc="train", dynamic_ncols=True)
     run_t0, step_times = time.time(), []
-    train_examples = setup.data.train
     end = start  # the last step done
     for step in range(start, t.steps):
         if budget.spent():  # a run resumed after its budget was spent trains no further
             break
         world.step = step  # named in the errors of failed collectives
         lr = opt.param_groups[0]["lr"]
-        batch = [train_examples[i] for i in order.indices(step)[rank::world_size]]
-        closure = (cache.closure(order.indices(step)) if cache is not None
-                   else make_closure(forward_lm, batch, cfg, device, objective, world))
+        closure = losses.closure(order.indices(step))
         t0 = step_clock()
         loss = float(opt.step(closure))
         if average is not None:
@@ -561,8 +576,7 @@ def train(cfg: Config, *, world: DistContext | None = None, setup: Setup | None 
         # a run cut short by its budget is evaluated where it stops, so its last steps count
         if t.eval_every and (done % t.eval_every == 0 or out_of_time) and setup.data.dev and is_main:
             with averaged(average):  # the best checkpoint holds what was evaluated
-                dev = (cache.evaluate("dev", setup.data.dev, setup.data.spec.metric) if cache is not None
-                       else evaluate_split(setup, setup.data.dev, "dev"))
+                dev = losses.evaluate("dev", setup.data.dev, setup.data.spec.metric)
                 key, value = headline(dev)
                 logger.metrics(done, phase="dev", **{f"dev/{k}": v for k, v in dev.items()})
                 log.info("step %d dev %s", done, dev)
