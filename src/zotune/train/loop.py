@@ -365,7 +365,7 @@ class ModelLosses:
 def _head_cache(setup: Setup, objective: str, world: DistContext, progress: bool) -> HeadCache:
     """``train.head_cache``: the final norm's inputs for the train and dev rows, from one pass of the trunk."""
     if world.world_size > 1:
-        raise HeadCacheError("train.head_cache runs on one process (each step costs microseconds; "
+        raise HeadCacheError("train.head_cache runs on one process (a step costs about a millisecond; "
                              "there is nothing to split across ranks)")
     if objective != "classification":
         raise HeadCacheError(f"train.head_cache scores candidates; this task trains with the {objective!r} objective")
