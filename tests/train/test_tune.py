@@ -183,3 +183,10 @@ def test_probe_warns_when_test_0_makes_its_dev_rows_another_runs_test_rows(caplo
                        progress=False)
     assert "task.test=0" not in caplog.text and out["split"] == {"train": 48, "dev": 16, "test": 8, "seed": 0,
                                                                   "eval_file": None}
+
+
+def test_probe_says_it_does_not_use_the_head_cache(caplog):
+    cfg = load_config(None, TINY + ["optim.lr=1e-3", "task.test=8", "trainable.scheme=final_norm", "train.head_cache=true"])
+    with caplog.at_level("WARNING", logger="zotune.tune"):
+        probe_lr(cfg, factors=(1.0,), steps=1, progress=False)
+    assert "train.head_cache" in caplog.text and "head_cache_sweep.py" in caplog.text

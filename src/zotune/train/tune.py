@@ -131,6 +131,9 @@ def probe_lr(cfg: Config, *, factors=DEFAULT_FACTORS, steps: int = 20, rows: int
         log.warning("task.test=0 with no task.eval_file: dev rows are carved right after the test rows, so "
                     "these dev rows are the ones a run with task.test > 0 tests on; give tune the training "
                     "run's split sizes (its recipe) to probe on that run's dev rows")
+    if cfg.train.head_cache:
+        log.warning("train.head_cache: zotune tune's probes do not use it (each loss is a forward pass, as without "
+                    "it); benchmarks/head_cache_sweep.py tries methods and lrs for thousands of steps from one cache")
     device = next(model.parameters()).device
     objective = resolve_objective(cfg, data.train)
     size = math.ceil(len(probe) / min(chunks, len(probe)))
