@@ -14,6 +14,7 @@ row per run (best dev, its step, last dev, seconds) and writes them with every d
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,8 +24,11 @@ import torch
 from zotune.bench.record import write_record
 from zotune.config import load_config
 from zotune.train.head_cache import HeadCache
+from zotune.train.evaluate import headline
 from zotune.train.loop import build, train
-from zotune.train.objective import resolve_objective
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from convergence import read_jsonl  # noqa: E402  (one reader of the runs' JSONL files)
 
 ROOT = Path(__file__).resolve().parent.parent
 # the splits of the cross-task grid's runs (benchmarks/grids/cross-task.yaml), so dev is their dev
@@ -58,15 +62,9 @@ def parse_runs(text: str) -> list[tuple[str, float]]:
 
 
 def dev_curve(metrics_file: Path) -> list[tuple[int, float]]:
-    import json
-
-    curve = []
-    for line in metrics_file.read_text().splitlines():
-        r = json.loads(line)
-        if r.get("phase") == "dev":
-            key = next(k for k in ("dev/accuracy", "dev/f1a", "dev/f1") if k in r)
-            curve.append((int(r["step"]), float(r[key])))
-    return curve
+    """(step, the run's headline dev metric) at each dev evaluation of a run's metrics.jsonl."""
+    dev = [r for r in read_jsonl(metrics_file) if r.get("phase") == "dev"]
+    return [(int(r["step"]), headline({k[4:]: v for k, v in r.items() if k.startswith("dev/")})[1]) for r in dev]
 
 
 def main(argv=None) -> int:
@@ -90,7 +88,6 @@ def main(argv=None) -> int:
     cache = HeadCache(setup.loaded, list(setup.named.values()), first.task.max_length)
     cache.add("train", setup.data.train, first.train.eval_batch_size, progress=True)
     cache.add("dev", setup.data.dev, first.train.eval_batch_size, progress=True)
-    resolve_objective(first, setup.data.train)
     start = {n: p.detach().clone() for n, p in setup.named.items()}
     zero_shot = cache.evaluate("dev", setup.data.dev, setup.data.spec.metric)
     rows = []
