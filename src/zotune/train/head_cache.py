@@ -5,7 +5,7 @@ enters it at a row's scored position never changes during the run. ``train.head_
 runs the trunk once over the training rows (and the dev rows), keeps those ``hidden_size``-wide
 inputs (1,000 rows of SmolLM2-135M: 2.3 MB), and from then on every loss the optimizer asks for
 is the norm and the candidates' rows of the LM head on cached rows: a fraction of a millisecond
-instead of a forward pass (RTE: 2.4 ms a FZOO step of 9 losses, against 9.5 s an uncached step). The trajectory is the run's without the cache (the same batches, directions and
+instead of a forward pass (RTE: 2.4 ms a FZOO step of 9 losses, against 9.3 s an uncached step). The trajectory is the run's without the cache (the same batches, directions and
 losses up to float rounding: tested), so any method, ZO or FO, runs as it would, only thousands of
 times faster per step; a ZO estimate can then average many queries for free (``optim.queries``).
 
