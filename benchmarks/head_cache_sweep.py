@@ -1,8 +1,11 @@
-"""Which method and lr train the final norm furthest on a task's dev rows? A sweep that runs the
-trunk once (``train.head_cache``) and then every (method, lr) as a real ``zotune train`` run.
+"""Which method and lr train the final norm (or the top layers) furthest on a task's dev rows? A
+sweep that runs the trunk once (``train.head_cache``) and then every (method, lr) as a real
+``zotune train`` run.
 
     python benchmarks/head_cache_sweep.py --task rte --runs mezo:0.1,mezo:1,zo-adam:0.01 \
         [--steps 20000] [--eval-every 1000] [--set task.dev=200 ...] [--out benchmarks/results/head_cache_sweep_rte.json]
+    # the last layer and the final norm instead of the final norm alone:
+    python benchmarks/head_cache_sweep.py --task sst2 --runs fzoo:1e-3 --set trainable.scheme=top_layers optim.eps=1e-3
 
 Why: with the trunk cached a step costs about a millisecond, so the lr and the number of steps of
 a final-norm run can be chosen on dev by trying them, instead of guessing from a 30-step probe.
@@ -23,9 +26,8 @@ import torch
 
 from zotune.bench.record import write_record
 from zotune.config import load_config
-from zotune.train.head_cache import HeadCache
 from zotune.train.evaluate import headline
-from zotune.train.loop import build, train
+from zotune.train.loop import build, build_head_cache, resolve_objective, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from convergence import read_jsonl  # noqa: E402  (one reader of the runs' JSONL files)
@@ -85,9 +87,7 @@ def main(argv=None) -> int:
     data = setup.data._replace(test=[])  # the test rows are carved (they decide dev's) but never read
     if not setup.data.dev:
         raise SystemExit("the sweep reads dev accuracy: set task.dev > 0")
-    cache = HeadCache(setup.loaded, list(setup.named.values()), first.task.max_length)
-    cache.add("train", setup.data.train, first.train.eval_batch_size, progress=True)
-    cache.add("dev", setup.data.dev, first.train.eval_batch_size, progress=True)
+    cache = build_head_cache(setup, resolve_objective(first, setup.data.train), progress=True)
     start = {n: p.detach().clone() for n, p in setup.named.items()}
     zero_shot = cache.evaluate("dev", setup.data.dev, setup.data.spec.metric)
     rows = []

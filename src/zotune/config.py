@@ -89,7 +89,8 @@ class OptimConfig:
 
 @dataclass
 class TrainableConfig:
-    scheme: str = "full"  # full | norms (the normalisation gains) | final_norm (the last one's) | lora | prefix | prompt
+    scheme: str = "full"  # full | norms (the normalisation gains) | final_norm (the last one's) | top_layers | lora | prefix | prompt
+    top_layers: int | None = None  # top_layers: how many of the last layers train (None: 1)
     lora_r: int = 8
     lora_alpha: int = 16
     prefix_tokens: int = 5
@@ -118,8 +119,8 @@ class TrainConfig:
     data_seed: int = 0  # order of the training examples
     average_decay: float = 0.0  # evaluate an exponential moving average of the trained tensors with this
     #   decay instead of the tensors themselves (zotune.train.averaging; one trained-size buffer); 0: off
-    head_cache: bool = False  # trainable.scheme final_norm: run the frozen trunk once over the train and dev rows
-    #   and take every loss from the cached inputs of the final norm (zotune.train.head_cache); same trajectory
+    head_cache: bool = False  # trainable.scheme final_norm / top_layers: run the frozen trunk once over the train
+    #   and dev rows and take every loss from its cached output (zotune.train.head_cache, .layer_cache); same trajectory
     objective: str = "auto"  # classification (cross-entropy among the candidates, MeZO's loss for
     #   classification / multiple choice) | nll (log-likelihood of the gold continuation) | auto:
     #   classification when every example has the same number (> 1) of candidates, else nll
@@ -150,6 +151,9 @@ class Config:
             d["train"]["head_cache"] = True
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
+
+#: the schemes train.head_cache can run: what trains sits above a frozen trunk
+CACHED_SCHEMES = ("final_norm", "top_layers")
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 _SECTION_TYPES = {
@@ -365,9 +369,9 @@ def validate(cfg: Config) -> list[str]:
     if not isinstance(t.head_cache, bool):
         errors.append(f"train.head_cache must be true or false, got {t.head_cache!r}")
     elif t.head_cache:
-        if tr.scheme != "final_norm":
-            errors.append(f"train.head_cache caches what enters the final norm, so only the final norm may train: "
-                          f"set trainable.scheme: final_norm (got {tr.scheme!r})")
+        if tr.scheme not in CACHED_SCHEMES:
+            errors.append(f"train.head_cache caches what the frozen layers give the trained ones, so only the top may "
+                          f"train: set trainable.scheme: final_norm or top_layers (got {tr.scheme!r})")
         if t.grad_accum != 1:
             errors.append(f"train.head_cache evaluates each batch whole: set train.grad_accum: 1 (got {t.grad_accum!r})")
         if t.objective == "nll":
@@ -414,6 +418,11 @@ def validate(cfg: Config) -> list[str]:
         elif method is not None and not method.sparse_masks:
             errors.append(f"trainable.prefix_values_only masks a ZO method's dense directions; {o.method!r} "
                           "has none (the methods that take optim.sparsity do)")
+    if tr.top_layers is not None:
+        if tr.scheme != "top_layers":
+            errors.append(f"trainable.top_layers counts the layers scheme top_layers trains; scheme {tr.scheme!r} has none")
+        elif isinstance(tr.top_layers, bool) or not isinstance(tr.top_layers, int) or tr.top_layers < 1:
+            errors.append(f"trainable.top_layers must be an integer >= 1, got {tr.top_layers!r}")
     if tr.prompt_init_text is not None:
         if tr.scheme != "prompt":
             errors.append(f"trainable.prompt_init_text starts a prompt's virtual tokens; scheme {tr.scheme!r} has none")

@@ -41,7 +41,7 @@ class StartingPoint:
 #: the prefix's entries: 1e-2, as LoRA's and the prompt's
 #: The final norm's gains alone are larger (rms 1.83, benchmarks/trainable_scale.py): 1e-2 is half a percent of them, small enough for a
 #: two-point difference and as the other gains'
-SCHEME_EPS = {"full": 1e-3, "norms": 1e-2, "final_norm": 1e-2, "lora": 1e-2, "prefix": 1e-1, "prompt": 1e-2}
+SCHEME_EPS = {"full": 1e-3, "norms": 1e-2, "final_norm": 1e-2, "top_layers": 1e-3, "lora": 1e-2, "prefix": 1e-1, "prompt": 1e-2}
 
 _CONV = "benchmarks/grids/sst2-convergence.yaml, docs/convergence.md"
 _PROBES = "benchmarks/scheme_probes.sh, benchmarks/results/tune/"
@@ -104,6 +104,12 @@ _SCHEME_RATIO = {
     "final_norm": {"normalised": (100.0, f"derived: FZOO's measured prefix ratio ({_PROBES}), the final norm's "
                                          "gains being about the size of the prefix's entries"),
                    "gradient": (3e-2 / 3e-5, f"measured: MeZO on the final norm, 3e-2 over full's 3e-5 ({_PROBES})")},
+    # the top layers' entries are full fine-tuning's own weights: a normalised step moves each entry as far
+    # as in full fine-tuning. A gradient-sized step's noise grows with the entries perturbed (a two-point
+    # estimate's variance is ~ d |g|^2): one layer of 30 perturbs a thirtieth of them
+    "top_layers": {"normalised": (1.0, "derived: the same weights as full fine-tuning's, moved as far per step"),
+                   "gradient": (30.0, "derived: one layer of SmolLM2-135M's 30 perturbs ~1/30 of full's entries, "
+                                      "so ~30x the step keeps the estimate's noise per step")},
     # a prompt's entries are a tenth of a prefix's (benchmarks/trainable_scale.py): a normalised step
     # a tenth as long moves them as far relative to their size. MeZO's lr on the prompt is measured: the
     # square-of-the-size argument (a hundredth of the prefix's ratio, 1e-4) did not move SST-2 in 4 minutes

@@ -21,7 +21,7 @@ import torch
 from zotune._validate import unknown_choice
 from zotune.models import LoadedModel, require_loaded
 
-SCHEMES = ("full", "norms", "final_norm", "lora", "prefix", "prompt")
+SCHEMES = ("full", "norms", "final_norm", "top_layers", "lora", "prefix", "prompt")
 
 # peft defaults for each scheme; any peft config field can be overridden through **options.
 # LoRA's target modules come from peft's own per-architecture table (attention q and v
@@ -101,10 +101,41 @@ def final_norm_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Paramete
     return {n: p for n, p in last.items() if n in kept}
 
 
+def top_layers_parameters(model: torch.nn.Module, layers: int = 1) -> dict[str, torch.nn.Parameter]:
+    """Every tensor of the last ``layers`` numbered layers and of the final norm above them (not
+    the LM head or the embeddings).
+
+    Why: with ``train.head_cache`` (:class:`zotune.train.layer_cache.LayerCache`) the frozen layers
+    below run once, and a loss costs ``layers`` layers of the model's forward instead of all of
+    them: a whole layer's capacity (3.5 M entries a SmolLM2-135M layer) at a thirtieth of a
+    forward, where the final norm alone is a linear probe."""
+    from zotune._validate import check_int
+
+    layers = check_int("layers", layers, minimum=1)
+    total = num_layers(model)
+    if layers > total:
+        raise ValueError(f"scheme 'top_layers': layers={layers} but {type(model).__name__} has {total} numbered layers")
+    kept = unique_parameters(model)
+    named = {n: p for n, p in kept.items() if layer_of(n) is not None and layer_of(n) >= total - layers}
+    named.update(final_norm_parameters(model))
+    return named
+
+
+def _no_options(scheme: str, select):
+    def without(model: torch.nn.Module, **options) -> dict[str, torch.nn.Parameter]:
+        if options:
+            raise ValueError(f"scheme {scheme!r} takes no options, got {sorted(options)}")
+        return select(model)
+
+    return without
+
+
 #: schemes that train some of the base model's own tensors, and which: no adapter, so a run exports
-#: a plain model folder
-OWN_TENSOR_SCHEMES = {"full": unique_parameters, "norms": _unique_norm_parameters,
-                      "final_norm": final_norm_parameters}
+#: a plain model folder. Each takes the model and the scheme's options
+OWN_TENSOR_SCHEMES = {"full": _no_options("full", unique_parameters),
+                      "norms": _no_options("norms", _unique_norm_parameters),
+                      "final_norm": _no_options("final_norm", final_norm_parameters),
+                      "top_layers": top_layers_parameters}
 
 PREFIX_INITS = ("random", "activations")
 
@@ -190,7 +221,8 @@ def select_trainable(
 
     ``full``: every parameter, tied weights once. ``norms``: the normalisation layers' gains (and
     biases), LayerNorm tuning (Zhao et al., 2024: "Tuning LayerNorm in Attention"). ``final_norm``:
-    the last one's only, before the head (:func:`final_norm_parameters`). ``lora`` / ``prefix`` / ``prompt``: wraps the
+    the last one's only, before the head (:func:`final_norm_parameters`). ``top_layers``: the last
+    ``layers`` layers (option, default 1) and the final norm (:func:`top_layers_parameters`). ``lora`` / ``prefix`` / ``prompt``: wraps the
     model with peft (modifying it in place; use the returned :class:`~zotune.models.LoadedModel`,
     whose ``model`` is the wrapper and whose ``adapter`` / ``prompt_learning`` say so: decided
     here, from the config that made it) and returns only the adapter tensors. ``options``
@@ -215,9 +247,10 @@ def select_trainable(
     if loaded.adapter is not None or hasattr(model, "peft_config"):
         raise ValueError("the model already has peft adapters; call select_trainable on the plain model")
     if scheme in OWN_TENSOR_SCHEMES:
-        if options:
-            raise ValueError(f"scheme {scheme!r} takes no options, got {sorted(options)}")
-        named = OWN_TENSOR_SCHEMES[scheme](model)
+        try:
+            named = OWN_TENSOR_SCHEMES[scheme](model, **options)
+        except TypeError as err:  # an option the scheme does not take
+            raise ValueError(f"scheme {scheme!r}: {err}") from err
         if not named:
             raise ValueError(f"scheme {scheme!r} selects no tensors of {type(model).__name__} (no module whose "
                              "class name contains 'Norm' has parameters"

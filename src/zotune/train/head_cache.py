@@ -85,6 +85,10 @@ class HeadCache:
         self.seconds = 0.0
         self.forward_passes = 0
 
+    @property
+    def rows(self) -> dict[str, int]:
+        return {split: len(x) for split, x in self.inputs.items()}
+
     def add(self, split: str, examples: Sequence[Example], batch_size: int, progress: bool = False) -> None:
         """Run the trunk once over ``examples`` and keep their rows under ``split``."""
         if not examples:

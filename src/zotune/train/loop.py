@@ -39,6 +39,7 @@ from zotune.train.checkpoint import CheckpointError, copy_weights, find_checkpoi
 from zotune.train.evaluate import check_truncation, evaluate_rows, headline
 from zotune.train.logger import RunLogger, log, setup_console_logging, to_json
 from zotune.train.head_cache import HeadCache, HeadCacheError
+from zotune.train.layer_cache import LayerCache
 from zotune.train.objective import make_closure, resolve_objective
 
 LAST, BEST = "ckpt-last", "ckpt-best"
@@ -98,6 +99,7 @@ def scheme_options(cfg: Config) -> dict:
         "full": {},
         "norms": {},
         "final_norm": {},
+        "top_layers": {"layers": 1 if tr.top_layers is None else tr.top_layers},
         "lora": {"r": tr.lora_r, "lora_alpha": tr.lora_alpha},
         "prefix": {"num_virtual_tokens": tr.prefix_tokens},
         # rows of the vocabulary's embeddings, as Lester et al. (2021) initialise prompts: peft's
@@ -362,15 +364,20 @@ class ModelLosses:
         return evaluate_split(self.setup, examples, split)
 
 
-def _head_cache(setup: Setup, objective: str, world: DistContext, progress: bool) -> HeadCache:
-    """``train.head_cache``: the final norm's inputs for the train and dev rows, from one pass of the trunk."""
-    if world.world_size > 1:
+def build_head_cache(setup: Setup, objective: str, world: DistContext | None = None, progress: bool = False,
+                     device="cpu") -> HeadCache | LayerCache:
+    """``train.head_cache``: what the frozen trunk gives the trained top (the final norm's inputs, or
+    the first trained layer's) for the train and dev rows, from one pass of the trunk."""
+    if world is not None and world.world_size > 1:
         raise HeadCacheError("train.head_cache runs on one process (a step costs about a millisecond; "
                              "there is nothing to split across ranks)")
     if objective != "classification":
         raise HeadCacheError(f"train.head_cache scores candidates; this task trains with the {objective!r} objective")
     cfg = setup.cfg
-    cache = HeadCache(setup.loaded, list(setup.named.values()), cfg.task.max_length)
+    if cfg.trainable.scheme == "final_norm":
+        cache = HeadCache(setup.loaded, list(setup.named.values()), cfg.task.max_length)
+    else:
+        cache = LayerCache(setup.loaded, setup.named, cfg, device, objective, setup.data.spec.metric)
     # in training batches, so its forward passes count as a run's others do
     cache.add("train", setup.data.train, cfg.train.batch_size, progress)
     if setup.data.dev and cfg.train.eval_every:
@@ -523,10 +530,10 @@ def train(cfg: Config, *, world: DistContext | None = None, setup: Setup | None 
     log.info("training objective: %s", objective)
     budget = TimeBudget(t.max_seconds, trained_before, world)
     if t.head_cache:
-        cache = head_cache or _head_cache(setup, objective, world, is_main and t.progress)
+        cache = head_cache or build_head_cache(setup, objective, world, is_main and t.progress, device)
         budget.add(cache.seconds)  # the trunk's pass is training time, spent again by a resumed run
         results["head_cache"] = {"seconds": round(cache.seconds, 1), "trunk_forward_passes": cache.forward_passes,
-                                 "rows": {k: len(v) for k, v in cache.inputs.items()}}
+                                 "rows": cache.rows}
         losses = cache
     elif head_cache is not None:
         raise HeadCacheError("a head cache was given to a run whose config has train.head_cache: false")
