@@ -41,7 +41,9 @@ TASKS = {"sst2": ["task.train=1000", "task.dev=200", "task.test=400", "task.max_
          "cb": ["task.train=150", "task.dev=24", "task.test=76"],
          "snli": ["task.train=1000", "task.dev=200", "task.test=500", "task.template=infer"],
          "mnli": ["task.train=1000", "task.dev=200", "task.test=500", "task.template=infer"],
-         "wic": ["task.train=1000", "task.dev=100", "task.test=500"]}
+         "wic": ["task.train=1000", "task.dev=100", "task.test=500"],
+         "copa": ["task.train=250", "task.dev=50", "task.test=100"],
+         "winogrande": ["task.train=4000", "task.dev=300", "task.test=2000"]}
 BASE = ["model.name=smollm2-135m", "model.dtype=float32", "task.split_seed=0", "trainable.scheme=final_norm",
         "train.head_cache=true", "train.batch_size=16", "train.eval_at_start=false", "train.progress=false",
         "train.tensorboard=false", "optim.eps=1e-2", "optim.seed=0"]
@@ -111,9 +113,11 @@ def main(argv=None) -> int:
                "seconds": round(seconds, 1), "curve": curve}
         rows.append(row)
         print(f"| {method} | {lr:g} | {best:.3f} | {best_step} | {curve[-1][1]:.3f} | {seconds:.0f} |", flush=True)
-    write_record(args.out or ROOT / f"benchmarks/results/head_cache_sweep_{args.task}.json",
-                 {"task": args.task, "dev_zero_shot": zero_shot, "cache_seconds": round(cache.seconds, 1),
-                  "trunk_forward_passes": cache.forward_passes, "steps": args.steps, "runs": rows}, config=common)
+        # after every run, so a sweep stopped half way keeps the runs it finished
+        write_record(args.out or ROOT / f"benchmarks/results/head_cache_sweep_{args.task}.json",
+                     {"task": args.task, "dev_zero_shot": zero_shot, "cache_seconds": round(cache.seconds, 1),
+                      "trunk_forward_passes": cache.forward_passes, "steps": args.steps, "runs": rows,
+                      "finished": len(rows) == len(runs)}, config=common)
     return 0
 
 

@@ -28,3 +28,24 @@ def test_the_dev_curve_is_the_headline_metric_at_each_dev_evaluation(tmp_path, b
         {"step": 20, "phase": "dev", "dev/f1a": 0.4, "dev/n": 20},  # MultiRC's headline when there is no accuracy
     ]) + "\n")
     assert sweep.dev_curve(metrics) == [(10, 0.6), (20, 0.4)]
+
+
+@pytest.mark.parametrize("scheme", ["final_norm", "top_layers"])
+def test_a_sweep_of_either_scheme_writes_its_runs_with_their_dev_curves(tmp_path, benchmark_script, scheme):
+    from pathlib import Path
+
+    data = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+    if not data.is_dir():
+        pytest.skip("shared data not found beside the repo")
+    sweep = benchmark_script("head_cache_sweep")
+    out = tmp_path / "sweep.json"
+    eps = "1e-2" if scheme == "final_norm" else "1e-3"
+    assert sweep.main(["--task", "sst2", "--runs", "mezo:1e-2,fo-sgd:1e-2", "--steps", "4", "--eval-every", "2",
+                       "--out", str(out), "--set", "model.name=tiny-llama", f"task.data_root={data}",
+                       "task.train=16", "task.dev=8", "task.test=8", "task.max_length=32",
+                       f"trainable.scheme={scheme}", f"optim.eps={eps}"]) == 0
+    record = json.loads(out.read_text())
+    result = record.get("result", record)
+    assert [r["method"] for r in result["runs"]] == ["mezo", "fo-sgd"] and result["finished"] is True
+    assert all([s for s, _ in r["curve"]] == [2, 4] for r in result["runs"])
+    assert result["dev_zero_shot"]["n"] == 8
