@@ -90,7 +90,8 @@ class OptimConfig:
 @dataclass
 class TrainableConfig:
     scheme: str = "full"  # full | norms (the normalisation gains) | final_norm (the last one's) | top_layers | lora | prefix | prompt
-    top_layers: int | None = None  # top_layers: how many of the last layers train (None: 1)
+    top_layers: int | None = None  # top_layers: how many of the last layers train (None: 1); lora: adapters
+    #   in the last k layers only (None: every layer)
     lora_r: int = 8
     lora_alpha: int = 16
     prefix_tokens: int = 5
@@ -369,9 +370,10 @@ def validate(cfg: Config) -> list[str]:
     if not isinstance(t.head_cache, bool):
         errors.append(f"train.head_cache must be true or false, got {t.head_cache!r}")
     elif t.head_cache:
-        if tr.scheme not in CACHED_SCHEMES:
+        if tr.scheme not in CACHED_SCHEMES and not (tr.scheme == "lora" and tr.top_layers is not None):
             errors.append(f"train.head_cache caches what the frozen layers give the trained ones, so only the top may "
-                          f"train: set trainable.scheme: final_norm or top_layers (got {tr.scheme!r})")
+                          f"train: set trainable.scheme: final_norm or top_layers, or lora with trainable.top_layers "
+                          f"(got {tr.scheme!r})")
         if t.grad_accum != 1:
             errors.append(f"train.head_cache evaluates each batch whole: set train.grad_accum: 1 (got {t.grad_accum!r})")
         if t.objective == "nll":
@@ -419,8 +421,9 @@ def validate(cfg: Config) -> list[str]:
             errors.append(f"trainable.prefix_values_only masks a ZO method's dense directions; {o.method!r} "
                           "has none (the methods that take optim.sparsity do)")
     if tr.top_layers is not None:
-        if tr.scheme != "top_layers":
-            errors.append(f"trainable.top_layers counts the layers scheme top_layers trains; scheme {tr.scheme!r} has none")
+        if tr.scheme not in ("top_layers", "lora"):
+            errors.append(f"trainable.top_layers counts the last layers that train (scheme top_layers) or get LoRA "
+                          f"adapters (scheme lora); scheme {tr.scheme!r} has none")
         elif isinstance(tr.top_layers, bool) or not isinstance(tr.top_layers, int) or tr.top_layers < 1:
             errors.append(f"trainable.top_layers must be an integer >= 1, got {tr.top_layers!r}")
     if tr.prompt_init_text is not None:

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 
 import torch
 
-from zotune._validate import unknown_choice
+from zotune._validate import check_int, unknown_choice
 from zotune.models import LoadedModel, require_loaded
 
 SCHEMES = ("full", "norms", "final_norm", "top_layers", "lora", "prefix", "prompt")
@@ -109,8 +109,6 @@ def top_layers_parameters(model: torch.nn.Module, layers: int = 1) -> dict[str, 
     below run once, and a loss costs ``layers`` layers of the model's forward instead of all of
     them: a whole layer's capacity (3.5 M entries a SmolLM2-135M layer) at a thirtieth of a
     forward, where the final norm alone is a linear probe."""
-    from zotune._validate import check_int
-
     layers = check_int("layers", layers, minimum=1)
     total = num_layers(model)
     if layers > total:
@@ -227,7 +225,8 @@ def select_trainable(
     whose ``model`` is the wrapper and whose ``adapter`` / ``prompt_learning`` say so: decided
     here, from the config that made it) and returns only the adapter tensors. ``options``
     override ``SCHEME_DEFAULTS`` with any field of the peft config class (``r``, ``lora_alpha``,
-    ``target_modules``, ``num_virtual_tokens``, ...). Parameters outside the mapping get
+    ``target_modules``, ``num_virtual_tokens``, ...); ``lora`` also takes ``top_layers=k``: adapters in
+    the last ``k`` layers only, so ``train.head_cache`` can run the layers below once. Parameters outside the mapping get
     ``requires_grad=False``. ``init_seed``: the adapters' random init (peft draws it from torch's
     global RNG) is drawn from this seed instead, leaving the global RNG as it was, so a run's
     starting adapters are a function of its config (a replay rebuilds them); None: peft's draw.
@@ -264,6 +263,12 @@ def select_trainable(
     from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
 
     config_cls = {"lora": LoraConfig, "prefix": PrefixTuningConfig, "prompt": PromptTuningConfig}[scheme]
+    if scheme == "lora" and "top_layers" in options:  # adapters in the last k layers only (peft's layers_to_transform)
+        options = dict(options)
+        k, total = check_int("top_layers", options.pop("top_layers")), num_layers(model)
+        if k > total:
+            raise ValueError(f"scheme 'lora': top_layers={k} but {type(model).__name__} has {total} numbered layers")
+        options["layers_to_transform"] = list(range(total - k, total))
     fields = {f.name for f in dataclasses.fields(config_cls)}
     for key in options:
         if key not in fields:

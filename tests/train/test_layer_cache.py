@@ -170,6 +170,22 @@ def test_a_cached_run_follows_the_uncached_trajectory(tmp_path, method):
     assert b["best_dev"]["value"] == a["best_dev"]["value"]
 
 
+def test_lora_in_the_last_layers_only_runs_cached_on_the_uncached_trajectory(tmp_path):
+    common = TINY + ["optim.method=mezo", "trainable.scheme=lora", "trainable.top_layers=1", "train.steps=6",
+                     "train.save_every=6", "train.eval_every=3"]
+    setup = build(load_config(None, common))
+    assert setup.named and all(".layers.1." in n and "lora_" in n for n in setup.named)
+    plain, cached = tmp_path / "plain", tmp_path / "cached"
+    a = train(load_config(None, common + [f"train.output_dir={plain}"]))
+    b = train(load_config(None, common + [f"train.output_dir={cached}", "train.head_cache=true"]))
+    wa = load_file(str(plain / "ckpt-last" / "weights.safetensors"))
+    wb = load_file(str(cached / "ckpt-last" / "weights.safetensors"))
+    assert wa.keys() == wb.keys() and wa
+    for n in wa:
+        torch.testing.assert_close(wb[n], wa[n], atol=1e-5, rtol=0)
+    assert b["head_cache"]["rows"] == {"train": 32, "dev": 16} and a["steps"] == b["steps"] == 6
+
+
 def test_a_cached_run_resumes_and_replays_bit_for_bit(tmp_path):
     common = TINY + ["optim.method=mezo", "train.head_cache=true", "train.save_every=3"]
     straight, half = tmp_path / "straight", tmp_path / "half"
@@ -228,6 +244,7 @@ def test_generation_tasks_are_refused():
 
 @pytest.mark.parametrize("extra, message", [
     (["trainable.scheme=prefix"], "final_norm or top_layers"),
+    (["trainable.scheme=lora"], "lora with trainable.top_layers"),
     (["trainable.scheme=full", "trainable.top_layers=2"], "scheme 'full' has none"),
     (["trainable.top_layers=0"], "integer >= 1"),
     (["trainable.top_layers=true"], "integer >= 1"),

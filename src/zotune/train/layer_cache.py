@@ -156,7 +156,7 @@ class LayerCache:
             def replace(_, args, kwargs):
                 hidden = args[0] if args else kwargs["hidden_states"]
                 ids, mask = seen[-1]
-                fed = self.lookup(ids, mask).to(hidden.dtype)
+                fed = self.lookup(ids, mask).to(hidden.device, hidden.dtype)
                 if args:
                     return (fed, *args[1:]), kwargs
                 return args, {**kwargs, "hidden_states": fed}

@@ -100,7 +100,8 @@ def scheme_options(cfg: Config) -> dict:
         "norms": {},
         "final_norm": {},
         "top_layers": {"layers": 1 if tr.top_layers is None else tr.top_layers},
-        "lora": {"r": tr.lora_r, "lora_alpha": tr.lora_alpha},
+        "lora": {"r": tr.lora_r, "lora_alpha": tr.lora_alpha,
+                 **({} if tr.top_layers is None else {"top_layers": tr.top_layers})},
         "prefix": {"num_virtual_tokens": tr.prefix_tokens},
         # rows of the vocabulary's embeddings, as Lester et al. (2021) initialise prompts: peft's
         # default N(0, 1) vectors are about 8x the size of SmolLM2's token embeddings, so eps and lr sized
