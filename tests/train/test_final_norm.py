@@ -4,7 +4,6 @@ resume and replay are bit for bit, and the export is a plain model folder."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,15 +13,11 @@ from zotune.config import load_config
 from zotune.methods import METHODS
 from zotune.train.loop import build, replay, train
 
-DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+from tiny_runs import DATA, straight_and_resumed, tiny_sst2  # tests/ is on the path (its conftest)
+
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="shared data not found beside the repo")
 
-TINY = [
-    "model.name=tiny-llama", "task.name=sst2", "task.train=32", "task.dev=0", "task.test=8",
-    f"task.data_root={DATA}", "task.max_length=32", "train.batch_size=4", "optim.lr=1e-2", "optim.eps=1e-2",
-    "train.progress=false", "train.tensorboard=false", "train.eval_batch_size=8", "train.eval_at_start=false",
-    "trainable.scheme=final_norm",
-]
+TINY = tiny_sst2("final_norm", dev=0, test=8, lr=1e-2)
 TAKING = sorted(name for name, m in METHODS.items() if "final_norm" in m.schemes)
 
 
@@ -47,12 +42,7 @@ def test_every_method_that_takes_it_trains_the_final_norm_alone(tmp_path, method
 
 def test_a_final_norm_run_resumes_and_replays_bit_for_bit(tmp_path):
     common = TINY + ["optim.method=mezo", "train.save_every=3", "task.test=0"]
-    straight, half = tmp_path / "straight", tmp_path / "half"
-    train(load_config(None, common + ["train.steps=6", f"train.output_dir={straight}"]))
-    train(load_config(None, common + ["train.steps=3", f"train.output_dir={half}"]))
-    train(load_config(None, common + ["train.steps=6", f"train.output_dir={half}"]))
-    a = load_file(str(straight / "ckpt-last" / "weights.safetensors"))
-    b = load_file(str(half / "ckpt-last" / "weights.safetensors"))
+    a, b, straight = straight_and_resumed(common, tmp_path)
     assert a.keys() == b.keys() == {"model.norm.weight"} and all(torch.equal(a[k], b[k]) for k in a)
     assert replay(straight)["bitwise_equal"]
     assert json.loads((straight / "config.json").read_text())["trainable"]["scheme"] == "final_norm"

@@ -4,7 +4,6 @@ metric are the model's own, and every case it does not cover is refused by name.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,15 +15,11 @@ from zotune.lm import choice_loss, encode_choices
 from zotune.train.head_cache import HeadCache, HeadCacheError
 from zotune.train.loop import build, evaluate_split, replay, train
 
-DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+from tiny_runs import DATA, straight_and_resumed, tiny_sst2  # tests/ is on the path (its conftest)
+
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="shared data not found beside the repo")
 
-TINY = [
-    "model.name=tiny-llama", "task.name=sst2", "task.train=32", "task.dev=16", "task.test=0",
-    f"task.data_root={DATA}", "task.max_length=32", "train.batch_size=4", "optim.lr=1e-1", "optim.eps=1e-2",
-    "train.progress=false", "train.tensorboard=false", "train.eval_batch_size=8", "train.eval_at_start=false",
-    "trainable.scheme=final_norm",
-]
+TINY = tiny_sst2("final_norm", dev=16, test=0, lr=1e-1)
 
 
 def _setup(*extra):
@@ -92,12 +87,7 @@ def test_a_cached_run_follows_the_uncached_trajectory(tmp_path, method):
 
 def test_a_cached_run_resumes_and_replays_bit_for_bit(tmp_path):
     common = TINY + ["optim.method=mezo", "train.head_cache=true", "train.save_every=3"]
-    straight, half = tmp_path / "straight", tmp_path / "half"
-    train(load_config(None, common + ["train.steps=6", f"train.output_dir={straight}"]))
-    train(load_config(None, common + ["train.steps=3", f"train.output_dir={half}"]))
-    train(load_config(None, common + ["train.steps=6", f"train.output_dir={half}"]))
-    a = load_file(str(straight / "ckpt-last" / "weights.safetensors"))
-    b = load_file(str(half / "ckpt-last" / "weights.safetensors"))
+    a, b, straight = straight_and_resumed(common, tmp_path)
     assert torch.equal(a["model.norm.weight"], b["model.norm.weight"])
     assert replay(straight)["bitwise_equal"]
     assert json.loads((straight / "config.json").read_text())["train"]["head_cache"] is True
