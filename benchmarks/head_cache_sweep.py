@@ -101,7 +101,7 @@ def main(argv=None) -> int:
         with torch.no_grad():
             for n, p in setup.named.items():
                 p.copy_(start[n])
-        run_setup = build(cfg, loaded=setup.loaded, data=data)
+        run_setup = build(cfg, data=data, selected=(setup.loaded, setup.named))  # the cache's model, adapters included
         with tempfile.TemporaryDirectory() as tmp:
             cfg.train.output_dir = tmp
             t0 = time.time()

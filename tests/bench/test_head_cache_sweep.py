@@ -30,8 +30,8 @@ def test_the_dev_curve_is_the_headline_metric_at_each_dev_evaluation(tmp_path, b
     assert sweep.dev_curve(metrics) == [(10, 0.6), (20, 0.4)]
 
 
-@pytest.mark.parametrize("scheme", ["final_norm", "top_layers"])
-def test_a_sweep_of_either_scheme_writes_its_runs_with_their_dev_curves(tmp_path, benchmark_script, scheme):
+@pytest.mark.parametrize("scheme", ["final_norm", "top_layers", "lora"])
+def test_a_sweep_of_each_cached_scheme_writes_its_runs_with_their_dev_curves(tmp_path, benchmark_script, scheme):
     from pathlib import Path
 
     data = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
@@ -43,7 +43,8 @@ def test_a_sweep_of_either_scheme_writes_its_runs_with_their_dev_curves(tmp_path
     assert sweep.main(["--task", "sst2", "--runs", "mezo:1e-2,fo-sgd:1e-2", "--steps", "4", "--eval-every", "2",
                        "--out", str(out), "--set", "model.name=tiny-llama", f"task.data_root={data}",
                        "task.train=16", "task.dev=8", "task.test=8", "task.max_length=32",
-                       f"trainable.scheme={scheme}", f"optim.eps={eps}"]) == 0
+                       f"trainable.scheme={scheme}", f"optim.eps={eps}"]
+                      + (["trainable.top_layers=1"] if scheme == "lora" else [])) == 0
     record = json.loads(out.read_text())
     result = record.get("result", record)
     assert [r["method"] for r in result["runs"]] == ["mezo", "fo-sgd"] and result["finished"] is True

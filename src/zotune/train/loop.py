@@ -147,14 +147,19 @@ def load_base(m, device: str | None = None):
     return load_model(m.name, dtype=m.dtype, device=device, gguf_file=m.gguf_file)
 
 
-def build(cfg: Config, loaded=None, data=None, reduce=None, splits=SPLITS) -> Setup:
+def build(cfg: Config, loaded=None, data=None, reduce=None, splits=SPLITS, selected=None) -> Setup:
     """Load data first (bad data fails before the slow model load), then model and optimizer.
 
-    ``splits``: the data splits to load (see :func:`load_data`; an evaluation needs one)."""
+    ``splits``: the data splits to load (see :func:`load_data`; an evaluation needs one).
+    ``selected``: the ``(loaded, named)`` an earlier :func:`build` of the same model and
+    ``trainable`` section chose (its ``Setup.loaded`` and ``Setup.named``), kept instead of choosing
+    again: runs that differ only in their optimizer share one model, adapters included."""
     from zotune.params import hybrid_split, prefix_value_masks, select_trainable
 
     data = data if data is not None else load_data(cfg, splits)
-    if loaded is None:
+    if selected is not None:
+        loaded = selected[0]
+    elif loaded is None:
         loaded = load_base(cfg.model)
     if cfg.model.device_map is not None:
         from zotune.models import spread_over_devices
@@ -164,8 +169,11 @@ def build(cfg: Config, loaded=None, data=None, reduce=None, splits=SPLITS) -> Se
     if METHODS[cfg.optim.method].estimator == "forward" and hasattr(loaded.model, "set_attn_implementation"):
         # torch's fused CPU attention kernels have no forward-mode AD rule
         loaded.model.set_attn_implementation("eager")
-    loaded, named = select_trainable(loaded, cfg.trainable.scheme, init_seed=adapter_init_seed(cfg),
-                                     prefix_init="activations", **scheme_options(cfg))
+    if selected is None:
+        loaded, named = select_trainable(loaded, cfg.trainable.scheme, init_seed=adapter_init_seed(cfg),
+                                         prefix_init="activations", **scheme_options(cfg))
+    else:
+        named = selected[1]
     model = loaded.model
     o = cfg.optim
     masks = prefix_value_masks(loaded, named) if cfg.trainable.prefix_values_only else None
