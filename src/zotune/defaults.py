@@ -137,6 +137,9 @@ _MEASURED = {
                                                   f"({_PROBES}); over 250 steps ({_CONV}) dev stayed at 0.52-0.56 for "
                                                   "150 steps, then rose to 0.63; test 58.0 -> 65.0 (p = 0.0013), 62.6 +- 2.1 "
                                                   "over 3 seeds (2 of 3 significant)"),
+    ("mezo", "top_layers"): StartingPoint(3e-4, 1e-3, "measured: 2,000 cached steps on SST-2 dev "
+                                                      "(benchmarks/results/head_cache_sweep_sst2_top_layers.json): 3e-4 rose "
+                                                      "to 0.695 and held; 1e-3 peaked at 0.685 (step 1,000) and fell to 0.58"),
     ("fo-adam", "lora"): StartingPoint(1e-4, 1e-3, "measured: ZO-Bench studies' FO-Adam LoRA lr (docs/studies.md)"),
 }
 
