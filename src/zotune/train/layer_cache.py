@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -37,7 +36,7 @@ from torch import nn
 from zotune.config import Config
 from zotune.train.evaluate import evaluate_rows
 from zotune.models import LoadedModel, require_loaded
-from zotune.params import layer_of
+from zotune.params import final_norm_parameters, layer_of
 from zotune.tasks import Example
 from zotune.train.head_cache import HeadCacheError
 from zotune.train.objective import make_closure
@@ -47,9 +46,6 @@ log = logging.getLogger("zotune.train")
 #: how far the cached loss may be from the model's own on the check rows (float32 rounding of the
 #: trained layers run on another batch's padding)
 TOLERANCE = 1e-4
-
-_CONTAINER = re.compile(r"^(.*?)\.?(\d+)$")
-
 
 def _first_trained_layer(lm: LoadedModel, named: Mapping[str, torch.nn.Parameter]) -> tuple[nn.Module, str, int]:
     """(the module holding the layer list, the list's attribute name, the first trained layer)."""
@@ -65,22 +61,17 @@ def _first_trained_layer(lm: LoadedModel, named: Mapping[str, torch.nn.Parameter
     if first == 0:
         raise HeadCacheError("train.head_cache: layer 0 trains, so there is nothing frozen below it to cache")
     outside = [n for n, i in zip(named, indices) if i is None]
-    from zotune.params import final_norm_parameters
-
     above = set(final_norm_parameters(lm.model))
     below = [n for n in outside if n not in above]
     if below:
         raise HeadCacheError(f"train.head_cache: {below[0]!r} trains but is not in a layer or the final norm (an "
                              "embedding feeds the frozen layers, so their output would change)")
-    modules = dict(lm.model.named_modules())
     name = next(n for n in named if layer_of(n) == first)
-    for path, module in modules.items():  # the module whose name ends in ".<first>" and holds the tensor
-        match = _CONTAINER.match(path)
-        if match and int(match.group(2)) == first and name.startswith(path + ".") and layer_of(path) == first:
-            parent_path, _, attr = match.group(1).rpartition(".")
-            container = modules.get(match.group(1))
-            if isinstance(container, nn.ModuleList) and container[first] is module:
-                return modules[parent_path], attr, first
+    modules = dict(lm.model.named_modules())
+    for path, module in modules.items():  # the list whose entry `first` holds the tensor
+        if isinstance(module, nn.ModuleList) and name.startswith(f"{path}.{first}."):
+            parent_path, _, attr = path.rpartition(".")
+            return modules[parent_path], attr, first
     raise HeadCacheError(f"train.head_cache: layer {first} of {type(lm.model).__name__} is not in an nn.ModuleList")
 
 
