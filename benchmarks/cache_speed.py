@@ -81,7 +81,6 @@ def main(argv=None) -> int:
               flush=True)
         del setup, cache, closures
     write_record(args.out, {"task": args.task, "repeats": args.repeats, "batch_size": 16, "rows": rows}, config=base)
-    print(f"wrote {args.out}")
     return 0
 
 

@@ -5,16 +5,17 @@ norm) nothing below the first trained layer changes during the run, so what ente
 a given token sequence never changes either. ``train.head_cache: true`` runs the whole model once
 over the training rows and the dev rows as the run itself encodes them (the training closure;
 the dev evaluation) and keeps, per distinct token sequence, the hidden states that entered the
-first trained layer (RTE's 1,000 rows: ~180 MB on SmolLM2-135M). From then on, every loss and
+first trained layer (hidden_size floats a token; the size is logged). From then on, every loss and
 every dev evaluation runs the model with its layer list cut to the trained layers and those
-cached states fed into the first of them: one layer of SmolLM2-135M's 30 costs about a thirtieth
-of a forward. Everything else is the model's own forward (masks, positions, the norm, the head,
+cached states fed into the first of them: SmolLM2-135M's last layer takes a loss of 16 SST-2
+rows from 590 ms to 45 ms (``benchmarks/cache_speed.py``). Everything else is the model's own forward (masks, positions, the norm, the head,
 the loss), so any method, objective and evaluation mode (in place, copies, per example) runs as
 it would without the cache (tested: the same losses and the same trajectory).
 
 Why: the final norm alone (:mod:`zotune.train.head_cache`) is a linear probe read through the
 model's head; a whole layer can learn features, at a fraction of a forward per loss, so a ZO run
-takes tens of times more steps in the same wall time.
+takes about ten times the steps in the same wall time. On SST-2 that did not beat the prefix
+(docs/results.md, eighteenth session): a layer's 3.5 M entries make a noisy two-point estimate.
 
 Covered: models whose numbered layers run in order from one ``nn.ModuleList`` and take the
 previous layer's hidden states as their first input (LLaMA, Qwen2, Mistral, GPT-2, OPT, ...). On
