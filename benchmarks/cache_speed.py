@@ -20,6 +20,7 @@ import torch
 
 from zotune.bench.record import write_record
 from zotune.config import load_config
+from zotune.distributed import DistContext
 from zotune.train.loop import ModelLosses, build, build_head_cache, resolve_objective
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,7 +67,7 @@ def main(argv=None) -> int:
         objective = resolve_objective(cfg, setup.data.train)
         cache = build_head_cache(setup, objective)
         indices = list(range(16))
-        closures = {"model": ModelLosses(setup, setup.loaded, "cpu", objective, _one_process()).closure(indices),
+        closures = {"model": ModelLosses(setup, setup.loaded, "cpu", objective, DistContext()).closure(indices),
                     "cache": cache.closure(indices)}
         with torch.no_grad():
             diff = abs(float(closures["model"]()) - float(closures["cache"]()))
@@ -82,12 +83,6 @@ def main(argv=None) -> int:
         del setup, cache, closures
     write_record(args.out, {"task": args.task, "repeats": args.repeats, "batch_size": 16, "rows": rows}, config=base)
     return 0
-
-
-def _one_process():
-    from zotune.distributed import DistContext
-
-    return DistContext()
 
 
 if __name__ == "__main__":

@@ -32,3 +32,12 @@ def straight_and_resumed(common: list[str], tmp_path: Path):
     train(load_config(None, common + ["train.steps=6", f"train.output_dir={half}"]))
     return (load_file(str(straight / "ckpt-last" / "weights.safetensors")),
             load_file(str(half / "ckpt-last" / "weights.safetensors")), straight)
+
+
+def tiny_setup(overrides: list[str], *extra: str):
+    """(config, built run) of ``overrides`` plus ``extra``."""
+    from zotune.config import load_config
+    from zotune.train.loop import build
+
+    cfg = load_config(None, list(overrides) + list(extra))
+    return cfg, build(cfg)

@@ -15,7 +15,7 @@ from zotune.lm import choice_loss, encode_choices
 from zotune.train.head_cache import HeadCache, HeadCacheError
 from zotune.train.loop import build, evaluate_split, replay, train
 
-from tiny_runs import DATA, straight_and_resumed, tiny_sst2  # tests/ is on the path (its conftest)
+from tiny_runs import DATA, straight_and_resumed, tiny_setup, tiny_sst2  # tests/ is on the path (its conftest)
 
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="shared data not found beside the repo")
 
@@ -23,8 +23,7 @@ TINY = tiny_sst2("final_norm", dev=16, test=0, lr=1e-1)
 
 
 def _setup(*extra):
-    cfg = load_config(None, TINY + list(extra))
-    return cfg, build(cfg)
+    return tiny_setup(TINY, *extra)
 
 
 def _cache(setup, cfg) -> HeadCache:

@@ -17,7 +17,7 @@ from zotune.train.head_cache import HeadCacheError
 from zotune.train.layer_cache import LayerCache
 from zotune.train.loop import build, build_head_cache, evaluate_split, replay, train
 
-from tiny_runs import DATA, straight_and_resumed, tiny_sst2  # tests/ is on the path (its conftest)
+from tiny_runs import DATA, straight_and_resumed, tiny_setup, tiny_sst2  # tests/ is on the path (its conftest)
 
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="shared data not found beside the repo")
 
@@ -25,8 +25,7 @@ TINY = tiny_sst2("top_layers", dev=16, test=0, lr=1e-2)
 
 
 def _setup(*extra):
-    cfg = load_config(None, TINY + list(extra))
-    return cfg, build(cfg)
+    return tiny_setup(TINY, *extra)
 
 
 def _cache(setup, cfg) -> LayerCache:

@@ -358,7 +358,8 @@ def _settle(opt) -> None:
 
 class ModelLosses:
     """Where a run's losses come from by default: a forward pass of the model per loss (the
-    other source is :class:`~zotune.train.head_cache.HeadCache`, with the same two methods)."""
+    other sources are :class:`~zotune.train.head_cache.HeadCache` and
+    :class:`~zotune.train.layer_cache.LayerCache`, with the same two methods)."""
 
     def __init__(self, setup: Setup, lm, device, objective: str, world: DistContext) -> None:
         self.setup, self.lm, self.device, self.objective, self.world = setup, lm, device, objective, world
