@@ -60,6 +60,10 @@ LABELS = {
     "lozo-m": "LOZO-M r = 2",
     "lozo-m-side": "LOZO-M r = 2, `perturbation=\"side\"`",
     "zo-adam": "ZO-Adam",
+    "per-example-lowrank": "per-example low-rank r = 2 (one member per example, batched side terms)",
+    "per-example-lowrank-per-copy": "per-example low-rank r = 2, each plain layer run once per example and copy",
+    "population-dual": "population low-rank N = 8, r = 2, `dual` (16 copies), batched side terms",
+    "population-dual-per-copy": "population low-rank N = 8, r = 2, `dual`, each plain layer run once per copy",
     "reference": "zotune.reference (plain reference module)",
     "algorithm-1": "MeZO Algorithm 1, literal (global seed, randn per parameter, 4 passes)",
     "mezo-package": "`mezo` package (PyPI), `mezo.update`",
@@ -90,6 +94,12 @@ def classification_batch(vocab: int, batch: int, seq_len: int) -> ChoiceBatch:
     labels = torch.where(cont, ids, torch.full_like(ids, -100))
     rows = Batch(ids, torch.ones_like(ids), cont, labels, torch.full((batch,), seq_len), kind="causal")
     return ChoiceBatch(rows, 2, candidates, gold)
+
+
+def per_copy(opt):
+    """``opt`` with each plain layer run once per copy (or example) instead of once with batched side terms."""
+    opt.evaluation.perturbation.batch_side_terms = False
+    return opt
 
 
 def algorithm_1_step(params, loss_fn, seed: int, *, lr: float, eps: float) -> float:
@@ -246,8 +256,8 @@ def main(argv=None) -> int:
     model.requires_grad_(False)
     cb = classification_batch(model.config.vocab_size, args.batch, args.seq_len)
 
-    def loss(copies: int = 1):  # what zotune.train.objective's closure calls for a classification task
-        return choice_loss(lm, cb, copies=copies)
+    def loss(copies: int = 1, per_example: bool = False):  # zotune.train.objective's closure, classification
+        return choice_loss(lm, cb, copies=copies, per_example=per_example)
 
     named = list(model.named_parameters())
     params = [p for _, p in named]
@@ -265,6 +275,12 @@ def main(argv=None) -> int:
         "lozo-m": lambda: zotune.LOZO(named, lr=lr, eps=eps, momentum=0.9),
         "lozo-m-side": lambda: zotune.LOZO(named, lr=lr, eps=eps, momentum=0.9, module=model, perturbation="side"),
         "zo-adam": lambda: zotune.ZOAdam(named, lr=lr, eps=eps),
+        "per-example-lowrank": lambda: zotune.PerExampleLowRank(named, lr=lr, eps=eps, batch_size=args.batch,
+                                                                module=model),
+        "per-example-lowrank-per-copy": lambda: per_copy(zotune.PerExampleLowRank(
+            named, lr=lr, eps=eps, batch_size=args.batch, module=model)),
+        "population-dual": lambda: zotune.PopulationLowRank(named, lr=lr, eps=eps, module=model),
+        "population-dual-per-copy": lambda: per_copy(zotune.PopulationLowRank(named, lr=lr, eps=eps, module=model)),
     }
     counter = iter(range(10**9))
     steppers, opts = {}, {}

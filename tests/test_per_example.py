@@ -275,8 +275,8 @@ def test_config_sets_one_query_per_example_and_refuses_what_cannot_work():
     cases = [
         (["optim.method=per-example", "optim.queries=4", "train.batch_size=8"], "queries must equal train.batch_size"),
         (["optim.method=per-example", "train.grad_accum=2"], "whole batch in one forward"),
-        (["optim.method=fzoo", "optim.perturbation=per_example"], "dense directions and a central difference"),
-        (["optim.method=lozo", "optim.perturbation=per_example"], "dense directions and a central difference"),
+        (["optim.method=fzoo", "optim.perturbation=per_example"], "a central difference per direction"),
+        (["optim.method=lozo", "optim.perturbation=per_example"], "a central difference per direction"),
         (["optim.method=per-example", "optim.perturbation=dual"], "evaluates with 'per_example'"),
         (["optim.method=per-example", "trainable.zo_layers=2"], "hybrid ZO/FO"),
     ]

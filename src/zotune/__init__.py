@@ -19,6 +19,7 @@ from zotune.presets import (
     PRESETS,
     ForwardGrad,
     MeZO,
+    PerExampleLowRank,
     PerExampleMeZO,
     PopulationLowRank,
     ZOAdam,
@@ -33,6 +34,6 @@ from zotune.step import NonFiniteLossError, ZOOptimizer
 
 __all__ = [
     "FOAdam", "FOSGD", "FZOO", "ForwardGrad", "HiZOO", "SparseMeZO", "HybridOptimizer", "LOZO", "MeZO", "NonFiniteLossError",
-    "PerExampleMeZO", "PopulationLowRank", "PRESETS", "ZOAdam", "ZOOptimizer", "ZOSGDConservative", "ZOSGDBlock", "ZOSGDMomentum", "ZOSGDSign",
+    "PerExampleLowRank", "PerExampleMeZO", "PopulationLowRank", "PRESETS", "ZOAdam", "ZOOptimizer", "ZOSGDConservative", "ZOSGDBlock", "ZOSGDMomentum", "ZOSGDSign",
     "LRSchedule", "TimedLRSchedule", "lr_multiplier", "make_estimator", "make_rule", "make_schedule",
 ]

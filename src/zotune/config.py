@@ -398,8 +398,8 @@ def validate(cfg: Config) -> list[str]:
                       f"(got {o.perturbation!r})")
     if per_example and method is not None:
         if not method.per_example:
-            errors.append(f"optim.perturbation=per_example is for methods with dense directions and a central "
-                          f"difference per direction; {o.method} has not (see `zotune methods`)")
+            errors.append(f"optim.perturbation=per_example is for methods with a central difference per direction "
+                          f"and directions drawn fresh each step; {o.method} has not (see `zotune methods`)")
         if o.queries != t.batch_size:
             errors.append(f"optim.queries: per-example directions are one per example, so queries must equal "
                           f"train.batch_size ({t.batch_size}), got {o.queries!r} (leave it unset)")

@@ -67,6 +67,9 @@ _FULL = {
     # per-example directions: the same expected step as MeZO's (E[g] = grad), with less noise
     "per-example": (3e-5, "derived: MeZO's measured lr (the same expected step; its noise is lower, "
                           "zotune.evaluation.PerExample)"),
+    # per-example low-rank directions: the population's estimate with one member per example
+    "per-example-lowrank": (1e-4, "derived: the population's measured lr (the same estimate, one member per "
+                                  "example, zotune.PerExampleLowRank)"),
     "forward-grad": (3e-5, "derived: MeZO's measured lr (exact directional derivative, same step)"),
     # momentum's steady state is 1 / (1 - beta) = 10 estimates: a tenth of MeZO's lr
     "zo-sgd-momentum": (3e-6, "derived: MeZO's measured lr / 10 (momentum 0.9 sums ~10 estimates)"),

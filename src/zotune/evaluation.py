@@ -323,7 +323,11 @@ class PerExample(Copies):
     trained entries, MeZO's ``E|c z|^2 ~ d (G + T / B)``, here ``d (G + T) / B``: lower by
     ``(B G + T) / (G + T)`` (2.7x for SST-2's prefix at B = 16, T / G = 7.6:
     ``benchmarks/batch_noise.py``). The estimator must draw one direction per example
-    (``queries = B``) and the scheme must have no base point (its one loss would be the batch's)."""
+    (``queries = B``) and the scheme must have no base point (its one loss would be the batch's).
+    With low-rank directions (:class:`zotune.estimators.PopulationLowRank`) each example's
+    perturbation of a plain layer's weight is a side term of one shared forward (EGGROLL), so all
+    weights train per example at about MeZO's cost; dense directions give each example's rows a
+    perturbed copy of their module's tensors."""
 
     name = "per_example"
 
@@ -332,9 +336,6 @@ class PerExample(Copies):
         if scheme.base_point:
             raise ValueError(f"perturbation='per_example' gives each example its own direction; scheme="
                              f"{scheme.name!r} also takes the loss at x, one for the whole batch (use 'central')")
-        if est.side_terms_only:
-            raise ValueError(f"perturbation='per_example' needs dense per-example directions; the {est.name!r} "
-                             "estimator draws low-rank side terms only")
 
     def measure(self, probe, dirs, scheme, eps) -> Measured:
         offsets = scheme.offsets

@@ -54,8 +54,8 @@ class Method:
     (evaluates both halves while a module is resident: ``model.offload``), ``sparse_masks``
     (combines with random masks, ``optim.sparsity``), ``schemes`` (trainable schemes it
     supports), ``min_queries`` (the fewest directions per step it is defined for), ``per_example``
-    (takes ``optim.perturbation: per_example``: dense directions, a central difference per
-    direction). ``perturbation``: the evaluation the method always uses (None: ``optim.perturbation``).
+    (takes ``optim.perturbation: per_example``: a central difference per direction, directions
+    drawn fresh each step). ``perturbation``: the evaluation the method always uses (None: ``optim.perturbation``).
     """
 
     name: str
@@ -206,9 +206,10 @@ def _build_zo(method: Method, o, named, module=None, reduce=None, streamed=False
         mode = method.perturbation
     if mode == "per_example":
         if not method.per_example:
-            raise ValueError(f"perturbation='per_example' is for methods with dense directions and a central "
-                             f"difference per direction; {method.name} has not (see `zotune methods`)")
-        entries = sum(p.numel() for p in named.values())
+            raise ValueError(f"perturbation='per_example' is for methods with a central difference per direction "
+                             f"and directions drawn fresh each step; {method.name} has not (see `zotune methods`)")
+        # low-rank directions perturb a matrix through side terms: only the other tensors are copied
+        entries = sum(p.numel() for p in named.values() if not (est.side_terms_only and p.dim() == 2))
         if entries > PER_EXAMPLE_LARGE:
             log.warning("per-example directions run each example's rows with its own perturbed copy of the trained "
                         "tensors: %d entries, so a step draws 2 x %d such copies; it suits small trained sets "
@@ -259,7 +260,7 @@ METHODS["population"] = _zo(
     "population", "Population-LR",
     "Population low-rank (EGGROLL-style): N members U_k V_k^T per matrix, one copy of the batch each "
     "(optim.perturbation=dual: all in one forward)", "PopulationLowRank", "population_lowrank", "sgd",
-    defaults={"queries": 8}, reads=("rank",), sparse_masks=False)
+    defaults={"queries": 8}, reads=("rank",), sparse_masks=False, per_example=True)
 
 # per-example directions (GRZO-style): MeZO's step with each example of the batch its own direction,
 # at MeZO's two copies of the batch a step (zotune.evaluation.PerExample)
@@ -267,4 +268,13 @@ METHODS["per-example"] = _zo(
     "per-example", "PE-MeZO",
     "Per-example MeZO (GRZO-style): each example of the batch its own direction z_j, both copies (+-eps z_j) in "
     "one forward; optim.queries = train.batch_size", "PerExampleMeZO", "gaussian", "sgd",
+    perturbation="per_example", per_example=True, data_parallel=False)
+
+# per-example low-rank directions (EGGROLL x GRZO): each example of the batch its own U_j V_j^T per
+# matrix, as a side term of one shared forward: all weights per example at about MeZO's cost
+METHODS["per-example-lowrank"] = _zo(
+    "per-example-lowrank", "PE-LR",
+    "Per-example low-rank (EGGROLL-style side terms, GRZO-style one direction per example): example j's "
+    "U_j V_j^T per matrix, both copies (+-eps) in one forward; optim.queries = train.batch_size",
+    "PerExampleLowRank", "population_lowrank", "sgd", reads=("rank",), sparse_masks=False,
     perturbation="per_example", per_example=True, data_parallel=False)

@@ -24,9 +24,11 @@ no other such module. On a CPU, N copies in one forward cost about what N forwar
 
 ``per_example`` (GRZO's per-example directions, :class:`zotune.evaluation.PerExample`): the same
 machinery with each example of each copy its own point: copy ``+`` and copy ``-`` of the batch in
-one forward, example ``j`` of both at ``x +- eps z_j``. Each owning module runs once per example
-and copy, with a perturbed copy of its tensors: cheap for a prefix, a prompt, norms or LoRA, and
-``2 B`` copies of every trained tensor a step for all weights.
+one forward, example ``j`` of both at ``x +- eps z_j``. With dense directions each owning module
+runs once per example and copy, with a perturbed copy of its tensors: cheap for a prefix, a
+prompt, norms or LoRA, and ``2 B`` copies of every trained tensor a step for all weights. With
+low-rank directions a plain layer runs once over all rows and adds each example's side term in
+two batched thin matmuls (EGGROLL's shared base matmul): all weights at about MeZO's cost.
 
 ``side`` (low-rank directions, LOZO): a matrix perturbed by ``eps U V^T`` is never written; each
 ``nn.Linear`` adds ``eps (x V) U^T`` to its output and each ``nn.Embedding`` adds
@@ -178,6 +180,11 @@ class CopiesPerturbation:
                             "perturbation='inplace'"
                         )
         self.leaves = leaves
+        #: A plain Linear / Embedding whose only trained tensor is a low-rank-perturbed weight runs
+        #: once over all copies' rows, then adds each copy's side term in two batched thin matmuls
+        #: (EGGROLL's shared base matmul) instead of running once per copy; False runs it per copy
+        #: (``benchmarks/speed.py`` times both)
+        self.batch_side_terms = True
         #: Set by streamed weights (:meth:`use_originals`): leaf i's tensor while its module runs is
         #: a disposable copy of ``originals[i]``, so it is perturbed in place and reset from it.
         self.originals: list[torch.Tensor] | None = None
@@ -209,12 +216,17 @@ class CopiesPerturbation:
         n, mode = len(points), self.mode
         segs = segments(points)
 
+        side_only = self.batch_side_terms and self.originals is None and _side_terms_only(mod, own, est, self.leaves)
+
         def run(*args, **kwargs):
             rows = _rows(args, kwargs, n, mode)
             parts_a, parts_k = _split(args, rows, n), _split(kwargs, rows, n)
             if first_call[0]:
                 first_call[0] = False
                 _check_same_rows(parts_a, parts_k, mode, n)
+            if side_only:  # one forward over every copy's rows, then each copy's own side term
+                return _add_side_terms_per_part(mod, args[0], forward(*args, **kwargs),
+                                                _side_factors(est, own[0], self.leaves[own[0]], points))
             outs = []
             for s, seg in enumerate(segs):
                 outs += self._segment(mod, forward, own, est, [points[k] for k in seg],
@@ -261,6 +273,56 @@ class CopiesPerturbation:
                     p.data.copy_(data)
                 else:
                     p.data = data
+
+
+def _side_terms_only(mod: nn.Module, own: list[int], est: Estimator, leaves: list[torch.Tensor]) -> bool:
+    """``mod`` is a plain Linear / Embedding whose only trained tensor is its weight, perturbed by
+    low-rank factors: every copy's perturbation is a side term of one shared forward."""
+    return len(own) == 1 and est.factored(own[0]) and _is_weight_of_plain_layer(mod, leaves[own[0]])
+
+
+def _side_factors(est: Estimator, i: int, p: torch.Tensor, points: list[Point]):
+    """``(U, V)`` stacked over the points, ``U[k] = alpha_k u_k`` (m x r) and ``V[k] = v_k`` (n x r),
+    zero for a point that leaves leaf ``i`` at ``x``; each direction drawn once (a pair shares it)."""
+    drawn: dict = {}
+    us, vs = [], []
+    for d, alpha in points:
+        if d is None or not est.touches(d, i):
+            us.append(None)
+            vs.append(None)
+            continue
+        if d not in drawn:
+            drawn[d] = est.leaf_direction(d, i, p)
+        ld = drawn[d]
+        us.append(ld.u * alpha)
+        vs.append(ld.v)
+    like = next((k for k, u in enumerate(us) if u is not None), None)
+    if like is None:
+        return None
+    us = [u if u is not None else torch.zeros_like(us[like]) for u in us]
+    vs = [v if v is not None else torch.zeros_like(vs[like]) for v in vs]
+    return torch.stack(us), torch.stack(vs)
+
+
+def _add_side_terms_per_part(module: nn.Module, x: torch.Tensor, out: torch.Tensor, factors):
+    """Add part ``k``'s ``U[k] V[k]^T`` to the output rows of part ``k`` (the rows split into
+    ``len(U)`` equal parts), as :func:`_add_side_term` does for one part, for all parts in two
+    batched matmuls: ``(x_k V_k) U_k^T`` for a Linear, ``U_k[ids_k] V_k^T`` for an Embedding."""
+    if factors is None:
+        return out
+    u, v = factors
+    n = u.shape[0]
+    if isinstance(module, nn.Embedding):  # U_k[ids_k]: index the stacked U with ids offset by part
+        offset = torch.arange(n, device=x.device).view(n, 1) * u.shape[1]
+        thin = F.embedding(x.reshape(n, -1) + offset, u.reshape(-1, u.shape[-1]))  # (n, P, r)
+        right = v.transpose(1, 2)  # (n, r, embedding dim)
+    else:
+        thin = torch.bmm(x.reshape(n, -1, x.shape[-1]), v)  # (n, P, r)
+        right = u.transpose(1, 2)  # (n, r, out features)
+    if out.is_contiguous() and not torch.is_grad_enabled():
+        out.view(n, -1, out.shape[-1]).baddbmm_(thin, right)
+        return out
+    return out + torch.bmm(thin, right).view_as(out)
 
 
 def _is_weight_of_plain_layer(mod: nn.Module, p: torch.Tensor) -> bool:

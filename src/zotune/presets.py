@@ -282,5 +282,46 @@ class PerExampleMeZO(ZOOptimizer):
                          module=module, perturbation="per_example", **kwargs)
 
 
+class PerExampleLowRank(ZOOptimizer):
+    """Per-example low-rank directions: each example of the batch its own rank-``r`` perturbation
+    ``U_j V_j^T`` of every matrix (GRZO, 2026: per-example perturbations), evaluated as side terms
+    of one shared forward (EGGROLL, Sarkar et al. 2025: a population's low-rank perturbations at
+    about inference throughput), at MeZO's cost of two copies of the batch a step.
+
+    Example ``j`` of the batch (``j = 1..B``) runs at ``X + eps U_j V_j^T`` in the first copy and
+    at ``X - eps U_j V_j^T`` in the second (each other tensor: a dense ``z_j``); with its losses
+    ``l_j``::
+
+        c_j = (l_j(x + eps E_j) - l_j(x - eps E_j)) / (2 eps)
+        X <- X - lr * ((1/B) sum_j c_j U_j V_j^T / r + weight_decay * X)
+
+    ``U_j`` (m x r) and ``V_j`` (n x r) regenerated from ``(seed, step, j, leaf)``, never stored:
+    no model-size buffer, no weight written while evaluating. ``E[U V^T <G, U V^T>] / r = G``, so
+    the expected step is MeZO's (``lr * grad``), with the per-example noise reduction of
+    :class:`PerExampleMeZO`. A plain ``nn.Linear`` / ``nn.Embedding`` runs once over both copies
+    and adds each example's ``eps (x V_j) U_j^T`` in two batched thin matmuls; only the other
+    tensors (norms, biases) get per-example copies. ``batch_size`` must be the closure's number of
+    examples.
+
+    Example::
+
+        opt = zotune.PerExampleLowRank(model.named_parameters(), module=model, batch_size=16, lr=1e-4)
+        loss = opt.step(lambda copies=1, per_example=False:
+                        pair_loss(lm, batch, copies=copies, per_example=per_example))
+    """
+
+    def __init__(self, params, lr=1e-6, eps=1e-3, weight_decay=0.0, seed=0, batch_size=16, rank=2,
+                 module: nn.Module | None = None, **kwargs):
+        if module is None:
+            raise ValueError("PerExampleLowRank needs module= (the nn.Module being trained): each example's "
+                             "perturbation is a side term of the layers' outputs")
+        queries = kwargs.pop("queries", None)
+        if queries not in (None, batch_size):
+            raise ValueError(f"PerExampleLowRank draws one direction per example: queries is batch_size "
+                             f"({batch_size}), got queries={queries!r}")
+        super().__init__(params, PopulationLowRankEstimator(batch_size, rank), sgd(), lr, eps, weight_decay, seed,
+                         module=module, perturbation="per_example", **kwargs)
+
+
 #: method name -> its zotune class (first-order methods: :mod:`zotune.fo`), read from the registry
 PRESETS: dict[str, type] = {name: globals()[m.preset] for name, m in METHODS.items()}

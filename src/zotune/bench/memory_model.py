@@ -964,12 +964,19 @@ def _zeroth_order(ctx: _Context):
     # half weights: zotune perturbs "just in time" (swap), and per-example directions run each example
     # with its own perturbed copy: a perturbed copy of one module's trained tensors exists while it runs
     swap = 0
-    if ctx.half or ctx.per_example:
+    swap_text = " + perturbed module copy"
+    if ctx.per_example and ctx.estimator == "population_lowrank":
+        # low-rank per-example directions: a matrix's are side terms, every row's U_j, V_j stacked
+        # (ctx.batch rows: both copies); only the other tensors get per-example copies
+        factors = max((sum(t.shape) * min(ctx.rank, *t.shape) for t in mats), default=0) * ctx.batch
+        swap = (factors + max((t.numel for t in vecs), default=0)) * ctx.wb
+        swap_text = " + per-example factors U_j, V_j of one matrix"
+    elif ctx.half or ctx.per_example:
         swap = max((t.numel for t in ctx.trainable), default=0) * ctx.wb
     forward = fwd + scratch + swap
     peak = ctx.weights + state + max(forward, update)
     st = f" + {state_text}" if state_text else ""
-    swap_text = " + perturbed module copy" if swap else ""
+    swap_text = swap_text if swap else ""
     text = f"|x|{st} + max(forward working set{swap_text} + chunk, chunk + update temporaries)"
     return state, update, fwd, peak, text
 
