@@ -1,7 +1,7 @@
 """Which batch size makes a two-point ZO step go furthest per training row? Measured from
 per-example gradients at the prefix's starting point.
 
-    python benchmarks/batch_noise.py [--task sst2] [--rows 128] [--out benchmarks/results/batch_noise_sst2.json]
+    python benchmarks/batch_noise.py [--task sst2] [--scheme prefix|full] [--rows 128] [--out ...json]
 
 Why: a two-point estimate with a Gaussian direction in d entries has variance ~ d E||g_B||^2, and
 ``E||g_B||^2 = G + T / B`` (G = ||g||^2 of the full-data gradient, T = the trace of the per-example
@@ -12,7 +12,11 @@ batch 16 per row is ``(16 G + T) / (B G + T)`` and the best lr changes by ``(G +
 This backpropagates once per row (for the measurement only; no ZO run does) through SmolLM2-135M
 with its 5-token prefix started from real tokens' keys and values, as ``zotune train`` starts it,
 over ``--rows`` training rows one at a time, and estimates G and T without bias:
-``T ~ sum ||g_i - mean||^2 / (N - 1)`` and ``G ~ ||mean||^2 - T / N``.
+``T ~ sum ||g_i - mean||^2 / (N - 1)`` and ``G ~ ||mean||^2 - T / N``. ``--scheme full`` measures
+the same for all weights. It also prints what per-example directions (one per example of a batch of
+16: ``zotune.PerExampleMeZO``, ``zotune.PerExampleLowRank``) gain over one shared direction at the same
+forward passes: their noise is lower by ``(16 G + T) / (G + T)`` (``zotune.evaluation.PerExample``).
+Writes benchmarks/results/batch_noise_TASK.json (``_TASK_SCHEME`` for another scheme than the prefix).
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # the splits and lengths of the runs these numbers are for (convergence grid; cross-task grid)
 TASKS = {"sst2": ["task.train=1000", "task.dev=200", "task.test=400", "task.max_length=64"],
          "rte": ["task.train=1000", "task.dev=100", "task.test=1000"]}
-BASE = ["model.name=smollm2-135m", "model.dtype=float32", "task.split_seed=0", "trainable.scheme=prefix",
+BASE = ["model.name=smollm2-135m", "model.dtype=float32", "task.split_seed=0",
         "optim.method=fo-sgd", "optim.lr=1e-2", "train.batch_size=1", "train.progress=false"]
 BATCHES = (1, 2, 4, 8, 16)
 
@@ -73,6 +77,7 @@ def measure(overrides: list[str], rows: int) -> dict:
             s += p.grad
     g, t = noise_terms(torch.cat([s.flatten() for s in sum_g]), sum_sq, rows)
     return {"rows": rows, "G": g, "T": t, "T_over_G": t / g if g > 0 else None,
+            "per_example_noise_reduction_16": (16 * g + t) / (g + t),
             "batches": [{"batch": b, "per_row_gain_vs_16": per_row_gain(g, t, b), "lr_ratio_vs_16": lr_ratio(g, t, b)}
                         for b in BATCHES]}
 
@@ -80,18 +85,21 @@ def measure(overrides: list[str], rows: int) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task", default="sst2", choices=sorted(TASKS))
+    ap.add_argument("--scheme", default="prefix", choices=("prefix", "full"))
     ap.add_argument("--rows", type=int, default=128)
     ap.add_argument("--out", default=None, help="default: benchmarks/results/batch_noise_TASK.json")
     args = ap.parse_args(argv)
-    overrides = BASE + [f"task.name={args.task}"] + TASKS[args.task]
+    overrides = BASE + [f"trainable.scheme={args.scheme}", f"task.name={args.task}"] + TASKS[args.task]
     result = measure(overrides, args.rows)
     print(f"{args.task}, {args.rows} rows: G = ||g||^2 = {result['G']:.3g}, T = {result['T']:.3g}, "
-          f"T / G = {result['T_over_G'] if result['T_over_G'] is None else round(result['T_over_G'], 1)}")
+          f"T / G = {result['T_over_G'] if result['T_over_G'] is None else round(result['T_over_G'], 1)}; "
+          f"per-example directions (batch 16): noise / {result['per_example_noise_reduction_16']:.2f}")
     print("| batch | progress per row vs batch 16 | best lr vs batch 16 |\n|---:|---:|---:|")
     for b in result["batches"]:
         print(f"| {b['batch']} | {b['per_row_gain_vs_16']:.2f} | {b['lr_ratio_vs_16']:.2f} |")
-    write_record(args.out or ROOT / f"benchmarks/results/batch_noise_{args.task}.json", {"task": args.task, **result},
-                 config=overrides)
+    suffix = "" if args.scheme == "prefix" else f"_{args.scheme}"
+    write_record(args.out or ROOT / f"benchmarks/results/batch_noise_{args.task}{suffix}.json",
+                 {"task": args.task, "scheme": args.scheme, **result}, config=overrides)
     return 0
 
 

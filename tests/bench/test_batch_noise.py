@@ -52,3 +52,17 @@ def test_main_measures_per_example_gradients_on_a_tiny_model(tmp_path, monkeypat
     assert data["meta"]["config"][-4:] == ["task.train=16", "task.dev=4", "task.test=4", "task.max_length=48"]
     with pytest.raises(ValueError, match="training split has 16 rows"):
         bn.main(["--task", "sst2", "--rows", "40", "--out", str(out)])
+
+
+def test_full_weights_and_the_per_example_noise_reduction(tmp_path, monkeypatch, benchmark_script):
+    bn = benchmark_script("batch_noise")
+    monkeypatch.setattr(bn, "BASE", [b for b in bn.BASE if not b.startswith("model.")] + ["model.name=tiny-llama",
+                                                                                          f"task.data_root={DATA}"])
+    monkeypatch.setitem(bn.TASKS, "sst2", ["task.train=16", "task.dev=4", "task.test=4", "task.max_length=48"])
+    monkeypatch.setattr(bn, "ROOT", tmp_path)
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    assert bn.main(["--task", "sst2", "--scheme", "full", "--rows", "6"]) == 0
+    data = json.loads((tmp_path / "benchmarks/results/batch_noise_sst2_full.json").read_text())
+    assert data["scheme"] == "full" and "trainable.scheme=full" in data["meta"]["config"]
+    g, t = data["G"], data["T"]
+    assert data["per_example_noise_reduction_16"] == pytest.approx((16 * g + t) / (g + t))

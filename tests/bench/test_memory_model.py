@@ -387,3 +387,49 @@ def test_an_iterate_average_adds_one_copy_of_what_trains(synthetic, scheme):
         assert copy == 4 * synthetic.total_params
     with pytest.raises(mm.MemoryModelError, match="no iterate average"):
         predict(synthetic, "mezo", average=True, variant="paper")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("layers", [1, 2])
+def test_top_layers_trains_exactly_what_zotune_selects(tiny, arch, layers):
+    """The last layers' tensors and the final norm (scheme top_layers), and LoRA limited to the
+    last layers, as zotune.params selects them."""
+    from zotune.params import select_trainable, top_layers_parameters
+
+    lm = tiny[arch]
+    selected = top_layers_parameters(lm.model, layers)
+    predicted = mm.trainable_tensors(model_shape(lm.model.config), "top_layers", layers)
+    assert {t.name: t.shape for t in predicted} == {n: tuple(p.shape) for n, p in selected.items()}
+    _, lora = select_trainable(tiny_model(arch), "lora", top_layers=layers)
+    assert predict(lm.model.config, "mezo", scheme="lora", top_layers=layers).trainable_params == \
+        sum(p.numel() for p in lora.values())
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])
+def test_fo_sgd_on_the_top_layer_matches_measured_allocations(arch):
+    """The backward stops at the lowest trained layer: less than full tuning's, as measured."""
+    from zotune.params import top_layers_parameters
+
+    lm = tiny_model(arch)
+    _, step = _measured(lm, set(top_layers_parameters(lm.model, 1)))
+    pred = predict(lm.model.config, "fo-sgd", scheme="top_layers", seq_len=SEQ, batch=BATCH)
+    full = predict(lm.model.config, "fo-sgd", seq_len=SEQ, batch=BATCH)
+    assert 0.5 < (pred.peak_bytes - pred.weights_bytes) / step < 2.0
+    assert pred.activation_bytes < full.activation_bytes
+
+
+def test_top_layers_keep_activations_only_above_the_first_trained_layer(synthetic):
+    one = predict(synthetic, "fo-adam", scheme="top_layers")
+    two = predict(synthetic, "fo-adam", scheme="top_layers", top_layers=2)
+    per_layer = activation_bytes_per_layer(synthetic, 16, 64, 4, scheme="top_layers").per_layer
+    assert two.activation_bytes - one.activation_bytes == per_layer  # one more layer keeps its own
+    layer = sum(t.numel for t in synthetic.tensors if t.block == synthetic.layers - 1) * 4
+    assert one.state_bytes == 2 * (layer + synthetic.hidden * 4)  # Adam's moments: the layer and the final norm
+    assert predict(synthetic, "mezo", scheme="top_layers").state_bytes == 0
+    lora_all, lora_top = (predict(synthetic, "fo-adam", scheme="lora", top_layers=k).activation_bytes
+                          for k in (None, 1))
+    assert lora_top < lora_all
+    with pytest.raises(mm.MemoryModelError, match="top_layers applies to schemes top_layers and lora"):
+        predict(synthetic, "mezo", scheme="prefix", top_layers=1)
+    with pytest.raises(mm.MemoryModelError, match="has 3 layers"):
+        predict(synthetic, "mezo", scheme="top_layers", top_layers=4)

@@ -58,9 +58,9 @@ from zotune.methods import METHODS as _REGISTRY
 from zotune.params import SCHEMES as TRAINABLE_SCHEMES
 
 #: the trainable schemes this model has terms for
-SCHEMES = ("full", "norms", "final_norm", "lora", "prefix", "prompt")
+SCHEMES = ("full", "norms", "final_norm", "top_layers", "lora", "prefix", "prompt")
 #: the schemes that train the base model's own tensors (no adapter tensors are added)
-_OWN_SCHEMES = ("full", "norms", "final_norm")
+_OWN_SCHEMES = ("full", "norms", "final_norm", "top_layers")
 
 __all__ = [
     "Activations",
@@ -416,18 +416,42 @@ def adapter_tensors(shape: ModelShape, scheme: str, *, lora_r: int = 8, prefix_t
     return []
 
 
-def trainable_tensors(shape: ModelShape, scheme: str, **adapter_sizes: int) -> list[ParamTensor]:
+def trainable_tensors(shape: ModelShape, scheme: str, top_layers: int | None = None,
+                      **adapter_sizes: int) -> list[ParamTensor]:
     """What ``scheme`` trains: every tensor (``full``), the normalisation layers' gains and biases
-    (``norms``), the last one's before the LM head (``final_norm``), or a peft adapter's tensors
-    (:func:`adapter_tensors`, sized by ``adapter_sizes``)."""
+    (``norms``), the last one's before the LM head (``final_norm``), every tensor of the last
+    ``top_layers`` layers and the final norm (``top_layers``, default 1), or a peft adapter's
+    tensors (:func:`adapter_tensors`, sized by ``adapter_sizes``; LoRA in the last ``top_layers``
+    layers only when given)."""
     _check_scheme(scheme)
+    first = _first_trained_layer(shape, scheme, top_layers)
     if scheme == "full":
         return list(shape.tensors)
     if scheme == "norms":
         return [t for t in shape.tensors if t.norm]
     if scheme == "final_norm":
         return [t for t in shape.tensors if t.norm and t.block == "head"]
-    return adapter_tensors(shape, scheme, **adapter_sizes)
+    if scheme == "top_layers":
+        return [t for t in shape.tensors if (isinstance(t.block, int) and t.block >= first)
+                or (t.norm and t.block == "head")]
+    return [t for t in adapter_tensors(shape, scheme, **adapter_sizes)
+            if not isinstance(t.block, int) or t.block >= first]
+
+
+def _first_trained_layer(shape: ModelShape, scheme: str, top_layers: int | None) -> int:
+    """The lowest layer a ``top_layers`` run trains (0 for a run over all layers): the backward of a
+    first-order step stops there, and nothing below it keeps activations."""
+    if top_layers is None:
+        return shape.layers - 1 if scheme == "top_layers" else 0
+    if scheme not in ("top_layers", "lora"):
+        raise MemoryModelError(f"top_layers applies to schemes top_layers and lora, not {scheme!r}")
+    try:
+        k = check_int("top_layers", top_layers)
+    except ValueError as e:
+        raise MemoryModelError(str(e)) from None
+    if k > shape.layers:
+        raise MemoryModelError(f"top_layers={k}: {shape.name} has {shape.layers} layers")
+    return shape.layers - k
 
 
 # ------------------------------------------------------------------------------ activations
@@ -513,6 +537,9 @@ def activation_bytes_per_layer(shape: ModelShape, batch: int, seq_len: int, dtyp
         head_needed, head_weight = 2 * T * h * b + stats + logp, 2 * T * h * b
     if scheme == "full":
         layer, head = needed + weight, head_needed + head_weight
+    elif scheme == "top_layers":  # a trained layer keeps full tuning's; the head, what the final norm's gain needs
+        layer, embedding = needed + weight, 0
+        head = head_needed + (T * h * b if shape.family == "llama" else 0)
     elif scheme == "final_norm":  # the backward stops at the last norm: no layer keeps anything
         layer, embedding = 0, 0
         head = head_needed + (T * h * b if shape.family == "llama" else 0)  # RMSNorm's x-hat, as for norms
@@ -639,6 +666,7 @@ def predict(
     momentum: float = 0.0,
     foreach: bool = True,
     average: bool = False,
+    top_layers: int | None = None,
 ) -> Prediction:
     """Predict the peak memory of one step of ``method`` on ``model`` (no weights are loaded).
 
@@ -664,6 +692,9 @@ def predict(
             (the paper's "FO-Adam" vs "FO-Adam w/o fast foreach").
         average: ``train.average_decay`` is on: one more copy of the trainable tensors, kept for
             the whole run (:mod:`zotune.train.averaging`; zotune variant only, the papers have none).
+        top_layers: ``trainable.top_layers``: the layers ``top_layers`` trains (default 1), or LoRA
+            limited to the last ones. Without ``train.head_cache``: the cache's stored states are
+            not modelled.
     """
     if method not in METHODS:
         raise MemoryModelError(unknown_choice("method", str(method), METHODS))
@@ -702,7 +733,7 @@ def predict(
     wb, ab = DTYPES[dtype]
     seq = seq_len + (prompt_tokens if scheme == "prompt" else 0)
     sizes = {"lora_r": lora_r, "prefix_tokens": prefix_tokens, "prompt_tokens": prompt_tokens}
-    trainable = trainable_tensors(shape, scheme, **sizes)
+    trainable = trainable_tensors(shape, scheme, top_layers, **sizes)
     added = [] if scheme in _OWN_SCHEMES else trainable  # a peft scheme's tensors are new ones
     n_params = shape.total_params + sum(t.numel for t in added)
     ctx = _Context(
@@ -712,6 +743,7 @@ def predict(
         seq=seq, logits_positions=logits_positions, trainable=trainable,
         weights=n_params * wb, chunk=chunk_size, workers=workers, queries=queries, rank=lozo_rank,
         momentum=float(momentum), foreach=bool(foreach), lora_r=lora_r, per_example=per_example,
+        first_layer=_first_trained_layer(shape, scheme, top_layers),
     )  # fmt: skip
     if family == "none":
         parts = _inference(ctx)
@@ -758,6 +790,7 @@ class _Context:
     foreach: bool
     lora_r: int
     per_example: bool = False  # rows of the forward are 2 copies of the batch; modules run perturbed copies
+    first_layer: int = 0  # the lowest trained layer (top_layers): nothing below keeps activations
 
     @property
     def eps(self) -> int:
@@ -790,9 +823,11 @@ class _Context:
         return self.wb == 2
 
 
-def _block_acts(act: Activations, shape: ModelShape) -> dict[str | int, int]:
-    out: dict[str | int, int] = {"embed": act.embedding + act.shared}
-    out.update({l: act.per_layer for l in range(shape.layers)})
+def _block_acts(act: Activations, shape: ModelShape, first_layer: int = 0) -> dict[str | int, int]:
+    """Activations kept per block; layers below ``first_layer`` (and the embedding) keep none:
+    the backward stops at the lowest trained layer."""
+    out: dict[str | int, int] = {"embed": (act.embedding if first_layer == 0 else 0) + act.shared}
+    out.update({l: act.per_layer if l >= first_layer else 0 for l in range(shape.layers)})
     out["head"] = act.head
     return out
 
@@ -811,7 +846,7 @@ def _first_order(ctx: _Context):
     grads = ctx.per_block()
     if ctx.variant == "paper":
         # Table 5 / A1 / A2: activations a_l at full precision, halved by FP16 (1/2 a_l) and by F16
-        a_full = _block_acts(ctx.activations(4), shape)
+        a_full = _block_acts(ctx.activations(4), shape, ctx.first_layer)
         scale = 0.5 if (mixed or ctx.half) else 1.0
         acts = {k: v * scale for k, v in a_full.items()}
         per_layer = sum(max(acts[k], grads[k]) for k in acts)
@@ -833,7 +868,7 @@ def _first_order(ctx: _Context):
     # zotune: follow the backward pass. Forward order: embed, layers, head; the backward visits
     # them in reverse, freeing a block's activations as it writes the block's gradients. A tied
     # LM head's gradient (the embedding matrix) is written first, at the head.
-    acts = _block_acts(ctx.activations(), shape)
+    acts = _block_acts(ctx.activations(), shape, ctx.first_layer)
     if mixed:  # autocast keeps a 16-bit copy of each linear layer's weight for the backward
         for t in shape.tensors:
             if len(t.shape) == 2 and t.block != "embed":  # embedding lookups are not cast
@@ -873,7 +908,7 @@ def _first_order(ctx: _Context):
 def _forward_grad(ctx: _Context):
     eps = ctx.eps
     if ctx.variant == "paper":
-        a = max(_block_acts(ctx.activations(4), ctx.shape).values()) * (0.5 if ctx.half else 1.0)
+        a = max(_block_acts(ctx.activations(4), ctx.shape, ctx.first_layer).values()) * (0.5 if ctx.half else 1.0)
         peak = ctx.weights + eps + a
         e = "|x|" if ctx.scheme == "full" else "|e|"
         return 0, eps, a, peak, f"|x| + {e} (z) + max_l |a_l|"
@@ -1020,6 +1055,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--prefix-tokens", type=int, default=5)
     p.add_argument("--prompt-tokens", type=int, default=10)
+    p.add_argument("--top-layers", type=int, default=None,
+                   help="layers trained by scheme top_layers (default 1), or LoRA in the last N layers only")
     p.add_argument("--logits-positions", type=int, default=None, help="scored positions per batch (default: batch)")
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK, help="elements per ZO direction chunk")
     p.add_argument("--workers", type=int, default=1, help="threads drawing chunks at once (CPU)")
@@ -1041,6 +1078,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             lora_r=args.lora_r, prefix_tokens=args.prefix_tokens, prompt_tokens=args.prompt_tokens,
             logits_positions=args.logits_positions, variant=args.variant, chunk_size=args.chunk_size,
             workers=args.workers, momentum=args.momentum, foreach=args.foreach, average=args.average,
+            top_layers=args.top_layers,
         )  # fmt: skip
     except ZotuneError as e:  # what the user asked for (a bug keeps its traceback)
         print(f"zotune memory: error: {e}", file=sys.stderr)

@@ -82,6 +82,15 @@ def evaluate_rows(model, tokenizer, examples: Sequence[Example], metric: str, *,
     return out, row_scores(metric, preds, examples)
 
 
+
+def evaluate_configured(model, cfg, examples: Sequence[Example], metric: str,
+                        name: str) -> tuple[dict[str, float], list[float]]:
+    """:func:`evaluate_rows` with a run's settings (``cfg``: a :class:`zotune.config.Config`): its
+    evaluation batch size, context length and candidate scoring, so every evaluation of a run,
+    cached or not, scores rows alike."""
+    return evaluate_rows(model, model.tokenizer, examples, metric, batch_size=cfg.train.eval_batch_size,
+                         max_length=cfg.task.max_length, scoring=cfg.task.scoring, name=name)
+
 def headline(metrics: dict[str, float]) -> tuple[str, float]:
     """The metric a run is selected and reported by (accuracy, else F1)."""
     for key in ("accuracy", "f1", "f1a", "em"):

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from zotune.config import Config
-from zotune.train.evaluate import evaluate_rows
+from zotune.train.evaluate import evaluate_configured
 from zotune.models import LoadedModel, require_loaded
 from zotune.params import final_norm_parameters, layer_of
 from zotune.tasks import Example
@@ -233,9 +233,6 @@ class LayerCache:
 
     def evaluate(self, split: str, examples: Sequence[Example], metric: str, *, replay: bool = True) -> dict:
         """The task's metric on a cached split, as the run evaluates it (batch size, length, scoring)."""
-        cfg = self.cfg
         with self.replaying() if replay else contextlib.nullcontext():
-            return evaluate_rows(self.lm, self.lm.tokenizer, examples, metric, batch_size=cfg.train.eval_batch_size,
-                                 max_length=cfg.task.max_length, scoring=cfg.task.scoring,
-                                 name=f"{cfg.task.name} {split}")[0]
+            return evaluate_configured(self.lm, self.cfg, examples, metric, f"{self.cfg.task.name} {split}")[0]
 

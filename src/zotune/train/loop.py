@@ -36,7 +36,7 @@ from zotune.schedules import make_schedule
 from zotune.step import ZOOptimizer
 from zotune.train.averaging import IterateAverage
 from zotune.train.checkpoint import CheckpointError, copy_weights, find_checkpoint, load_checkpoint, save_checkpoint
-from zotune.train.evaluate import check_truncation, evaluate_rows, headline
+from zotune.train.evaluate import check_truncation, evaluate_configured, headline
 from zotune.train.logger import RunLogger, log, setup_console_logging, to_json
 from zotune.train.head_cache import HeadCache, HeadCacheError
 from zotune.train.layer_cache import LayerCache
@@ -404,10 +404,8 @@ def evaluate_split_rows(setup: Setup, examples, split: str = "evaluation", lm=No
     """:func:`evaluate_split` and each row's score (for paired tests); ``lm``: another view of
     the model (the base model without its adapters) instead of the model as it trains."""
     _settle(setup.optimizer)
-    cfg = setup.cfg
-    return evaluate_rows(lm or setup.loaded, setup.loaded.tokenizer, examples, setup.data.spec.metric,
-                         batch_size=cfg.train.eval_batch_size, max_length=cfg.task.max_length,
-                         scoring=cfg.task.scoring, name=f"{setup.data.spec.name} {split}")
+    return evaluate_configured(lm or setup.loaded, setup.cfg, examples, setup.data.spec.metric,
+                               f"{setup.data.spec.name} {split}")
 
 
 TEST_ROWS = "test_rows.json"
