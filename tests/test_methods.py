@@ -98,6 +98,9 @@ def test_every_method_is_in_the_command_line_help(name, capsys):
     line = next(line for line in listing.splitlines() if line.split() and line.split()[0] == name)
     assert f"zotune.{m.preset}" in line and m.rule in line and all(flag in line for flag in m.flags())
     assert m.description in listing
+    # the columns line up, the longest name (per-example-lowrank) included
+    rows = [row for row in listing.splitlines() if row and not row.startswith(" ")]
+    assert len({row.index(" zotune.") for row in rows}) == 1
     with pytest.raises(SystemExit):
         cli_main(["--help"])
     assert name in capsys.readouterr().out.replace("-\n", "-").replace("\n", " ").replace("  ", "")

@@ -117,10 +117,12 @@ def cmd_export(args) -> int:
 def cmd_methods(args) -> int:
     from zotune.methods import METHODS
 
+    width = max(len(name) for name in METHODS) + 1  # the columns line up whatever the longest name
+    preset = max(len(m.preset) for m in METHODS.values()) + 1
     for name, m in METHODS.items():
         parts = f"{m.estimator or 'backprop'} + {m.rule}" + (f" ({m.scheme})" if m.scheme != "central" else "")
-        print(f"{name:<16} zotune.{m.preset:<18} {parts:<40} {', '.join(m.flags())}")
-        print(f"{'':<16} {m.description}")
+        print(f"{name:<{width}} zotune.{m.preset:<{preset}} {parts:<40} {', '.join(m.flags())}")
+        print(f"{'':<{width}} {m.description}")
     return 0
 
 
