@@ -168,9 +168,14 @@ def plot_dev_curves(series: dict[str, list[dict]], x_key: str, x_label: str, tit
     except ImportError:
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, points in series.items():
-        ax.plot([p[x_key] for p in points], [p["dev_accuracy"] for p in points], marker=".", label=label)
+    # more curves than the 10 colours of the cycle: each further ten get their own line style, and the
+    # legend goes beside the axes, where it cannot cover the curves
+    many = len(series) > 10
+    fig, ax = plt.subplots(figsize=(12, 6) if many else (6, 4))
+    styles = ("-", "--", ":", "-.")
+    for k, (label, points) in enumerate(series.items()):
+        ax.plot([p[x_key] for p in points], [p["dev_accuracy"] for p in points], marker=".", label=label,
+                linestyle=styles[(k // 10) % len(styles)])
     if hline is not None:
         ax.axhline(hline[0], color="grey", linestyle="--", linewidth=0.8, label=hline[1])
     if log_x:
@@ -178,7 +183,10 @@ def plot_dev_curves(series: dict[str, list[dict]], x_key: str, x_label: str, tit
     ax.set_xlabel(x_label)
     ax.set_ylabel("dev accuracy")
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    if many:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    else:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
