@@ -47,7 +47,7 @@ import argparse
 import dataclasses
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -56,11 +56,6 @@ from zotune.errors import ZotuneError
 from zotune.estimators.base import DEFAULT_CHUNK  # elements per chunk of a dense ZO direction
 from zotune.methods import METHODS as _REGISTRY
 from zotune.params import SCHEMES as TRAINABLE_SCHEMES
-
-#: the trainable schemes this model has terms for
-SCHEMES = ("full", "norms", "final_norm", "top_layers", "lora", "prefix", "prompt")
-#: the schemes that train the base model's own tensors (no adapter tensors are added)
-_OWN_SCHEMES = ("full", "norms", "final_norm", "top_layers")
 
 __all__ = [
     "Activations",
@@ -425,26 +420,76 @@ def trainable_tensors(shape: ModelShape, scheme: str, top_layers: int | None = N
     layers only when given)."""
     _check_scheme(scheme)
     first = _first_trained_layer(shape, scheme, top_layers)
-    if scheme == "full":
-        return list(shape.tensors)
-    if scheme == "norms":
-        return [t for t in shape.tensors if t.norm]
-    if scheme == "final_norm":
-        return [t for t in shape.tensors if t.norm and t.block == "head"]
-    if scheme == "top_layers":
-        return [t for t in shape.tensors if (isinstance(t.block, int) and t.block >= first)
-                or (t.norm and t.block == "head")]
-    return [t for t in adapter_tensors(shape, scheme, **adapter_sizes)
+    return [t for t in SCHEME_TERMS[scheme].select(shape, adapter_sizes)
             if not isinstance(t.block, int) or t.block >= first]
+
+
+class _Kept(NamedTuple):
+    """What a backward may keep, by what needs it (:func:`activation_bytes_per_layer`); a scheme's
+    :attr:`SchemeTerms.keeps` sums the parts its gradients need."""
+
+    needed: int  # a layer's, for its input's gradient
+    weight: int  # a layer's, for its weights' gradients only
+    embedding: int  # the input side (BERT's embedding LayerNorm input)
+    head_needed: int
+    head_weight: int
+    gain_layer: int  # what a layer's norm gains' gradients add (LLaMA's RMSNorm keeps its x-hat; 0 elsewhere)
+    gain_head: int  # the same for the final norm
+    lora: int  # a LoRA layer's: the adapted projections' input and LoRA's T x r hidden activations
+
+
+@dataclasses.dataclass(frozen=True)
+class SchemeTerms:
+    """What the memory model knows of a trainable scheme: ``own`` (it trains the base model's own
+    tensors; a peft scheme adds its own), ``select(shape, adapter_sizes)`` (the tensors it trains
+    over all layers), ``keeps(kept)`` (per layer, embedding and head bytes a backward keeps, from a
+    :class:`_Kept`) and ``default_top`` (``trainable.top_layers`` applies; the layers trained when
+    unset, None: all)."""
+
+    own: bool
+    select: Callable[[ModelShape, dict], list[ParamTensor]]
+    keeps: Callable[[_Kept], tuple[int, int, int]]
+    layered: bool = False
+    default_top: int | None = None
+
+
+def _adapter(scheme: str) -> Callable[[ModelShape, dict], list[ParamTensor]]:
+    return lambda shape, sizes: adapter_tensors(shape, scheme, **sizes)
+
+
+_FROZEN_BASE = lambda k: (k.needed, k.embedding, k.head_needed)  # noqa: E731  (only the inputs' gradients)
+
+#: the trainable schemes this model has terms for
+SCHEME_TERMS: dict[str, SchemeTerms] = {
+    "full": SchemeTerms(True, lambda shape, _: list(shape.tensors),
+                        lambda k: (k.needed + k.weight, k.embedding, k.head_needed + k.head_weight)),
+    "norms": SchemeTerms(True, lambda shape, _: [t for t in shape.tensors if t.norm],
+                         lambda k: (k.needed + k.gain_layer, k.embedding, k.head_needed + k.gain_head)),
+    # the backward stops at the last norm: no layer keeps anything
+    "final_norm": SchemeTerms(True, lambda shape, _: [t for t in shape.tensors if t.norm and t.block == "head"],
+                              lambda k: (0, 0, k.head_needed + k.gain_head)),
+    # a trained layer keeps full tuning's; the head what the final norm's gain needs; nothing below the layers
+    "top_layers": SchemeTerms(True, lambda shape, _: [t for t in shape.tensors if isinstance(t.block, int)
+                                                      or (t.norm and t.block == "head")],
+                              lambda k: (k.needed + k.weight, 0, k.head_needed + k.gain_head),
+                              layered=True, default_top=1),
+    "lora": SchemeTerms(False, _adapter("lora"), lambda k: (k.needed + k.lora, k.embedding, k.head_needed),
+                        layered=True),
+    "prefix": SchemeTerms(False, _adapter("prefix"), _FROZEN_BASE),
+    "prompt": SchemeTerms(False, _adapter("prompt"), _FROZEN_BASE),
+}
+SCHEMES = tuple(SCHEME_TERMS)
 
 
 def _first_trained_layer(shape: ModelShape, scheme: str, top_layers: int | None) -> int:
     """The lowest layer a ``top_layers`` run trains (0 for a run over all layers): the backward of a
     first-order step stops there, and nothing below it keeps activations."""
+    terms = SCHEME_TERMS[scheme]
     if top_layers is None:
-        return shape.layers - 1 if scheme == "top_layers" else 0
-    if scheme not in ("top_layers", "lora"):
-        raise MemoryModelError(f"top_layers applies to schemes top_layers and lora, not {scheme!r}")
+        return 0 if terms.default_top is None else shape.layers - terms.default_top
+    if not terms.layered:
+        layered = [name for name, t in SCHEME_TERMS.items() if t.layered]
+        raise MemoryModelError(f"top_layers applies to schemes {' and '.join(layered)}, not {scheme!r}")
     try:
         k = check_int("top_layers", top_layers)
     except ValueError as e:
@@ -535,20 +580,12 @@ def activation_bytes_per_layer(shape: ModelShape, batch: int, seq_len: int, dtyp
         weight = 2 * T * h * b + act_weight * T * i * b
         embedding = T * h * b + stats
         head_needed, head_weight = 2 * T * h * b + stats + logp, 2 * T * h * b
-    if scheme == "full":
-        layer, head = needed + weight, head_needed + head_weight
-    elif scheme == "top_layers":  # a trained layer keeps full tuning's; the head, what the final norm's gain needs
-        layer, embedding = needed + weight, 0
-        head = head_needed + (T * h * b if shape.family == "llama" else 0)
-    elif scheme == "final_norm":  # the backward stops at the last norm: no layer keeps anything
-        layer, embedding = 0, 0
-        head = head_needed + (T * h * b if shape.family == "llama" else 0)  # RMSNorm's x-hat, as for norms
-    else:
-        layer, head = needed, head_needed
-        if scheme == "norms" and shape.family == "llama":  # RMSNorm's x-hat, for its gain's gradient
-            layer, head = layer + 2 * T * h * b, head + T * h * b
-        if scheme == "lora":  # lora_A keeps its input (the targets' input) and lora_B lora_A's output
-            layer += T * h * b + len(_LORA_TARGETS[shape.family]) * T * lora_r * b
+    llama = shape.family == "llama"  # RMSNorm keeps its x-hat for its gain's gradient (two a layer, one in the head)
+    kept = _Kept(needed, weight, embedding, head_needed, head_weight,
+                 gain_layer=2 * T * h * b if llama else 0, gain_head=T * h * b if llama else 0,
+                 # lora_A keeps its input (the targets' input) and lora_B lora_A's output
+                 lora=T * h * b + len(_LORA_TARGETS[shape.family]) * T * lora_r * b)
+    layer, embedding, head = SCHEME_TERMS[scheme].keeps(kept)
     shared = batch * seq_len * seq_len * b
     return Activations(int(layer), int(embedding), int(head), int(shared))
 
@@ -734,7 +771,7 @@ def predict(
     seq = seq_len + (prompt_tokens if scheme == "prompt" else 0)
     sizes = {"lora_r": lora_r, "prefix_tokens": prefix_tokens, "prompt_tokens": prompt_tokens}
     trainable = trainable_tensors(shape, scheme, top_layers, **sizes)
-    added = [] if scheme in _OWN_SCHEMES else trainable  # a peft scheme's tensors are new ones
+    added = [] if SCHEME_TERMS[scheme].own else trainable  # a peft scheme's tensors are new ones
     n_params = shape.total_params + sum(t.numel for t in added)
     ctx = _Context(
         shape=shape, method=method, estimator=spec.estimator if spec else None, rule=spec.rule if spec else None,
