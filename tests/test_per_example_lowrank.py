@@ -1,7 +1,6 @@
 """Per-example low-rank directions (EGGROLL side terms x GRZO per-example): example j's U_j V_j^T,
 both copies of the batch in one forward, each plain layer run once over all rows."""
 
-import copy
 import math
 
 import pytest
@@ -11,7 +10,7 @@ import zotune
 from zotune.estimators import Direction
 from zotune.evaluation import InPlace, PerExample, Probe
 from zotune.schemes import make_scheme
-from zotune.testing import copies_closure
+from zotune.testing import assert_resumes_and_replays, copies_closure
 
 B, R = 4, 2
 G = torch.Generator().manual_seed(0)
@@ -120,27 +119,8 @@ def test_converges_on_a_small_regression_problem():
 
 
 def test_state_dict_round_trip_and_replay_bit_for_bit():
-    straight = linear()
-    opt = make(straight)
-    for _ in range(5):
-        opt.step(closure_of(straight))
-    resumed = linear()
-    first = make(resumed)
-    for _ in range(2):
-        first.step(closure_of(resumed))
-    state = copy.deepcopy(first.state_dict())
-    second = make(resumed)
-    second.load_state_dict(state)
-    for _ in range(3):
-        second.step(closure_of(resumed))
-    assert torch.equal(straight.weight, resumed.weight) and torch.equal(straight.bias, resumed.bias)
+    state = assert_resumes_and_replays(linear, make, closure_of)
     assert all(v == {} for v in state["state"].values())  # stateless: nothing model-sized kept
-    live, replayed = linear(), linear()
-    a, r = make(live), make(replayed)
-    for _ in range(3):
-        a.step(closure_of(live))
-        r.replay(a.last_record)
-    assert torch.equal(live.weight, replayed.weight) and torch.equal(live.bias, replayed.bias)
 
 
 def test_a_non_finite_example_loss_leaves_the_weights_untouched():

@@ -1,6 +1,5 @@
 """Population low-rank estimator (EGGROLL-style): N low-rank members as N copies in one forward."""
 
-import copy
 
 import pytest
 import torch
@@ -9,6 +8,7 @@ import zotune
 from zotune.estimators import Direction
 from zotune.evaluation import Copies, InPlace, Probe
 from zotune.schemes import make_scheme
+from zotune.testing import assert_resumes_and_replays
 
 G = torch.Generator().manual_seed(0)
 X = torch.randn(8, 5, generator=G, dtype=torch.float64)
@@ -132,43 +132,11 @@ def make(model):
     return zotune.PopulationLowRank(model.named_parameters(), lr=1e-2, eps=1e-3, queries=3, module=model)
 
 
-def test_state_dict_round_trip_bit_for_bit_and_no_model_size_state():
-    straight = mlp()
-    opt = make(straight)
-    for _ in range(6):
-        opt.step(copies_closure(straight))
-    first = mlp()
-    opt1 = make(first)
-    for _ in range(3):
-        opt1.step(copies_closure(first))
-    saved = copy.deepcopy(opt1.state_dict())
+def test_state_dict_round_trip_and_replay_bit_for_bit_and_no_model_size_state():
+    saved = assert_resumes_and_replays(mlp, make, copies_closure, before=3, after=3)
     state_bytes = sum(t.numel() * t.element_size() for s in saved["state"].values() for t in s.values()
                       if torch.is_tensor(t))
     assert state_bytes == 0 and saved["zo"]["estimator_state"] == {}  # directions regenerate from seeds
-    resumed = mlp(seed=9)
-    resumed.load_state_dict(first.state_dict())
-    opt2 = make(resumed)
-    opt2.load_state_dict(saved)
-    for _ in range(3):
-        opt2.step(copies_closure(resumed))
-    for a, b in zip(straight.parameters(), resumed.parameters()):
-        assert torch.equal(a, b)
-
-
-def test_replay_from_the_step_log_rebuilds_the_weights_bit_for_bit():
-    trained = mlp()
-    opt = make(trained)
-    records = []
-    for _ in range(4):
-        opt.step(copies_closure(trained))
-        records.append(copy.deepcopy(opt.last_record))
-    rebuilt = mlp()
-    opt2 = make(rebuilt)
-    for r in records:
-        opt2.replay(r)
-    assert opt2.forward_passes == 0
-    for a, b in zip(trained.parameters(), rebuilt.parameters()):
-        assert torch.equal(a, b)
 
 
 def test_a_non_finite_member_loss_never_touches_the_weights():

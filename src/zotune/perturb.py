@@ -220,13 +220,13 @@ class CopiesPerturbation:
 
         def run(*args, **kwargs):
             rows = _rows(args, kwargs, n, mode)
-            parts_a, parts_k = _split(args, rows, n), _split(kwargs, rows, n)
             if first_call[0]:
                 first_call[0] = False
-                _check_same_rows(parts_a, parts_k, mode, n)
-            if side_only:  # one forward over every copy's rows, then each copy's own side term
+                _check_same_rows(_split(args, rows, n), _split(kwargs, rows, n), mode, n)
+            if side_only and args:  # one forward over every copy's rows, then each copy's own side term
                 return _add_side_terms_per_part(mod, args[0], forward(*args, **kwargs),
                                                 _side_factors(est, own[0], self.leaves[own[0]], points))
+            parts_a, parts_k = _split(args, rows, n), _split(kwargs, rows, n)
             outs = []
             for s, seg in enumerate(segs):
                 outs += self._segment(mod, forward, own, est, [points[k] for k in seg],

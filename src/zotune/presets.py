@@ -244,6 +244,17 @@ class PopulationLowRank(ZOOptimizer):
                          scheme=scheme, module=module, perturbation=perturbation, **kwargs)
 
 
+def _check_per_example(name: str, module: nn.Module | None, batch_size: int, queries: int | None) -> None:
+    """What a per-example preset needs: the module (each example's rows run its layers with that
+    example's direction) and one direction per example."""
+    if module is None:
+        raise ValueError(f"{name} needs module= (the nn.Module being trained): each example's rows run its "
+                         "layers with that example's own perturbation")
+    if queries not in (None, batch_size):
+        raise ValueError(f"{name} draws one direction per example: queries is batch_size ({batch_size}), "
+                         f"got queries={queries!r}")
+
+
 class PerExampleMeZO(ZOOptimizer):
     """MeZO with per-example directions (GRZO, 2026: a different perturbation per example of the
     batch), at MeZO's cost of two copies of the batch a step, both in one forward.
@@ -271,13 +282,7 @@ class PerExampleMeZO(ZOOptimizer):
 
     def __init__(self, params, lr=1e-6, eps=1e-3, weight_decay=0.0, seed=0, batch_size=16, distribution="gaussian",
                  module: nn.Module | None = None, **kwargs):
-        if module is None:
-            raise ValueError("PerExampleMeZO needs module= (the nn.Module being trained): each example's rows run "
-                             "its owning modules with that example's perturbed tensors")
-        queries = kwargs.pop("queries", None)
-        if queries not in (None, batch_size):
-            raise ValueError(f"PerExampleMeZO draws one direction per example: queries is batch_size ({batch_size}), "
-                             f"got queries={queries!r}")
+        _check_per_example(type(self).__name__, module, batch_size, kwargs.pop("queries", None))
         super().__init__(params, Gaussian(batch_size, distribution), sgd(), lr, eps, weight_decay, seed,
                          module=module, perturbation="per_example", **kwargs)
 
@@ -312,13 +317,7 @@ class PerExampleLowRank(ZOOptimizer):
 
     def __init__(self, params, lr=1e-6, eps=1e-3, weight_decay=0.0, seed=0, batch_size=16, rank=2,
                  module: nn.Module | None = None, **kwargs):
-        if module is None:
-            raise ValueError("PerExampleLowRank needs module= (the nn.Module being trained): each example's "
-                             "perturbation is a side term of the layers' outputs")
-        queries = kwargs.pop("queries", None)
-        if queries not in (None, batch_size):
-            raise ValueError(f"PerExampleLowRank draws one direction per example: queries is batch_size "
-                             f"({batch_size}), got queries={queries!r}")
+        _check_per_example(type(self).__name__, module, batch_size, kwargs.pop("queries", None))
         super().__init__(params, PopulationLowRankEstimator(batch_size, rank), sgd(), lr, eps, weight_decay, seed,
                          module=module, perturbation="per_example", **kwargs)
 

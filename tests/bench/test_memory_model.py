@@ -433,3 +433,12 @@ def test_top_layers_keep_activations_only_above_the_first_trained_layer(syntheti
         predict(synthetic, "mezo", scheme="prefix", top_layers=1)
     with pytest.raises(mm.MemoryModelError, match="has 3 layers"):
         predict(synthetic, "mezo", scheme="top_layers", top_layers=4)
+
+
+def test_every_trainable_scheme_has_memory_terms():
+    """Each scheme zotune.params trains has one SchemeTerms: what it trains and what a backward keeps."""
+    from zotune.params import SCHEMES as TRAINABLE
+
+    assert set(TRAINABLE) <= set(mm.SCHEME_TERMS)
+    assert {s for s, terms in mm.SCHEME_TERMS.items() if terms.own} == {"full", "norms", "final_norm", "top_layers"}
+    assert {s for s, terms in mm.SCHEME_TERMS.items() if terms.layered} == {"top_layers", "lora"}
