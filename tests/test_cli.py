@@ -159,7 +159,7 @@ def test_only_errors_zotune_raises_on_purpose_are_user_errors():
 def test_eval_scores_with_the_template_scoring_as_training_does(recipe, monkeypatch, capsys):
     # zotune eval once ranked candidates by the summed log-likelihood whatever task.scoring said,
     # so a run with MeZO's template (per-token mean) was evaluated one way in training, another here
-    import zotune.train.loop as ev  # zotune eval evaluates through the loop's evaluate_split, as training does
+    import zotune.train.evaluate as ev  # zotune eval scores through evaluate_configured, as training does
 
     seen = {}
 

@@ -155,16 +155,17 @@ def test_tune_command_prints_the_table_and_json_and_exits_by_outcome():
 
 def test_runs_score_with_the_configured_scoring(monkeypatch, tmp_path):
     """task.scoring reaches the evaluation of a run (it was read only by zotune's evaluate default)."""
+    import zotune.train.evaluate as evaluate
     import zotune.train.loop as loop
 
     seen = []
-    real = loop.evaluate_rows
+    real = evaluate.evaluate_rows
 
     def spy(*args, **kwargs):
         seen.append(kwargs.get("scoring"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "evaluate_rows", spy)
+    monkeypatch.setattr(evaluate, "evaluate_rows", spy)  # every evaluation of a run goes through evaluate_configured
     cfg = load_config(None, TINY + ["task.scoring=mean", "task.test=8", "train.steps=1", "train.save_every=1",
                                     "train.eval_at_start=false", f"train.output_dir={tmp_path / 'run'}"])
     loop.train(cfg)
