@@ -94,11 +94,15 @@ def test_copies_give_the_losses_of_sequential_in_place_evaluations_on_a_tiny_cau
     assert len(set(flat)) == 8  # the members really differ
 
 
-def test_trains_a_tiny_causal_lm_with_full_fine_tuning_through_the_recipe(tmp_path):
+@pytest.mark.parametrize("method, overrides, evaluation, passes", [
+    ("population", ["optim.queries=3", "optim.perturbation=dual"], "Copies", 2 * 6),  # 2 x 3 members a step
+    ("per-example-lowrank", [], "PerExample", 2 * 2),  # one member per example: two copies of the batch a step
+])
+def test_trains_a_tiny_causal_lm_with_full_fine_tuning_through_the_recipe(tmp_path, method, overrides, evaluation,
+                                                                          passes):
     from pathlib import Path
 
     from zotune.config import load_config
-    from zotune.evaluation import Copies as CopiesEvaluation
     from zotune.train.loop import build, train
 
     data = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
@@ -108,13 +112,13 @@ def test_trains_a_tiny_causal_lm_with_full_fine_tuning_through_the_recipe(tmp_pa
         "model.name=tiny-llama", "task.name=sst2", "task.train=16", "task.dev=0", "task.test=0",
         f"task.data_root={data}", "task.max_length=32", "train.batch_size=4", "optim.lr=3e-4",
         "train.progress=false", "train.tensorboard=false", "train.eval_at_start=false",
-        "optim.method=population", "optim.queries=3", "optim.perturbation=dual", "train.steps=2",
+        f"optim.method={method}", *overrides, "train.steps=2",
         "train.save_every=2", f"train.output_dir={tmp_path / 'run'}"])
     setup = build(cfg)
     before = {n: p.detach().clone() for n, p in setup.named.items()}
     train(cfg, setup=setup)
-    assert isinstance(setup.optimizer.evaluation, CopiesEvaluation)
-    assert setup.optimizer.forward_passes == 2 * 6
+    assert type(setup.optimizer.evaluation).__name__ == evaluation
+    assert setup.optimizer.forward_passes == passes
     moved = [n for n, p in setup.named.items() if not torch.equal(p.detach(), before[n])]
     assert len(moved) == len(before)  # full fine-tuning: every tensor moved
 
