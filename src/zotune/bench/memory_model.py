@@ -443,8 +443,8 @@ class SchemeTerms:
     """What the memory model knows of a trainable scheme: ``own`` (it trains the base model's own
     tensors; a peft scheme adds its own), ``select(shape, adapter_sizes)`` (the tensors it trains
     over all layers), ``keeps(kept)`` (per layer, embedding and head bytes a backward keeps, from a
-    :class:`_Kept`) and ``default_top`` (``trainable.top_layers`` applies; the layers trained when
-    unset, None: all)."""
+    :class:`_Kept`), ``layered`` (``trainable.top_layers`` applies) and ``default_top`` (the layers
+    trained when it is unset; None: all)."""
 
     own: bool
     select: Callable[[ModelShape, dict], list[ParamTensor]]
