@@ -30,7 +30,7 @@ from convergence import plot_dev_curves, read_jsonl  # noqa: E402  (one reading 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 #: (grid, run): the prefix runs of SST-2 with a plain SGD step (ZO estimates and FO-SGD), and MeZO / FO-SGD on all
-#: weights for the same comparison at their own scale
+#: weights and on the prompt for the same comparison at their own scale
 RUNS = (
     ("sst2-convergence", "fo-sgd-prefix-lr0.1"), ("sst2-convergence", "fo-sgd-prefix-lr1"),
     ("sst2-convergence", "fo-sgd-prefix-lr3"),
@@ -44,6 +44,9 @@ RUNS = (
     ("sst2-equal-time", "per-example-prefix-lr3e-2-cos30min"),
     ("sst2-convergence", "fo-sgd-lr1e-3"), ("sst2-convergence", "mezo-lr1e-5"), ("sst2-convergence", "mezo-lr3e-5"),
     ("sst2-convergence", "mezo-lr3e-5-seed1"), ("sst2-convergence", "mezo-lr3e-5-seed2"),
+    ("sst2-convergence", "fo-sgd-prompt-lr5e-2"), ("sst2-convergence", "fo-sgd-prompt-lr0.5"),
+    ("sst2-convergence", "mezo-prompt-lr1e-3"), ("sst2-convergence", "mezo-prompt-lr3e-3"),
+    ("sst2-convergence", "mezo-prompt-lr3e-3-seed1"), ("sst2-convergence", "mezo-prompt-lr3e-3-seed2"),
 )
 AT = (1, 2, 5, 10, 20, 50, 100)
 
@@ -105,7 +108,7 @@ def measure(at=AT, scheme: str | None = None) -> list[dict]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--at", default=",".join(str(a) for a in AT), help="summed lrs to read dev accuracy at")
-    ap.add_argument("--scheme", default=None, help="only the runs of this trainable scheme (prefix, full)")
+    ap.add_argument("--scheme", default=None, help="only the runs of this trainable scheme (prefix, full, prompt)")
     ap.add_argument("--out", default=None, help="default benchmarks/results/summed_lr_sst2[_SCHEME].json")
     ap.add_argument("--figure", default=None, help="default docs/figures/summed_lr_sst2[_SCHEME].png; '' for none")
     args = ap.parse_args(argv)
