@@ -47,6 +47,7 @@ RUNS = (
     ("sst2-convergence", "fo-sgd-prompt-lr5e-2"), ("sst2-convergence", "fo-sgd-prompt-lr0.5"),
     ("sst2-convergence", "mezo-prompt-lr1e-3"), ("sst2-convergence", "mezo-prompt-lr3e-3"),
     ("sst2-convergence", "mezo-prompt-lr3e-3-seed1"), ("sst2-convergence", "mezo-prompt-lr3e-3-seed2"),
+    ("sst2-convergence", "mezo-prompt-lr1e-2"), ("sst2-convergence", "mezo-prompt-lr3e-2"),
 )
 AT = (1, 2, 5, 10, 20, 50, 100)
 
