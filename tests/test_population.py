@@ -1,12 +1,11 @@
 """Population low-rank estimator (EGGROLL-style): N low-rank members as N copies in one forward."""
 
-
 import pytest
 import torch
 
 import zotune
 from zotune.estimators import Direction
-from zotune.evaluation import Copies, InPlace, Probe
+from zotune.evaluation import Copies, InPlace, PerExample, Probe
 from zotune.schemes import make_scheme
 from zotune.testing import assert_resumes_and_replays
 
@@ -95,8 +94,8 @@ def test_copies_give_the_losses_of_sequential_in_place_evaluations_on_a_tiny_cau
 
 
 @pytest.mark.parametrize("method, overrides, evaluation, passes", [
-    ("population", ["optim.queries=3", "optim.perturbation=dual"], "Copies", 2 * 6),  # 2 x 3 members a step
-    ("per-example-lowrank", [], "PerExample", 2 * 2),  # one member per example: two copies of the batch a step
+    ("population", ["optim.queries=3", "optim.perturbation=dual"], Copies, 2 * 6),  # 2 x 3 members a step
+    ("per-example-lowrank", [], PerExample, 2 * 2),  # one member per example: two copies of the batch a step
 ])
 def test_trains_a_tiny_causal_lm_with_full_fine_tuning_through_the_recipe(tmp_path, method, overrides, evaluation,
                                                                           passes):
@@ -117,7 +116,7 @@ def test_trains_a_tiny_causal_lm_with_full_fine_tuning_through_the_recipe(tmp_pa
     setup = build(cfg)
     before = {n: p.detach().clone() for n, p in setup.named.items()}
     train(cfg, setup=setup)
-    assert type(setup.optimizer.evaluation).__name__ == evaluation
+    assert type(setup.optimizer.evaluation) is evaluation
     assert setup.optimizer.forward_passes == passes
     moved = [n for n, p in setup.named.items() if not torch.equal(p.detach(), before[n])]
     assert len(moved) == len(before)  # full fine-tuning: every tensor moved

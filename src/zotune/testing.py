@@ -14,6 +14,8 @@ Example::
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from zotune._validate import unknown_choice
@@ -169,10 +171,9 @@ def assert_resumes_and_replays(new_model, make_optimizer, closure_of, before: in
     rebuilds the live weights bit for bit. ``new_model()`` builds the same model at each call,
     ``make_optimizer(model)`` its optimizer, ``closure_of(model)`` a closure for one step. Returns the
     optimizer state saved after ``before`` steps (for checks of what it keeps)."""
-    import copy
 
     def same(a, b, what):
-        for (name, x), y in zip(a.named_parameters(), b.parameters()):
+        for (name, x), y in zip(a.named_parameters(), b.parameters(), strict=True):
             if not torch.equal(x, y):
                 raise AssertionError(f"{what}: {name} differs")
 

@@ -457,7 +457,10 @@ def _adapter(scheme: str) -> Callable[[ModelShape, dict], list[ParamTensor]]:
     return lambda shape, sizes: adapter_tensors(shape, scheme, **sizes)
 
 
-_FROZEN_BASE = lambda k: (k.needed, k.embedding, k.head_needed)  # noqa: E731  (only the inputs' gradients)
+def _frozen_base(k: _Kept) -> tuple[int, int, int]:
+    """An adapter outside the base model's tensors (prefix, prompt): only the inputs' gradients."""
+    return k.needed, k.embedding, k.head_needed
+
 
 #: the trainable schemes this model has terms for
 SCHEME_TERMS: dict[str, SchemeTerms] = {
@@ -475,8 +478,8 @@ SCHEME_TERMS: dict[str, SchemeTerms] = {
                               layered=True, default_top=1),
     "lora": SchemeTerms(False, _adapter("lora"), lambda k: (k.needed + k.lora, k.embedding, k.head_needed),
                         layered=True),
-    "prefix": SchemeTerms(False, _adapter("prefix"), _FROZEN_BASE),
-    "prompt": SchemeTerms(False, _adapter("prompt"), _FROZEN_BASE),
+    "prefix": SchemeTerms(False, _adapter("prefix"), _frozen_base),
+    "prompt": SchemeTerms(False, _adapter("prompt"), _frozen_base),
 }
 SCHEMES = tuple(SCHEME_TERMS)
 
