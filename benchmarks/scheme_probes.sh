@@ -82,3 +82,7 @@ want mezo-prompt-vocab && probe mezo-prompt-vocab 30 1,3,10,30,100,300,1000 "${s
 # 2026-12-05 (sixteenth session): per-example directions on the prefix, the same probe as mezo-prefix-act-onese
 # (the same expected step as MeZO's with a third of its noise: does the probe pick the same lr?)
 want per-example-prefix && probe per-example-prefix 30 1,3,10,30,100 "${sst2[@]}" optim.method=per-example optim.lr=1e-3 optim.eps=1e-1 trainable.scheme=prefix
+# 2026-12-06 (twenty-first session): MeZO on LoRA. Its starting point (3e-3) is derived from MeZO's OPT grids
+# (LoRA ~100x full) and only just moved SST-2 in 4 minutes (docs/defaults.md: 61.3, p = 0.024); the other
+# gradient-sized methods' LoRA lrs follow the same ratio and did not move. Two decades around it
+want mezo-lora-wide && probe mezo-lora-wide 30 1,3,10,30,100 "${sst2[@]}" optim.method=mezo optim.lr=1e-3 optim.eps=1e-2 trainable.scheme=lora

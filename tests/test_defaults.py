@@ -26,8 +26,12 @@ def test_measured_values_are_the_benchmarks_dev_choices():
     lora = starting_point("fzoo", "lora")
     assert (lora.lr, lora.eps, lora.measured) == (1e-2, 1e-2, True)
     assert starting_point("fzoo", "prefix").lr == 0.1
-    derived = starting_point("mezo", "lora")  # MeZO's own grids' LoRA / full ratio applied to its measured lr
-    assert derived.lr == pytest.approx(3e-3) and not derived.measured and "ratio" in derived.evidence
+    # MeZO on LoRA: its probe's pick on SST-2 dev (the ratio of MeZO's own OPT grids, ~100x full, agreed)
+    lora = starting_point("mezo", "lora")
+    assert (lora.lr, lora.eps, lora.measured) == (3e-3, 1e-2, True) and "mezo-lora-wide" in lora.evidence
+    # other gradient-sized steps on LoRA follow that measured ratio
+    assert starting_point("zo-sgd-cons", "lora").lr == pytest.approx(3e-3)
+    assert "measured: MeZO on LoRA" in starting_point("zo-sgd-cons", "lora").evidence
     assert starting_point("zo-adam", "lora").lr == pytest.approx(5e-3)  # normalised: FZOO's measured ratio
     assert starting_point("mezo", "prefix").eps == 1e-1
     # MeZO on the prefix: 0.01 measured at equal time on SST-2 dev (0.1 never learned; OPT's grids' ratio gave 0.3)

@@ -93,7 +93,8 @@ _FULL = {
 _MEZO_GRIDS = "MeZO's lr grids for OPT (its Table 15)"
 _SCHEME_RATIO = {
     "lora": {"normalised": (10.0, f"measured: FZOO LoRA probe, 1e-2 over full's 1e-3 ({_PROBES})"),
-             "gradient": (100.0, f"derived: {_MEZO_GRIDS}, LoRA ~100x full")},
+             "gradient": (3e-3 / 3e-5, f"measured: MeZO on LoRA, 3e-3 over full's 3e-5 ({_PROBES}; "
+                                       f"{_MEZO_GRIDS} say ~100x too)")},
     "prefix": {"normalised": (100.0, f"measured: FZOO prefix probe, 0.1 over full's 1e-3 ({_PROBES})"),
                "gradient": (1e-2 / 3e-5, f"measured: MeZO on the prefix, 1e-2 over full's 3e-5 ({_EQUAL}; "
                                          f"{_MEZO_GRIDS} say ~1e4x, and 0.1 never learned here)")},
@@ -129,6 +130,9 @@ _MEASURED = {
                                                f"({_PROBES})"),
     ("fzoo", "prefix"): StartingPoint(0.1, 1e-1, f"measured: `zotune tune` on SST-2 dev with the prefix from "
                                                 f"real activations, lr 1e-3 / 1e-2 / 1e-1 ({_PROBES})"),
+    ("mezo", "lora"): StartingPoint(3e-3, 1e-2, f"measured: `zotune tune` on SST-2 dev picked 3e-3 of 1e-3 .. 0.1 "
+                                               f"({_PROBES}, mezo-lora-wide): dev loss 0.938 -> 0.879 in 30 steps; "
+                                               "1e-2 and above raised it (1.28-2.15)"),
     ("mezo", "prefix"): StartingPoint(1e-2, 1e-1, f"measured: 30-minute SST-2 runs chosen on dev ({_EQUAL}): "
                                                  "0.01 held 0.78-0.80 dev, 0.1 (its 30-step probe's pick) never learned"),
     ("mezo", "norms"): StartingPoint(3e-4, 1e-2, f"measured: `zotune tune` on SST-2 dev picked 3e-4 of 1e-4 .. 1e-2 "
