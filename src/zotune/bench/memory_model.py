@@ -94,10 +94,6 @@ METHODS: dict[str, tuple[str, str]] = {
     "inference": ("none", "one forward pass without gradients (the floor every method pays)"),
     **{name: (m.family, m.description) for name, m in _REGISTRY.items()},
 }
-# The estimators and rules whose memory this model accounts for; a method built from anything
-# else is refused (MemoryModelError) until its terms are added to _zo_state / _zeroth_order.
-ESTIMATORS = ("gaussian", "blockwise", "lowrank", "forward", "hessian", "magnitude", "population_lowrank")
-RULES = ("sgd", "sign", "momentum", "adam", "lowrank_momentum")
 VARIANTS = ("zotune", "paper")
 # dtype -> (bytes of weights, gradients and optimizer state; bytes of activations)
 DTYPES: dict[str, tuple[int, int]] = {
@@ -789,10 +785,8 @@ def predict(
         parts = _inference(ctx)
     elif family == "fo":
         parts = _first_order(ctx)
-    elif ctx.estimator == "forward":
-        parts = _forward_grad(ctx)
     else:
-        parts = _zeroth_order(ctx)
+        parts = _ESTIMATOR_TERMS[ctx.estimator].model(ctx)
     state, dynamic, act, peak, formula = parts
     if average:
         if variant == "paper":
@@ -965,44 +959,58 @@ def _forward_grad(ctx: _Context):
     return 0, eps, fwd, peak, "|x| + |e| (z) + 2 x forward working set (primal + tangent)"
 
 
-def _zo_state(ctx: _Context) -> tuple[int, str]:
-    eps = ctx.eps
-    numel = eps // ctx.wb
-    # zotune keeps optimizer state in float32 for half-precision weights; the paper's table halves it
+def _dense_state(ctx: _Context, copies: int) -> int:
+    """Bytes of ``copies`` trainable-size buffers of optimizer state; zotune keeps them in float32
+    for half-precision weights, the paper's table halves them."""
     state_b = 4 if ctx.half and ctx.variant == "zotune" else ctx.wb
-    if ctx.rule == "momentum":
-        return numel * state_b, "|e|"
-    if ctx.rule == "adam":
-        return 2 * numel * state_b, "2|e|"
-    if ctx.estimator == "hessian":
-        return numel * (8 if ctx.wb == 8 else 4), "|H| (float32)"
-    if ctx.estimator == "magnitude":
-        mats = sum(t.numel for t in ctx.trainable if len(t.shape) >= 2)
-        return (mats + 7) // 8, "mask bits (|e| / 32 in float32)"
-    if ctx.estimator == "lowrank":
-        # V (n x r) per matrix, kept for `interval` steps; LOZO-M adds N (m x r) per matrix and a
-        # dense momentum for the other tensors
-        mats = [t for t in ctx.trainable if len(t.shape) == 2]
-        v = sum(t.shape[1] * min(ctx.rank, *t.shape) for t in mats) * ctx.wb
-        if ctx.momentum > 0:
-            n = sum(t.shape[0] * min(ctx.rank, *t.shape) for t in mats) * ctx.wb
-            dense = sum(t.numel for t in ctx.trainable if len(t.shape) != 2) * ctx.wb
-            return v + n + dense, "sum V (n r) + sum N (m r) + |vectors|"
-        return v, "sum V (n r)"
+    return copies * (ctx.eps // ctx.wb) * state_b
+
+
+def _hessian_state(ctx: _Context) -> tuple[int, str]:
+    return (ctx.eps // ctx.wb) * (8 if ctx.wb == 8 else 4), "|H| (float32)"
+
+
+def _mask_state(ctx: _Context) -> tuple[int, str]:
+    mats = sum(t.numel for t in ctx.trainable if len(t.shape) >= 2)
+    return (mats + 7) // 8, "mask bits (|e| / 32 in float32)"
+
+
+def _lowrank_state(ctx: _Context) -> tuple[int, str]:
+    """V (n x r) per matrix, kept for ``interval`` steps; LOZO-M adds N (m x r) per matrix and a
+    dense momentum for the other tensors."""
+    mats = [t for t in ctx.trainable if len(t.shape) == 2]
+    v = sum(t.shape[1] * min(ctx.rank, *t.shape) for t in mats) * ctx.wb
+    if ctx.momentum > 0:
+        n = sum(t.shape[0] * min(ctx.rank, *t.shape) for t in mats) * ctx.wb
+        dense = sum(t.numel for t in ctx.trainable if len(t.shape) != 2) * ctx.wb
+        return v + n + dense, "sum V (n r) + sum N (m r) + |vectors|"
+    return v, "sum V (n r)"
+
+
+def _no_state(ctx: _Context) -> tuple[int, str]:
     return 0, ""
+
+
+def _zo_state(ctx: _Context) -> tuple[int, str]:
+    """What the rule and the estimator keep between steps (a method has at most one of them)."""
+    copies, rule_text = _RULE_TERMS[ctx.rule].state
+    if copies:
+        return _dense_state(ctx, copies), rule_text
+    return _ESTIMATOR_TERMS[ctx.estimator].state(ctx)
 
 
 def _zeroth_order(ctx: _Context):
     state, state_text = _zo_state(ctx)
     full = ctx.scheme == "full"
     x_l = "|x_l|" if full else "|e_l|"
-    lozo = ctx.estimator == "lowrank"
+    terms = _ESTIMATOR_TERMS[ctx.estimator]
+    factored = terms.factored  # LOZO: matrices get U V^T factors, not dense chunks
     mats = [t for t in ctx.trainable if len(t.shape) == 2]
     vecs = [t for t in ctx.trainable if len(t.shape) != 2]
     if ctx.variant == "paper":
         # Table 5 / A2: one tensor's direction at a time (MeZO's reference code regenerates z per
         # parameter tensor, so l ranges over tensors); F16 halves every term.
-        if lozo:
+        if factored:
             u = max((t.shape[0] * min(ctx.rank, *t.shape) for t in mats), default=0)
             dynamic = max(u, max((t.numel for t in vecs), default=0)) * ctx.wb
             text = f"|x| + max_l |U_l| + {state_text}"
@@ -1013,23 +1021,18 @@ def _zeroth_order(ctx: _Context):
         return state, dynamic, fwd, ctx.weights + dynamic + state, text
     # zotune: a scratch buffer of one chunk per worker thread (kept between steps), the
     # direction regenerated into it; rules and half-precision rounding add per-chunk temporaries.
-    dense_unit = min(ctx.chunk, max((t.numel for t in (vecs if lozo else ctx.trainable)), default=0))
+    dense_unit = min(ctx.chunk, max((t.numel for t in (vecs if factored else ctx.trainable)), default=0))
     scratch = dense_unit * ctx.wb * ctx.workers
     unit = dense_unit
     per_unit = 0  # temporaries per element of a unit, bytes
-    if lozo:
+    if factored:
         u = max((t.shape[0] * min(ctx.rank, *t.shape) for t in mats), default=0) * ctx.wb
         scratch += u * ctx.workers  # U (m x r) drawn per matrix
         # half precision: matrices are updated in float32 row blocks of about one chunk, each
         # rounded stochastically (no whole-matrix float32 copy), so the unit stays a chunk
     if ctx.queries > 1:
         per_unit += ctx.wb  # the averaged g of several directions
-    if ctx.rule == "adam":
-        per_unit += 2 * ctx.wb  # g * scale and the bias-corrected v_{t-1}
-    if ctx.estimator == "hessian":
-        per_unit += 4  # H^{-1/2} of the chunk
-    if ctx.estimator == "magnitude":
-        per_unit += 1 + ctx.wb  # the unpacked mask and its cast to the weights' dtype
+    per_unit += _RULE_TERMS[ctx.rule].chunk_temporaries(ctx) + terms.chunk_temporaries(ctx)
     if ctx.half:
         # float32 work copy, stochastic rounding: nearest / other (16-bit) and float32 copies,
         # the rounding probability and uniform draws
@@ -1040,7 +1043,7 @@ def _zeroth_order(ctx: _Context):
     # with its own perturbed copy: a perturbed copy of one module's trained tensors exists while it runs
     swap = 0
     swap_text = " + perturbed module copy"
-    if ctx.per_example and ctx.estimator == "population_lowrank":
+    if ctx.per_example and terms.per_example_factors:
         # low-rank per-example directions: a matrix's are side terms, every row's U_j, V_j stacked
         # (ctx.batch rows: both copies); only the other tensors get per-example copies
         factors = max((sum(t.shape) * min(ctx.rank, *t.shape) for t in mats), default=0) * ctx.batch
@@ -1054,6 +1057,57 @@ def _zeroth_order(ctx: _Context):
     swap_text = swap_text if swap else ""
     text = f"|x|{st} + max(forward working set{swap_text} + chunk, chunk + update temporaries)"
     return state, update, fwd, peak, text
+
+
+@dataclasses.dataclass(frozen=True)
+class _EstimatorTerms:
+    """An estimator's memory terms, beyond a dense direction regenerated a chunk at a time.
+
+    ``model`` computes the whole prediction (Forward-Grad's JVP has its own); ``state`` is what
+    it keeps between steps; ``chunk_temporaries`` the bytes it adds per element of an update
+    chunk; ``factored``: matrices' directions are U V^T factors (LOZO), drawn as factors rather
+    than dense chunks; ``per_example_factors``: per-example directions are side terms U_j, V_j, so
+    a matrix gets no perturbed copy per example.
+    """
+
+    model: Callable[[_Context], tuple] = _zeroth_order
+    state: Callable[[_Context], tuple[int, str]] = _no_state
+    chunk_temporaries: Callable[[_Context], int] = lambda ctx: 0
+    factored: bool = False
+    per_example_factors: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class _RuleTerms:
+    """An update rule's memory terms: ``state`` = (trainable-size buffers it keeps, formula);
+    ``chunk_temporaries``: bytes per element of an update chunk."""
+
+    state: tuple[int, str] = (0, "")
+    chunk_temporaries: Callable[[_Context], int] = lambda ctx: 0
+
+
+# The estimators and rules whose memory this model accounts for (zotune.methods.METHODS names them);
+# a method built from anything else is refused (MemoryModelError) until its terms are added here.
+_ESTIMATOR_TERMS: dict[str, _EstimatorTerms] = {
+    "gaussian": _EstimatorTerms(),
+    "blockwise": _EstimatorTerms(),
+    "lowrank": _EstimatorTerms(state=_lowrank_state, factored=True),
+    "forward": _EstimatorTerms(model=_forward_grad),
+    "hessian": _EstimatorTerms(state=_hessian_state, chunk_temporaries=lambda ctx: 4),  # H^{-1/2} of the chunk
+    # the unpacked mask and its cast to the weights' dtype
+    "magnitude": _EstimatorTerms(state=_mask_state, chunk_temporaries=lambda ctx: 1 + ctx.wb),
+    "population_lowrank": _EstimatorTerms(per_example_factors=True),
+}
+_RULE_TERMS: dict[str, _RuleTerms] = {
+    "sgd": _RuleTerms(),
+    "sign": _RuleTerms(),
+    "momentum": _RuleTerms(state=(1, "|e|")),
+    # g * scale and the bias-corrected v_{t-1} per chunk element
+    "adam": _RuleTerms(state=(2, "2|e|"), chunk_temporaries=lambda ctx: 2 * ctx.wb),
+    "lowrank_momentum": _RuleTerms(),  # LOZO-M's momentum lives in the low-rank estimator's state
+}
+ESTIMATORS = tuple(_ESTIMATOR_TERMS)
+RULES = tuple(_RULE_TERMS)
 
 
 def predict_table(model: Any, methods: str | Iterable[str] = "all", **kw) -> list[Prediction]:
