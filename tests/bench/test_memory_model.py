@@ -442,3 +442,17 @@ def test_every_trainable_scheme_has_memory_terms():
     assert set(TRAINABLE) <= set(mm.SCHEME_TERMS)
     assert {s for s, terms in mm.SCHEME_TERMS.items() if terms.own} == {"full", "norms", "final_norm", "top_layers"}
     assert {s for s, terms in mm.SCHEME_TERMS.items() if terms.layered} == {"top_layers", "lora"}
+
+
+def test_head_cache_rows_are_kept_state_and_refused_where_no_cache_applies(synthetic):
+    kw = dict(scheme="top_layers", seq_len=32, top_layers=1)
+    base, cached = predict(synthetic, "mezo", **kw), predict(synthetic, "mezo", cached_rows=1000, **kw)
+    assert cached.state_bytes - base.state_bytes == 1000 * 32 * 64 * 4  # rows x tokens x hidden x float32
+    assert cached.peak_bytes - base.peak_bytes == 1000 * 32 * 64 * 4 and "head cache" in cached.formula
+    norm = predict(synthetic, "fzoo", scheme="final_norm", cached_rows=1000, dtype="bfloat16")
+    plain = predict(synthetic, "fzoo", scheme="final_norm", dtype="bfloat16")
+    assert norm.state_bytes - plain.state_bytes == 1000 * 64 * 2  # one vector a row, in the model's dtype
+    with pytest.raises(mm.MemoryModelError, match="cached_rows.*not for 'lora'"):
+        predict(synthetic, "mezo", scheme="lora", cached_rows=10)
+    with pytest.raises(mm.MemoryModelError, match="cached_rows must be an integer >= 0"):
+        predict(synthetic, "mezo", scheme="final_norm", cached_rows=-1)

@@ -241,3 +241,21 @@ def test_generation_tasks_are_refused():
 def test_config_errors_name_what_to_change(extra, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, TINY + ["optim.method=mezo", "train.head_cache=true"] + extra)
+
+
+def test_the_memory_model_bounds_the_cache_it_keeps():
+    """predict(cached_rows=...) counts each cached sequence at seq_len tokens: an upper bound on the
+    cache's own bytes, and exact for sequences of that length."""
+    from zotune.bench.memory_model import predict
+
+    cfg, setup = _setup("optim.method=mezo")
+    cache = _cache(setup, cfg)
+    config = setup.loaded.model.config
+    longest = max(len(key) for key in cache.hidden)
+    kw = dict(scheme="top_layers", seq_len=longest, batch=8, top_layers=1)
+    extra = (predict(config, "mezo", cached_rows=len(cache.hidden), **kw).state_bytes
+             - predict(config, "mezo", **kw).state_bytes)
+    assert extra == len(cache.hidden) * longest * config.hidden_size * 4
+    assert 0 < cache.bytes <= extra
+    tokens = sum(len(key) for key in cache.hidden)
+    assert cache.bytes == tokens * config.hidden_size * 4  # what the bound assumes per token

@@ -682,6 +682,13 @@ def _blocks(shape: ModelShape) -> list[str | int]:
     return ["embed", *range(shape.layers), "head"]
 
 
+#: scheme -> tokens a cached sequence keeps (train.head_cache): every token's input of the first
+#: trained layer (zotune.train.layer_cache), or the final norm's input at the scored position
+#: (zotune.train.head_cache)
+_CACHED_TOKENS: dict[str, Callable[[int], int]] = {"top_layers": lambda seq_len: seq_len,
+                                                   "final_norm": lambda seq_len: 1}
+
+
 def predict(
     model: Any,
     method: str,
@@ -703,6 +710,7 @@ def predict(
     foreach: bool = True,
     average: bool = False,
     top_layers: int | None = None,
+    cached_rows: int = 0,
 ) -> Prediction:
     """Predict the peak memory of one step of ``method`` on ``model`` (no weights are loaded).
 
@@ -729,8 +737,12 @@ def predict(
         average: ``train.average_decay`` is on: one more copy of the trainable tensors, kept for
             the whole run (:mod:`zotune.train.averaging`; zotune variant only, the papers have none).
         top_layers: ``trainable.top_layers``: the layers ``top_layers`` trains (default 1), or LoRA
-            limited to the last ones. Without ``train.head_cache``: the cache's stored states are
-            not modelled.
+            limited to the last ones.
+        cached_rows: ``train.head_cache``: the token sequences its cache keeps for the whole run
+            (train and dev rows; one per candidate where the candidates follow different contexts).
+            ``top_layers`` keeps the first trained layer's input, ``hidden`` values a token, each
+            sequence counted at ``seq_len`` tokens (the cache keeps real tokens only: an upper
+            bound); ``final_norm`` keeps one ``hidden``-wide vector a row.
     """
     if method not in METHODS:
         raise MemoryModelError(unknown_choice("method", str(method), METHODS))
@@ -757,8 +769,12 @@ def predict(
         if logits_positions is not None:
             check_int("logits_positions", logits_positions)
         momentum = check_range("momentum", momentum, 0.0, 1.0)
+        cached_rows = check_int("cached_rows", cached_rows, minimum=0)
     except ValueError as e:  # the argument checks above name the argument: a user error
         raise MemoryModelError(str(e)) from None
+    if cached_rows and scheme not in _CACHED_TOKENS:
+        raise MemoryModelError(f"cached_rows: train.head_cache caches the frozen trunk for the schemes "
+                               f"{', '.join(_CACHED_TOKENS)}, not for {scheme!r}")
     family = METHODS[method][0]
     if dtype in _MIXED and family != "fo":
         raise MemoryModelError(
@@ -788,6 +804,10 @@ def predict(
     else:
         parts = _ESTIMATOR_TERMS[ctx.estimator].model(ctx)
     state, dynamic, act, peak, formula = parts
+    if cached_rows:
+        cache = cached_rows * _CACHED_TOKENS[scheme](seq_len) * shape.hidden * ab
+        state, peak = state + cache, peak + cache
+        formula = f"{formula} + head cache (rows x {'seq x ' if scheme == 'top_layers' else ''}hidden)"
     if average:
         if variant == "paper":
             raise MemoryModelError("average: the papers' tables have no iterate average; use variant 'zotune'")
@@ -1159,6 +1179,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FO-Adam's multi-tensor update (one extra model-size temporary)")
     p.add_argument("--average", action="store_true",
                    help="train.average_decay is on: one more copy of the trainable tensors")
+    p.add_argument("--cached-rows", type=int, default=0,
+                   help="train.head_cache: token sequences its cache keeps (train + dev rows; top_layers, final_norm)")
     return p
 
 
@@ -1172,7 +1194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             lora_r=args.lora_r, prefix_tokens=args.prefix_tokens, prompt_tokens=args.prompt_tokens,
             logits_positions=args.logits_positions, variant=args.variant, chunk_size=args.chunk_size,
             workers=args.workers, momentum=args.momentum, foreach=args.foreach, average=args.average,
-            top_layers=args.top_layers,
+            top_layers=args.top_layers, cached_rows=args.cached_rows,
         )  # fmt: skip
     except ZotuneError as e:  # what the user asked for (a bug keeps its traceback)
         print(f"zotune memory: error: {e}", file=sys.stderr)
