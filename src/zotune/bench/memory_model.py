@@ -685,8 +685,10 @@ def _blocks(shape: ModelShape) -> list[str | int]:
 #: scheme -> tokens a cached sequence keeps (train.head_cache): every token's input of the first
 #: trained layer (zotune.train.layer_cache), or the final norm's input at the scored position
 #: (zotune.train.head_cache)
-_CACHED_TOKENS: dict[str, Callable[[int], int]] = {"top_layers": lambda seq_len: seq_len,
-                                                   "final_norm": lambda seq_len: 1}
+_CACHED_TOKENS: dict[str, tuple[Callable[[int], int], str]] = {
+    "top_layers": (lambda seq_len: seq_len, "rows x seq x hidden"),
+    "final_norm": (lambda seq_len: 1, "rows x hidden"),
+}
 
 
 def predict(
@@ -805,9 +807,10 @@ def predict(
         parts = _ESTIMATOR_TERMS[ctx.estimator].model(ctx)
     state, dynamic, act, peak, formula = parts
     if cached_rows:
-        cache = cached_rows * _CACHED_TOKENS[scheme](seq_len) * shape.hidden * ab
+        tokens, terms = _CACHED_TOKENS[scheme]
+        cache = cached_rows * tokens(seq_len) * shape.hidden * ab
         state, peak = state + cache, peak + cache
-        formula = f"{formula} + head cache (rows x {'seq x ' if scheme == 'top_layers' else ''}hidden)"
+        formula = f"{formula} + head cache ({terms})"
     if average:
         if variant == "paper":
             raise MemoryModelError("average: the papers' tables have no iterate average; use variant 'zotune'")
