@@ -181,7 +181,8 @@ def main() -> None:
     if reruns:
         text += "\n\n" + reruns
     moved = sorted({f"{s['task']} ({s['scheme']})" for s in summary if s["moved"] and s["method"] not in FIRST_ORDER})
-    references = sorted(f"{s['task']} ({s['method']}): {'moved' if s['moved'] else 'not moved'}"
+    # by run: one task can have several first-order references (another method, a longer budget)
+    references = sorted(f"{s['task']} ({s['run']}): {'moved' if s['moved'] else 'not moved'}"
                         for s in summary if s["method"] in FIRST_ORDER)
     print(text)
     print(f"\nmoved by ZO (p < {ALPHA}): {', '.join(moved) or 'none'}")

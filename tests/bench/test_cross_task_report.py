@@ -47,7 +47,7 @@ def test_table_marks_a_task_moved_only_when_the_paired_test_says_so(tmp_path, mo
     assert by_run["sst2-fzoo-full"]["moved"] and by_run["sst2-fzoo-full"]["paired"]["p"] < 0.001
     assert not by_run["rte-fzoo-full"]["moved"] and report["moved"] == ["sst2 (full)"]
     # a first-order run is a reference: its own test says it moved, but it is not a ZO result
-    assert by_run["wic-fo-adam"]["moved"] and report["first_order_references"] == ["wic (fo-adam): moved"]
+    assert by_run["wic-fo-adam"]["moved"] and report["first_order_references"] == ["wic (wic-fo-adam): moved"]
     text = doc.read_text()
     assert text.startswith("intro\n") and text.endswith("tail\n") and "old" not in text
     assert "| sst2-fzoo-full | sst2 | full | fzoo | 0.001 | 56 (42) | 504 | 480 | accuracy | 25.0 | 100.0 | 16 | 0 / 12 |" in text
