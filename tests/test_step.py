@@ -338,3 +338,24 @@ def test_bfloat16_lozo_update_goes_in_row_blocks_without_a_float32_matrix(monkey
     neighbour = torch.nextafter(exact.to(torch.bfloat16), torch.where(lo > exact, -1.0, 1.0).to(torch.bfloat16)).float()
     assert ((got == lo) | (got == neighbour)).float().mean() > 0.999  # float32 row-block arithmetic
     assert abs(float((got - exact).mean())) < 1e-6  # rounded up or down without bias
+
+
+def test_a_nonfinite_estimate_of_a_finite_loss_is_named_as_such():
+    """Forward-Grad's coefficient is the directional derivative: it can be non-finite while the
+    loss is finite (sqrt at 0). The error used to say "the loss was non-finite (0.0)"."""
+
+    class SqrtAbs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(3))
+
+        def forward(self):
+            return torch.sqrt(self.w.abs()).sum()
+
+    model = SqrtAbs()
+    opt = zotune.ForwardGrad(model.named_parameters(), module=model, lr=1e-3, max_nonfinite=1)
+    with pytest.raises(zotune.NonFiniteLossError) as err:
+        opt.step(model)
+    message = str(err.value)
+    assert "estimate was non-finite" in message and "loss 0" in message and "the loss was non-finite" not in message
+    assert torch.equal(model.w, torch.zeros(3))

@@ -32,7 +32,8 @@ in :mod:`zotune.update`; ZO-SGD-Cons in :mod:`zotune.conservative`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -240,7 +241,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         if skipped:
             if measured.restore_alpha:
                 self.estimator.perturb_(self.leaves, dirs[-1], measured.restore_alpha)
-            return self._skip(loss)
+            return self._skip(loss, coeffs)
         self.nonfinite_in_row = 0
         if self.rule.coeff is not None:
             coeffs = [float(x) for x in self.rule.coeff(torch.tensor(coeffs, dtype=torch.float64))]
@@ -260,12 +261,16 @@ class ZOOptimizer(torch.optim.Optimizer):
             self.writer.write(self.param_groups, self.state, update)
         return torch.tensor(loss)
 
-    def _skip(self, loss: float) -> torch.Tensor:
+    def _skip(self, loss: float, coeffs: Sequence[float]) -> torch.Tensor:
         self.skipped_steps += 1
         self.nonfinite_in_row += 1
         if self.nonfinite_in_row >= self.max_nonfinite:
+            # a finite loss can still give a non-finite coefficient (Forward-Grad's directional
+            # derivative, a scheme's normalisation): say which it was
+            what = (f"the loss was non-finite ({loss})" if not math.isfinite(loss) else
+                    f"the estimate was non-finite (loss {loss:.4g}, coefficients {[float(c) for c in coeffs]})")
             raise NonFiniteLossError(
-                f"the loss was non-finite ({loss}) in {self.nonfinite_in_row} steps in a row "
+                f"{what} in {self.nonfinite_in_row} steps in a row "
                 f"(step {self.steps_taken - 1}); the weights were left as before each of them. "
                 "Lower eps or lr, use float32, or raise max_nonfinite."
             )
