@@ -50,6 +50,13 @@ class Estimate(NamedTuple):
     loss: float
     skipped: bool
 
+    def what_was_nonfinite(self) -> str:
+        """The loss, or, for a finite loss, the coefficients (Forward-Grad's directional derivative,
+        a scheme's normalisation can be non-finite on their own): an error should name which."""
+        if not math.isfinite(self.loss):
+            return f"the loss was non-finite ({self.loss})"
+        return f"the estimate was non-finite (loss {self.loss:.4g}, coefficients {self.coeffs})"
+
 
 @dataclass
 class Measured:

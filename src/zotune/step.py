@@ -32,8 +32,7 @@ in :mod:`zotune.update`; ZO-SGD-Cons in :mod:`zotune.conservative`.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -41,7 +40,7 @@ import torch
 from zotune.conservative import check_conservative, conservative_step
 from zotune.errors import ZotuneError
 from zotune._validate import check_int, check_positive
-from zotune.evaluation import Evaluation, Replay, make_evaluation
+from zotune.evaluation import Estimate, Evaluation, Replay, make_evaluation
 from zotune.groups import named_param_groups
 from zotune.schemes import Scheme, make_scheme
 from zotune.estimators import Estimator, make_estimator
@@ -230,7 +229,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         measured = evaluation.evaluate(closure, dirs, self.scheme, self.eps)
         self.forward_passes += measured.forward_passes
         self.flush()  # leaves no module brought in during the evaluation
-        coeffs, aux, loss, skipped = measured.estimate(self.scheme, self.eps, self.reduce)
+        estimate = measured.estimate(self.scheme, self.eps, self.reduce)
+        coeffs, aux, loss, skipped = estimate
         lrs = [g["lr"] for g in self.param_groups]
         rec = {"step": self.steps_taken, "coeffs": coeffs, "lrs": lrs, "skipped": skipped, "choice": None,
                "loss": loss}
@@ -241,7 +241,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         if skipped:
             if measured.restore_alpha:
                 self.estimator.perturb_(self.leaves, dirs[-1], measured.restore_alpha)
-            return self._skip(loss, coeffs)
+            return self._skip(estimate)
         self.nonfinite_in_row = 0
         if self.rule.coeff is not None:
             coeffs = [float(x) for x in self.rule.coeff(torch.tensor(coeffs, dtype=torch.float64))]
@@ -261,20 +261,16 @@ class ZOOptimizer(torch.optim.Optimizer):
             self.writer.write(self.param_groups, self.state, update)
         return torch.tensor(loss)
 
-    def _skip(self, loss: float, coeffs: Sequence[float]) -> torch.Tensor:
+    def _skip(self, estimate: Estimate) -> torch.Tensor:
         self.skipped_steps += 1
         self.nonfinite_in_row += 1
         if self.nonfinite_in_row >= self.max_nonfinite:
-            # a finite loss can still give a non-finite coefficient (Forward-Grad's directional
-            # derivative, a scheme's normalisation): say which it was
-            what = (f"the loss was non-finite ({loss})" if not math.isfinite(loss) else
-                    f"the estimate was non-finite (loss {loss:.4g}, coefficients {[float(c) for c in coeffs]})")
             raise NonFiniteLossError(
-                f"{what} in {self.nonfinite_in_row} steps in a row "
+                f"{estimate.what_was_nonfinite()} in {self.nonfinite_in_row} steps in a row "
                 f"(step {self.steps_taken - 1}); the weights were left as before each of them. "
                 "Lower eps or lr, use float32, or raise max_nonfinite."
             )
-        return torch.tensor(loss)
+        return torch.tensor(estimate.loss)
 
     # ------------------------------------------------------------------ deferred updates
     @property
