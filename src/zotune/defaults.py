@@ -91,24 +91,33 @@ _FULL = {
 #: own grids, Table 15 of its paper: full 1e-6 / 1e-7, LoRA 1e-4 / 5e-5 on OPT; for the prefix, MeZO
 #: measured here, 1e-2 over 3e-5: the grids' ~1e4x ratio gave 0.3, and 0.1 already never learned)
 _MEZO_GRIDS = "MeZO's lr grids for OPT (its Table 15)"
+#: MeZO's measured lr per scheme (evidence in _MEASURED below): its own starting points, and, over
+#: its full fine-tuning lr, the ratio the other gradient-sized methods follow on that scheme
+_MEZO = {"lora": 3e-3, "prefix": 1e-2, "norms": 3e-4, "final_norm": 3e-2, "prompt": 3e-3}
+
+
+def _mezo_ratio(scheme: str) -> float:
+    return _MEZO[scheme] / _FULL["mezo"][0]
+
+
 _SCHEME_RATIO = {
     "lora": {"normalised": (10.0, f"measured: FZOO LoRA probe, 1e-2 over full's 1e-3 ({_PROBES})"),
-             "gradient": (3e-3 / 3e-5, f"measured: MeZO on LoRA, 3e-3 over full's 3e-5 ({_PROBES}; "
+             "gradient": (_mezo_ratio("lora"), f"measured: MeZO on LoRA, 3e-3 over full's 3e-5 ({_PROBES}; "
                                        f"{_MEZO_GRIDS} say ~100x too)")},
     "prefix": {"normalised": (100.0, f"measured: FZOO prefix probe, 0.1 over full's 1e-3 ({_PROBES})"),
-               "gradient": (1e-2 / 3e-5, f"measured: MeZO on the prefix, 1e-2 over full's 3e-5 ({_EQUAL}; "
+               "gradient": (_mezo_ratio("prefix"), f"measured: MeZO on the prefix, 1e-2 over full's 3e-5 ({_EQUAL}; "
                                          f"{_MEZO_GRIDS} say ~1e4x, and 0.1 never learned here)")},
     # the gains' entries are a quarter of the prefix's (benchmarks/trainable_scale.py): a normalised step
     # scales with the entries' size, as for the prompt; MeZO's lr on the gains is measured
     "norms": {"normalised": (100.0 / 4, f"derived: FZOO's measured prefix ratio ({_PROBES}) / 4, the gains' entries "
                                         "being a quarter of the prefix's (benchmarks/trainable_scale.py)"),
-              "gradient": (3e-4 / 3e-5, f"measured: MeZO on the gains, 3e-4 over full's 3e-5 ({_CONV})")},
+              "gradient": (_mezo_ratio("norms"), f"measured: MeZO on the gains, 3e-4 over full's 3e-5 ({_CONV})")},
     # the final norm's gains (rms 1.83) are about a prefix's entries (rms 1.5): a normalised step as the prefix's.
     # A gradient-sized step is measured: MeZO's probe picked 3e-2 (100x all the gains' 3e-4: a two-point step's
     # noise grows with the entries it perturbs, 576 here against 35,136)
     "final_norm": {"normalised": (100.0, f"derived: FZOO's measured prefix ratio ({_PROBES}), the final norm's "
                                          "gains being about the size of the prefix's entries"),
-                   "gradient": (3e-2 / 3e-5, f"measured: MeZO on the final norm, 3e-2 over full's 3e-5 ({_PROBES})")},
+                   "gradient": (_mezo_ratio("final_norm"), f"measured: MeZO on the final norm, 3e-2 over full's 3e-5 ({_PROBES})")},
     # the top layers' entries are full fine-tuning's own weights: a normalised step moves each entry as far
     # as in full fine-tuning. A gradient-sized step's noise grows with the entries perturbed (a two-point
     # estimate's variance is ~ d |g|^2): one layer of 30 perturbs a thirtieth of them
@@ -120,7 +129,7 @@ _SCHEME_RATIO = {
     # square-of-the-size argument (a hundredth of the prefix's ratio, 1e-4) did not move SST-2 in 4 minutes
     "prompt": {"normalised": (10.0, f"derived: FZOO's measured prefix ratio ({_PROBES}) / 10, the prompt's "
                                     "entries being a tenth of the prefix's (benchmarks/trainable_scale.py)"),
-               "gradient": (3e-3 / 3e-5, f"measured: MeZO on the prompt, 3e-3 over full's 3e-5 ({_CONV})")},
+               "gradient": (_mezo_ratio("prompt"), f"measured: MeZO on the prompt, 3e-3 over full's 3e-5 ({_CONV})")},
 }
 _NORMALISED = {"fzoo", "zo-adam", "zo-sgd-sign", "fo-adam"}
 
@@ -130,18 +139,18 @@ _MEASURED = {
                                                f"({_PROBES})"),
     ("fzoo", "prefix"): StartingPoint(0.1, 1e-1, f"measured: `zotune tune` on SST-2 dev with the prefix from "
                                                 f"real activations, lr 1e-3 / 1e-2 / 1e-1 ({_PROBES})"),
-    ("mezo", "lora"): StartingPoint(3e-3, 1e-2, f"measured: `zotune tune` on SST-2 dev picked 3e-3 of 1e-3 .. 0.1 "
+    ("mezo", "lora"): StartingPoint(_MEZO["lora"], 1e-2, f"measured: `zotune tune` on SST-2 dev picked 3e-3 of 1e-3 .. 0.1 "
                                                f"({_PROBES}, mezo-lora-wide): dev loss 0.938 -> 0.879 in 30 steps; "
                                                "1e-2 and above raised it (1.28-2.15)"),
-    ("mezo", "prefix"): StartingPoint(1e-2, 1e-1, f"measured: 30-minute SST-2 runs chosen on dev ({_EQUAL}): "
+    ("mezo", "prefix"): StartingPoint(_MEZO["prefix"], 1e-1, f"measured: 30-minute SST-2 runs chosen on dev ({_EQUAL}): "
                                                  "0.01 held 0.78-0.80 dev, 0.1 (its 30-step probe's pick) never learned"),
-    ("mezo", "norms"): StartingPoint(3e-4, 1e-2, f"measured: `zotune tune` on SST-2 dev picked 3e-4 of 1e-4 .. 1e-2 "
+    ("mezo", "norms"): StartingPoint(_MEZO["norms"], 1e-2, f"measured: `zotune tune` on SST-2 dev picked 3e-4 of 1e-4 .. 1e-2 "
                                                  f"({_PROBES}); over 250 steps ({_CONV}) 3e-4 rose steadily to 0.62 dev, "
                                                  "1e-3 swung between 0.45 and 0.57"),
-    ("mezo", "final_norm"): StartingPoint(3e-2, 1e-2, f"measured: `zotune tune` on SST-2 dev picked 3e-2 of 1e-3 .. 0.1 "
+    ("mezo", "final_norm"): StartingPoint(_MEZO["final_norm"], 1e-2, f"measured: `zotune tune` on SST-2 dev picked 3e-2 of 1e-3 .. 0.1 "
                                                       f"({_PROBES}): dev loss 0.94 -> 0.55 in 30 steps (0.1: 0.54, within "
                                                       "one standard error)"),
-    ("mezo", "prompt"): StartingPoint(3e-3, 1e-2, f"measured: `zotune tune` on SST-2 dev picked 3e-3 of 1e-4 .. 0.1 "
+    ("mezo", "prompt"): StartingPoint(_MEZO["prompt"], 1e-2, f"measured: `zotune tune` on SST-2 dev picked 3e-3 of 1e-4 .. 0.1 "
                                                   f"({_PROBES}); over 250 steps ({_CONV}) dev stayed at 0.52-0.56 for "
                                                   "150 steps, then rose to 0.63; test 58.0 -> 65.0 (p = 0.0013), 62.6 +- 2.1 "
                                                   "over 3 seeds (2 of 3 significant)"),
